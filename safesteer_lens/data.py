@@ -1,0 +1,249 @@
+"""Prompt sets: the project's own harmful/harmless requests and loaders for public benchmarks.
+
+Everything becomes a list of :class:`Prompt` (one schema), so direction discovery, token
+selection, training and evaluation never care where prompts came from.
+
+The built-in sets (``safesteer_lens/prompts/*.jsonl``) were written for this project: 260
+harmful requests in 13 harm categories and 260 harmless requests of matching form and length,
+20 of them benign requests that only sound alarming ("How do I kill a stuck Python
+process?"). They hold requests only, never answers. Splits are fixed in the files (per
+category: 10 train, 5 validation, 5 test).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Iterable, Literal, Sequence
+
+from safesteer_lens.errors import SafeSteerError
+
+Label = Literal["harmful", "harmless"]
+Split = Literal["train", "val", "test"]
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One user request.
+
+    Attributes:
+        id: Stable identifier (``harmful-0001``, ``advbench-17``...).
+        prompt: The request text.
+        label: ``"harmful"`` (a safe assistant refuses) or ``"harmless"``.
+        category: Harm or topic category; ``"unknown"`` when the source has none.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        source: Where it came from (``builtin``, ``advbench``, a file name...).
+    """
+
+    id: str
+    prompt: str
+    label: str
+    category: str = "unknown"
+    split: str = "test"
+    source: str = "builtin"
+
+
+def load_builtin_prompts(label: Label | None = None, split: Split | None = None) -> list[Prompt]:
+    """The project's own prompts, optionally filtered by label and split.
+
+    Args:
+        label: ``"harmful"``, ``"harmless"`` or None for both.
+        split: ``"train"``, ``"val"``, ``"test"`` or None for all.
+    """
+    if label not in (None, "harmful", "harmless"):
+        raise SafeSteerError(f"unknown label {label!r}: use 'harmful' or 'harmless'")
+    if split not in (None, *SPLITS):
+        raise SafeSteerError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    labels = [label] if label else ["harmful", "harmless"]
+    out: list[Prompt] = []
+    for name in labels:
+        text = resources.files("safesteer_lens").joinpath(f"prompts/{name}.jsonl").read_text()
+        for line in text.splitlines():
+            row = json.loads(line)
+            if split is None or row["split"] == split:
+                out.append(Prompt(row["id"], row["prompt"], name, row["category"], row["split"]))
+    return out
+
+
+def prompt_texts(prompts: Iterable[Prompt]) -> list[str]:
+    """Just the request strings."""
+    return [p.prompt for p in prompts]
+
+
+def prompts_hash(*groups: Sequence[str]) -> str:
+    """A short SHA-256 of prompt lists, stored in artifacts to tell whether inputs changed."""
+    digest = hashlib.sha256()
+    for group in groups:
+        digest.update(json.dumps(list(group)).encode())
+        digest.update(b"\x00")
+    return digest.hexdigest()[:16]
+
+
+# --------------------------------------------------------------- local files
+def load_prompt_file(
+    path: str | Path,
+    label: Label = "harmful",
+    prompt_column: str | None = None,
+    category_column: str | None = None,
+) -> list[Prompt]:
+    """Read prompts from a json, jsonl, csv or parquet file through ``datasets``.
+
+    Args:
+        path: The file.
+        label: Label for every row (files of requests to refuse are ``"harmful"``).
+        prompt_column: Column with the request; default: the first of ``prompt``,
+            ``instruction``, ``goal``, ``behavior``, ``text`` that exists (any case).
+        category_column: Optional column with a category.
+
+    Returns:
+        The prompts, all in the ``"test"`` split (outside data is for evaluation).
+    """
+    rows = _read_rows(Path(path))
+    column = prompt_column or _find_column(rows, ("prompt", "instruction", "goal", "behavior", "text"))
+    if column is None or column not in rows[0]:
+        raise SafeSteerError(
+            f"{path} has no prompt column (columns: {', '.join(rows[0])}); pass prompt_column="
+        )
+    out = []
+    for i, row in enumerate(rows):
+        text = row.get(column)
+        if not isinstance(text, str) or not text.strip():
+            continue
+        category = str(row.get(category_column, "unknown")) if category_column else "unknown"
+        out.append(Prompt(f"{Path(path).stem}-{i}", text.strip(), label, category, "test", Path(path).name))
+    if not out:
+        raise SafeSteerError(f"{path} has no non-empty prompts in column {column!r}")
+    return out
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise SafeSteerError(f"no such prompt file: {path}")
+    fmt = LOCAL_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise SafeSteerError(
+            f"unsupported prompt file {path.name}: use .json, .jsonl, .csv or .parquet"
+        )
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(fmt, data_files=str(path), split="train")
+    except Exception as exc:  # datasets raises many types for unreadable files
+        raise SafeSteerError(f"cannot read {path} as {fmt}: {str(exc).splitlines()[0]}") from exc
+    rows = dataset.to_list()
+    if not rows:
+        raise SafeSteerError(f"{path} is empty; it needs at least one prompt")
+    return rows
+
+
+def _find_column(rows: list[dict], candidates: Sequence[str]) -> str | None:
+    by_lower = {key.lower(): key for key in rows[0]}
+    for name in candidates:
+        if name in by_lower:
+            return by_lower[name]
+    return None
+
+
+# --------------------------------------------------------------- public sets
+@dataclass(frozen=True)
+class PublicSet:
+    """How one public benchmark maps onto :class:`Prompt`."""
+
+    hub_id: str
+    hub_config: str | None
+    hub_split: str
+    prompt_columns: tuple[str, ...]
+    category_columns: tuple[str, ...]
+    label: Label
+
+
+PUBLIC_SETS: dict[str, PublicSet] = {
+    "advbench": PublicSet("walledai/AdvBench", None, "train", ("prompt", "goal"), (), "harmful"),
+    "harmbench": PublicSet(
+        "walledai/HarmBench", "standard", "train", ("prompt", "behavior"),
+        ("category", "semanticcategory"), "harmful",
+    ),
+    "jailbreakbench": PublicSet(
+        "JailbreakBench/JBB-Behaviors", "behaviors", "harmful", ("goal", "prompt"),
+        ("category",), "harmful",
+    ),
+    "xstest": PublicSet("walledai/XSTest", None, "test", ("prompt",), ("type", "focus"), "harmless"),
+    "alpaca": PublicSet("tatsu-lab/alpaca", None, "train", ("instruction",), (), "harmless"),
+    "pku-saferlhf": PublicSet(
+        "PKU-Alignment/PKU-SafeRLHF", None, "test", ("prompt",), (), "harmful"
+    ),
+}
+
+
+def load_public_prompts(name: str, source: str | Path | None = None, limit: int | None = None) -> list[Prompt]:
+    """Load a public benchmark by hub id (default) or from a local file, as :class:`Prompt`.
+
+    Args:
+        name: One of ``advbench``, ``harmbench``, ``jailbreakbench``, ``xstest``, ``alpaca``,
+            ``pku-saferlhf``.
+        source: A local json/jsonl/csv/parquet file, or a hub id overriding the default one.
+            None uses the default hub id (needs network).
+        limit: Keep at most this many prompts (first rows).
+
+    Returns:
+        Prompts labelled per the benchmark. XSTest rows whose ``label``/``type`` marks them
+        unsafe (the "contrast" prompts) become ``harmful``; the rest ``harmless``. Alpaca
+        keeps only instructions without an extra ``input``.
+    """
+    key = name.lower()
+    if key not in PUBLIC_SETS:
+        raise SafeSteerError(f"unknown benchmark {name!r}: use one of {', '.join(PUBLIC_SETS)}")
+    spec = PUBLIC_SETS[key]
+    if source is not None and Path(source).suffix.lower() in LOCAL_FORMATS:
+        rows = _read_rows(Path(source))
+    else:
+        rows = _read_hub(spec, str(source) if source else spec.hub_id, key)
+    prompt_col = _find_column(rows, spec.prompt_columns)
+    if prompt_col is None:
+        raise SafeSteerError(
+            f"{name} data has no prompt column (looked for {', '.join(spec.prompt_columns)}; "
+            f"found {', '.join(rows[0])})"
+        )
+    category_col = _find_column(rows, spec.category_columns)
+    out: list[Prompt] = []
+    for i, row in enumerate(rows):
+        text = row.get(prompt_col)
+        if not isinstance(text, str) or not text.strip():
+            continue
+        if key == "alpaca" and str(row.get("input") or "").strip():
+            continue
+        label = spec.label
+        if key == "xstest":
+            marker = f"{row.get('label', '')} {row.get('type', '')}".lower()
+            label = "harmful" if ("unsafe" in marker or "contrast" in marker) else "harmless"
+        category = str(row[category_col]) if category_col else "unknown"
+        out.append(Prompt(f"{key}-{i}", text.strip(), label, category, "test", key))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def _read_hub(spec: PublicSet, hub_id: str, key: str) -> list[dict]:
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(hub_id, spec.hub_config, split=spec.hub_split)
+    except Exception as exc:  # offline, gated, renamed: all end the same way for the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SafeSteerError(
+            f"could not fetch {key} from the hub ({hub_id}: {first}); download it elsewhere "
+            f"and pass the local file: load_public_prompts({key!r}, source='file.csv|jsonl|json|parquet')"
+        ) from exc
+    return dataset.to_list()
+
+
+def prompts_to_frame(prompts: Sequence[Prompt]) -> "pandas.DataFrame":  # noqa: F821
+    """A pandas table of prompts, for notebooks."""
+    import pandas
+
+    return pandas.DataFrame([asdict(p) for p in prompts])

