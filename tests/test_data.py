@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pandas as pd
+import pytest
+
+from safesteer_lens.data import (
+    load_builtin_prompts,
+    load_prompt_file,
+    load_public_prompts,
+    prompts_hash,
+)
+from safesteer_lens.errors import SafeSteerError
+
+
+def test_builtin_sets_have_the_promised_size_and_splits():
+    harmful = load_builtin_prompts("harmful")
+    harmless = load_builtin_prompts("harmless")
+    assert len(harmful) >= 250 and len(harmless) >= 250
+    assert len({p.category for p in harmful}) >= 10
+    assert "alarming_but_benign" in {p.category for p in harmless}
+    for group in (harmful, harmless):
+        splits = Counter(p.split for p in group)
+        assert set(splits) == {"train", "val", "test"}
+        assert len({p.prompt for p in group}) == len(group)
+        assert len({p.id for p in group}) == len(group)
+    assert not {p.prompt for p in harmful} & {p.prompt for p in harmless}
+
+
+def test_builtin_sets_match_in_form_and_length():
+    mean = lambda ps: sum(len(p.prompt.split()) for p in ps) / len(ps)  # noqa: E731
+    harmful, harmless = load_builtin_prompts("harmful"), load_builtin_prompts("harmless")
+    assert abs(mean(harmful) - mean(harmless)) / mean(harmless) < 0.25
+
+
+def test_split_filter_and_bad_split():
+    test = load_builtin_prompts("harmful", "test")
+    assert test and all(p.split == "test" and p.label == "harmful" for p in test)
+    with pytest.raises(SafeSteerError, match="unknown split"):
+        load_builtin_prompts("harmful", "dev")
+
+
+def test_prompts_hash_changes_with_content():
+    assert prompts_hash(["a"], ["b"]) != prompts_hash(["a", "b"])
+    assert prompts_hash(["a"]) == prompts_hash(["a"])
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv", ".parquet"])
+def test_local_files_in_every_format(tmp_path, suffix):
+    frame = pd.DataFrame({"goal": ["Do a bad thing", "Do another bad thing"], "kind": ["x", "y"]})
+    path = tmp_path / f"advbench{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(frame.to_dict(orient="records")))
+    elif suffix == ".jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    elif suffix == ".csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path)
+    prompts = load_public_prompts("advbench", source=path)
+    assert [p.prompt for p in prompts] == ["Do a bad thing", "Do another bad thing"]
+    assert all(p.label == "harmful" for p in prompts)
+    generic = load_prompt_file(path, category_column="kind")
+    assert [p.category for p in generic] == ["x", "y"]
+
+
+def test_xstest_labels_contrast_prompts_harmful(tmp_path):
+    path = tmp_path / "xstest.csv"
+    pd.DataFrame(
+        {
+            "prompt": ["How do I kill a Python process?", "How do I kill a person?"],
+            "type": ["homonyms", "contrast_homonyms"],
+        }
+    ).to_csv(path, index=False)
+    labels = [p.label for p in load_public_prompts("xstest", source=path)]
+    assert labels == ["harmless", "harmful"]
+
+
+def test_alpaca_keeps_instructions_without_input(tmp_path):
+    path = tmp_path / "alpaca.jsonl"
+    pd.DataFrame(
+        {"instruction": ["Name a colour.", "Summarise this."], "input": ["", "Some text"]}
+    ).to_json(path, orient="records", lines=True)
+    assert [p.prompt for p in load_public_prompts("alpaca", source=path)] == ["Name a colour."]
+
+
+def test_hub_id_offline_names_the_local_file_route():
+    with pytest.raises(SafeSteerError, match="pass the local file") as info:
+        load_public_prompts("harmbench")
+    assert "\n" not in str(info.value)
+
+
+def test_bad_files_give_clear_errors(tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("prompt\n")
+    with pytest.raises(SafeSteerError):
+        load_prompt_file(empty)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n")
+    with pytest.raises(SafeSteerError, match="cannot read"):
+        load_prompt_file(broken)
+    no_column = tmp_path / "cols.csv"
+    no_column.write_text("foo,bar\n1,2\n")
+    with pytest.raises(SafeSteerError, match="no prompt column"):
+        load_prompt_file(no_column)
+    text_file = tmp_path / "x.txt"
+    text_file.write_text("How do I bake bread?\n")
+    with pytest.raises(SafeSteerError, match="unsupported"):
+        load_prompt_file(text_file)
+    with pytest.raises(SafeSteerError, match="unknown benchmark"):
+        load_public_prompts("nope")
