@@ -1,0 +1,499 @@
+"""Stage 1: find a refusal direction, score it, pick the teacher's layer and coefficient.
+
+Two ways to get candidate vectors, one per (layer, position):
+
+* ``diff-means`` (Arditi et al. 2024): mean ``resid_pre`` over harmful prompts minus harmless
+  prompts, at each post-instruction template position. Works when the model already refuses.
+* ``contrastive``: mean ``resid_pre`` over *prompt + refusal reply* minus *prompt + compliant
+  reply* (last few tokens, same prompts). Works on models that do not refuse yet, such as the
+  embedded SmolLM2-135M-Instruct, because the refusal it encodes is written out in the text.
+
+Each candidate gets the three Arditi scores on validation prompts (bypass, induce, KL), a
+filter and a choice; then a sweep of the steering coefficient, judged by greedy replies, picks
+how hard the teacher pushes. The result is a :class:`Direction`, saved as
+``direction.safetensors`` + ``direction.json`` in the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+from jaxtyping import Float
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from safesteer_lens.data import load_builtin_prompts, prompt_texts, prompts_hash
+from safesteer_lens.errors import SafeSteerError
+from safesteer_lens.generation import generate
+from safesteer_lens.models import ChatModel
+from safesteer_lens.refusal import refusal_rate, refusal_score, refusal_token_ids
+from safesteer_lens.steering import ablation_hooks, add_hooks, check_direction
+
+Method = Literal["diff-means", "contrastive"]
+DIRECTION_TENSOR = "direction.safetensors"
+DIRECTION_JSON = "direction.json"
+
+REFUSAL_REPLIES: tuple[str, ...] = (
+    "I'm sorry, but I can't help with that request.",
+    "I cannot assist with that. I'm unable to provide this.",
+    "I'm unable to help with this request, sorry.",
+    "I can't help with that. It's not something I can assist with.",
+)
+COMPLIANT_REPLIES: tuple[str, ...] = (
+    "Sure! Here is a detailed answer to your question.",
+    "Of course. Here's how you can do it, step by step.",
+    "Certainly! Here are the main points to know.",
+    "Great question. Here is a clear explanation.",
+)
+
+
+# ------------------------------------------------------------------ candidates
+@dataclass
+class Candidates:
+    """Candidate refusal vectors, one per (layer, position).
+
+    Attributes:
+        vectors: Raw (unnormalised) vectors, float32.
+        layers: Block index of each row (the ``resid_pre`` it was read at).
+        positions: Offset of each column from the end of the sequence (``-1`` = last token);
+            for contrastive candidates the single column is the mean over the reply's last
+            tokens and is recorded as ``-1``.
+        position_labels: Readable token label per column, for plots.
+        method: How they were computed.
+    """
+
+    vectors: Float[Tensor, "layer position d_model"]
+    layers: list[int]
+    positions: list[int]
+    position_labels: list[str]
+    method: str
+
+
+def _check_layers(model: ChatModel, layers: Sequence[int] | None) -> list[int]:
+    chosen = list(range(model.n_layers)) if layers is None else sorted(set(layers))
+    for layer in chosen:
+        if not 0 <= layer < model.n_layers:
+            raise SafeSteerError(
+                f"layer {layer} is out of range: {model.name} has layers 0..{model.n_layers - 1}"
+            )
+    return chosen
+
+
+@torch.no_grad()
+def mean_resid_pre(
+    model: ChatModel,
+    prompts: Sequence[str],
+    layers: Sequence[int],
+    last_n: int,
+    replies: Sequence[str] | None = None,
+    batch_size: int = 16,
+) -> Float[Tensor, "layer position d_model"]:
+    """Mean ``resid_pre`` at the last ``last_n`` positions over prompts, in float64.
+
+    Rows are left-padded, so the last ``last_n`` positions line up across the batch.
+    """
+    total = torch.zeros(len(layers), last_n, model.d_model, dtype=torch.float64, device=model.device)
+    captured: dict[int, Tensor] = {}
+
+    def capture(layer: int) -> Callable[..., Tensor]:
+        def hook(resid: Float[Tensor, "batch pos d_model"], hook: Any) -> Tensor:
+            captured[layer] = resid[:, -last_n:, :].to(torch.float64).sum(0)
+            return resid
+
+        return hook
+
+    hooks = [(f"blocks.{layer}.hook_resid_pre", capture(layer)) for layer in layers]
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        batch = model.tokenize(chunk, None if replies is None else list(replies[start : start + batch_size]))
+        with model.bridge.hooks(fwd_hooks=hooks):
+            model.bridge(batch.input_ids, attention_mask=batch.attention_mask)
+        for i, layer in enumerate(layers):
+            total[i] += captured[layer]
+    return total / len(prompts)
+
+
+def diff_in_means(
+    model: ChatModel,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    layers: Sequence[int] | None = None,
+    batch_size: int = 16,
+) -> Candidates:
+    """Harmful-minus-harmless mean ``resid_pre`` at every post-instruction position."""
+    chosen = _check_layers(model, layers)
+    if not harmful or not harmless:
+        raise SafeSteerError("diff-in-means needs at least one harmful and one harmless prompt")
+    n = len(model.post_instruction_ids)
+    diff = mean_resid_pre(model, harmful, chosen, n, batch_size=batch_size) - mean_resid_pre(
+        model, harmless, chosen, n, batch_size=batch_size
+    )
+    return Candidates(
+        diff.float(), chosen, list(range(-n, 0)), model.post_instruction_tokens, "diff-means"
+    )
+
+
+def contrastive_directions(
+    model: ChatModel,
+    prompts: Sequence[str],
+    layers: Sequence[int] | None = None,
+    last_n: int = 8,
+    refusal_replies: Sequence[str] = REFUSAL_REPLIES,
+    compliant_replies: Sequence[str] = COMPLIANT_REPLIES,
+    batch_size: int = 16,
+) -> Candidates:
+    """Refusal-reply minus compliant-reply mean ``resid_pre`` over the reply's last tokens.
+
+    Each prompt is paired with one refusal and one compliant reply (taken in turn from the
+    lists), so the two means differ in the reply only.
+    """
+    chosen = _check_layers(model, layers)
+    if not prompts:
+        raise SafeSteerError("contrastive directions need at least one prompt")
+    refuse = [refusal_replies[i % len(refusal_replies)] for i in range(len(prompts))]
+    comply = [compliant_replies[i % len(compliant_replies)] for i in range(len(prompts))]
+    diff = mean_resid_pre(model, prompts, chosen, last_n, refuse, batch_size) - mean_resid_pre(
+        model, prompts, chosen, last_n, comply, batch_size
+    )
+    vectors = diff.mean(dim=1, keepdim=True).float()
+    return Candidates(vectors, chosen, [-1], [f"reply (last {last_n})"], "contrastive")
+
+
+# ------------------------------------------------------------------ scoring
+@torch.no_grad()
+def _last_logits(model: ChatModel, prompts: Sequence[str], hooks: list, batch_size: int = 32) -> Tensor:
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        batch = model.tokenize(list(prompts[start : start + batch_size]))
+        with model.bridge.hooks(fwd_hooks=hooks):
+            logits = model.bridge(batch.input_ids, attention_mask=batch.attention_mask)
+        out.append(logits[:, -1, :].float())
+    return torch.cat(out)
+
+
+def _kl(p_logits: Tensor, q_logits: Tensor) -> Tensor:
+    """Mean KL(p || q) of next-token distributions given as logits."""
+    p_log = torch.log_softmax(p_logits, -1)
+    q_log = torch.log_softmax(q_logits, -1)
+    return (p_log.exp() * (p_log - q_log)).sum(-1).mean()
+
+
+def score_candidates(
+    model: ChatModel,
+    candidates: Candidates,
+    harmful_val: Sequence[str],
+    harmless_val: Sequence[str],
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Arditi et al.'s three scores for every candidate.
+
+    * ``bypass``: mean refusal score on harmful prompts with the direction ablated everywhere
+      (low = removing it stops refusals).
+    * ``induce``: mean refusal score on harmless prompts with the raw vector added at its layer
+      (high = adding it causes refusals).
+    * ``kl``: mean next-token KL(clean || ablated) on harmless prompts (low = ablation leaves
+      ordinary behaviour alone).
+    """
+    ids = refusal_token_ids(model.tokenizer)
+    clean_harmless = _last_logits(model, harmless_val, [])
+    rows = []
+    grid = [(li, pi) for li in range(len(candidates.layers)) for pi in range(len(candidates.positions))]
+    for li, pi in tqdm(grid, desc="scoring candidates", disable=not progress):
+        vector = candidates.vectors[li, pi]
+        layer = candidates.layers[li]
+        ablated = _last_logits(model, list(harmful_val) + list(harmless_val), ablation_hooks(model, vector))
+        induced = _last_logits(model, harmless_val, add_hooks(model, vector, layer))
+        rows.append(
+            {
+                "layer": layer,
+                "position": candidates.positions[pi],
+                "bypass": refusal_score(ablated[: len(harmful_val)], ids).mean().item(),
+                "induce": refusal_score(induced, ids).mean().item(),
+                "kl": _kl(clean_harmless, ablated[len(harmful_val) :]).item(),
+            }
+        )
+    return rows
+
+
+def select_candidate(
+    scores: list[dict[str, Any]],
+    n_layers: int,
+    method: str,
+    kl_max: float = 0.1,
+    max_layer_fraction: float = 0.8,
+) -> dict[str, Any]:
+    """Filter and choose, marking each row's ``kept`` flag in place.
+
+    Filters (Arditi et al.): layer below ``max_layer_fraction`` of the depth, ablation KL
+    below ``kl_max``, induce above 0 (diff-means only: a contrastive vector is meant for models
+    whose refusal scores start far below 0). Diff-means picks the lowest bypass; contrastive
+    picks the highest induce, since a model that does not refuse has nothing to bypass. When
+    the filters leave nothing, the depth filter alone applies (``kept`` then says so).
+    """
+    def passes(row: dict[str, Any], strict: bool) -> bool:
+        ok = row["layer"] < max_layer_fraction * n_layers
+        if strict:
+            ok = ok and row["kl"] < kl_max and (method != "diff-means" or row["induce"] > 0)
+        return ok
+
+    kept = [r for r in scores if passes(r, True)] or [r for r in scores if passes(r, False)] or scores
+    for row in scores:
+        row["kept"] = any(row is k for k in kept)
+    if method == "diff-means":
+        return min(kept, key=lambda r: r["bypass"])
+    return max(kept, key=lambda r: r["induce"])
+
+
+def sweep_coefficients(
+    model: ChatModel,
+    vector: Float[Tensor, "d_model"],
+    layer: int,
+    harmful_val: Sequence[str],
+    harmless_val: Sequence[str],
+    coeffs: Sequence[float] = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0),
+    max_new_tokens: int = 24,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Greedy-reply refusal rates and harmless-prompt KL for each steering coefficient."""
+    clean = _last_logits(model, harmless_val, [])
+    rows = []
+    for coeff in tqdm(coeffs, desc="coefficient sweep", disable=not progress):
+        hooks = add_hooks(model, vector, layer, coeff)
+        harmful = generate(model, harmful_val, max_new_tokens=max_new_tokens, fwd_hooks=hooks)
+        harmless = generate(model, harmless_val, max_new_tokens=max_new_tokens, fwd_hooks=hooks)
+        rows.append(
+            {
+                "coeff": float(coeff),
+                "harmful_refusal": refusal_rate(harmful.texts),
+                "harmless_refusal": refusal_rate(harmless.texts),
+                "kl": _kl(clean, _last_logits(model, harmless_val, hooks)).item(),
+            }
+        )
+    return rows
+
+
+def choose_coefficient(sweep: list[dict[str, float]], target: float = 0.9) -> float:
+    """Smallest coefficient whose teacher refuses at least ``target`` of both prompt sets.
+
+    The teacher is meant to over-refuse, so harmless refusals count toward the target. When no
+    coefficient reaches it, the one with the best worse-of-the-two rate wins.
+    """
+    reaching = [r for r in sweep if min(r["harmful_refusal"], r["harmless_refusal"]) >= target]
+    if reaching:
+        return min(reaching, key=lambda r: r["coeff"])["coeff"]
+    return max(sweep, key=lambda r: (min(r["harmful_refusal"], r["harmless_refusal"]), -r["coeff"]))["coeff"]
+
+
+# ------------------------------------------------------------------ artifact
+@dataclass
+class Direction:
+    """The stage-1 artifact: the raw vector the teacher adds and how it was chosen.
+
+    Attributes:
+        vector: Raw ``[d_model]`` vector (before the coefficient).
+        model: Model name it was found on.
+        method: ``"diff-means"`` or ``"contrastive"``.
+        layer: Block whose ``resid_pre`` receives ``coeff * vector``.
+        position: Offset from the end of the prompt where it was read (-1 = last token).
+        coeff: The teacher's coefficient.
+        scores: Every candidate's bypass / induce / KL and whether it passed the filters.
+        sweep: Refusal rates and KL per coefficient.
+        evaluation: Held-out refusal rates, steered and unsteered.
+        prompts_hash: Hash of the prompts used, to tell whether inputs changed.
+        settings: Everything else that shaped the result.
+    """
+
+    vector: Float[Tensor, "d_model"]
+    model: str
+    method: str
+    layer: int
+    position: int
+    coeff: float
+    scores: list[dict[str, Any]] = field(default_factory=list)
+    sweep: list[dict[str, Any]] = field(default_factory=list)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    prompts_hash: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def unit(self) -> Float[Tensor, "d_model"]:
+        """The vector scaled to length 1 (what ablation and projections use)."""
+        return self.vector / self.vector.norm()
+
+    def metadata(self) -> dict[str, Any]:
+        """Everything but the tensor, as written to ``direction.json``."""
+        meta = {k: v for k, v in asdict(self).items() if k != "vector"}
+        meta["d_model"] = int(self.vector.shape[0])
+        meta["norm"] = float(self.vector.norm())
+        return meta
+
+    def save(self, run_dir: str | Path) -> Path:
+        """Write ``direction.safetensors`` and ``direction.json`` atomically into ``run_dir``."""
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        meta = json.dumps(self.metadata(), indent=2)
+        with tempfile.TemporaryDirectory(dir=run_dir, prefix=".direction-") as tmp:
+            save_file({"direction": self.vector.detach().float().cpu().contiguous()}, f"{tmp}/t")
+            Path(f"{tmp}/j").write_text(meta)
+            os.replace(f"{tmp}/t", run_dir / DIRECTION_TENSOR)
+            os.replace(f"{tmp}/j", run_dir / DIRECTION_JSON)
+        return run_dir
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "Direction":
+        """Read the artifact back from a run directory."""
+        run_dir = Path(run_dir)
+        tensor_path, json_path = run_dir / DIRECTION_TENSOR, run_dir / DIRECTION_JSON
+        if not tensor_path.is_file() or not json_path.is_file():
+            raise SafeSteerError(
+                f"{run_dir} has no {DIRECTION_TENSOR} + {DIRECTION_JSON}; run "
+                f"`safesteer direction --out {run_dir}` first"
+            )
+        meta = json.loads(json_path.read_text())
+        meta.pop("d_model", None)
+        meta.pop("norm", None)
+        known = {f for f in cls.__dataclass_fields__ if f != "vector"}
+        return cls(vector=load_file(str(tensor_path))["direction"], **{k: v for k, v in meta.items() if k in known})
+
+
+def load_direction(run_dir: str | Path) -> Direction:
+    """One-call loader for the stage-1 artifact."""
+    return Direction.load(run_dir)
+
+
+# ------------------------------------------------------------------ the stage
+@dataclass
+class DirectionConfig:
+    """Settings of :func:`find_direction`.
+
+    Attributes:
+        method: ``"auto"`` (contrastive when the base model refuses under
+            ``refusal_threshold`` of harmful validation prompts, else diff-means),
+            ``"diff-means"`` or ``"contrastive"``.
+        layers: Layers to consider (None: all).
+        n_train: Prompts per class for the candidate means.
+        n_val: Prompts per class for scoring and the coefficient sweep.
+        n_test: Held-out prompts per class for the final check.
+        coeffs: Coefficients to sweep.
+        target: Refusal rate the teacher should reach on both classes.
+        kl_max: KL filter.
+        max_new_tokens: Reply length for refusal judgements.
+        refusal_threshold: Base-model refusal rate below which ``auto`` goes contrastive.
+    """
+
+    method: str = "auto"
+    layers: list[int] | None = None
+    n_train: int = 64
+    n_val: int = 24
+    n_test: int = 40
+    coeffs: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+    target: float = 0.9
+    kl_max: float = 0.1
+    max_new_tokens: int = 24
+    refusal_threshold: float = 0.5
+
+
+def find_direction(
+    model: ChatModel,
+    config: DirectionConfig | None = None,
+    harmful: dict[str, list[str]] | None = None,
+    harmless: dict[str, list[str]] | None = None,
+    progress: bool = True,
+) -> Direction:
+    """Run stage 1 end to end and return the :class:`Direction` (not yet saved).
+
+    Args:
+        model: The base model.
+        config: Settings; defaults to :class:`DirectionConfig`.
+        harmful: Optional ``{"train": [...], "val": [...], "test": [...]}`` prompt texts;
+            default: the built-in harmful splits.
+        harmless: Same for harmless prompts.
+        progress: Show progress bars.
+    """
+    config = config or DirectionConfig()
+    if config.method not in ("auto", "diff-means", "contrastive"):
+        raise SafeSteerError(f"unknown method {config.method!r}: use auto, diff-means or contrastive")
+    harmful = harmful or {s: prompt_texts(load_builtin_prompts("harmful", s)) for s in ("train", "val", "test")}
+    harmless = harmless or {s: prompt_texts(load_builtin_prompts("harmless", s)) for s in ("train", "val", "test")}
+    for name, sets in (("harmful", harmful), ("harmless", harmless)):
+        for split in ("train", "val", "test"):
+            if not sets.get(split):
+                raise SafeSteerError(f"no {name} {split} prompts; every split needs at least one")
+    train_h, train_s = harmful["train"][: config.n_train], harmless["train"][: config.n_train]
+    val_h, val_s = harmful["val"][: config.n_val], harmless["val"][: config.n_val]
+    test_h, test_s = harmful["test"][: config.n_test], harmless["test"][: config.n_test]
+    layers = _check_layers(model, config.layers)
+    started = time.perf_counter()
+
+    base_val_refusal = refusal_rate(generate(model, val_h, max_new_tokens=config.max_new_tokens).texts)
+    method = config.method
+    if method == "auto":
+        method = "contrastive" if base_val_refusal < config.refusal_threshold else "diff-means"
+    if method == "diff-means":
+        candidates = diff_in_means(model, train_h, train_s, layers)
+    else:
+        candidates = contrastive_directions(model, train_h + train_s, layers)
+    scores = score_candidates(model, candidates, val_h, val_s, progress)
+    best = select_candidate(scores, model.n_layers, method, config.kl_max)
+    li = candidates.layers.index(best["layer"])
+    pi = candidates.positions.index(best["position"])
+    vector = candidates.vectors[li, pi].cpu()
+    sweep = sweep_coefficients(
+        model, vector, best["layer"], val_h, val_s, config.coeffs, config.max_new_tokens, progress
+    )
+    coeff = choose_coefficient(sweep, config.target)
+    evaluation = evaluate_teacher(model, vector, best["layer"], coeff, test_h, test_s, config.max_new_tokens)
+    evaluation["base_val_harmful_refusal"] = base_val_refusal
+    evaluation["seconds"] = round(time.perf_counter() - started, 1)
+    settings = asdict(config)
+    settings["coeffs"] = list(config.coeffs)
+    settings["position_labels"] = candidates.position_labels
+    return Direction(
+        vector=vector,
+        model=model.name,
+        method=method,
+        layer=best["layer"],
+        position=best["position"],
+        coeff=coeff,
+        scores=scores,
+        sweep=sweep,
+        evaluation=evaluation,
+        prompts_hash=prompts_hash(train_h, train_s, val_h, val_s, test_h, test_s),
+        settings=settings,
+    )
+
+
+def evaluate_teacher(
+    model: ChatModel,
+    vector: Float[Tensor, "d_model"],
+    layer: int,
+    coeff: float,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    max_new_tokens: int = 24,
+) -> dict[str, Any]:
+    """Held-out greedy refusal rates with and without the steering hook, plus examples."""
+    check_direction(model, vector, layer)
+    hooks = add_hooks(model, vector, layer, coeff)
+    out: dict[str, Any] = {}
+    examples: dict[str, list[dict[str, str]]] = {}
+    for name, prompts in (("harmful", harmful), ("harmless", harmless)):
+        plain = generate(model, prompts, max_new_tokens=max_new_tokens)
+        steered = generate(model, prompts, max_new_tokens=max_new_tokens, fwd_hooks=hooks)
+        out[f"test_{name}_refusal_base"] = refusal_rate(plain.texts)
+        out[f"test_{name}_refusal_teacher"] = refusal_rate(steered.texts)
+        examples[name] = [
+            {"prompt": p, "base": b.strip(), "teacher": t.strip()}
+            for p, b, t in list(zip(prompts, plain.texts, steered.texts))[:6]
+        ]
+    out["n_test"] = {"harmful": len(harmful), "harmless": len(harmless)}
+    out["examples"] = examples
+    return out

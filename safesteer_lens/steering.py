@@ -1,0 +1,150 @@
+"""Steering operations on the residual stream: add a direction, ablate it, bake it into weights.
+
+* **Add** (the SafeSteer teacher): ``resid_pre`` of one block gets ``coeff * direction`` at
+  every position, prompt and generated tokens alike (with the KV cache each decode step sees
+  ``[batch, 1, d_model]``, and the hook adds there too).
+* **Directional ablation** (Arditi et al.): the component along the unit direction is removed
+  from ``resid_pre``, ``attn_out`` and ``mlp_out`` of every block, so nothing downstream can
+  read it.
+* **Weight orthogonalisation**: the same ablation made permanent by projecting the direction
+  out of every matrix that writes to the residual stream (embedding, attention output, MLP
+  output). The model then behaves as ablated with no hooks at all.
+
+:func:`steered` wraps the first two as a context manager for notebooks.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from safesteer_lens.errors import SafeSteerError
+from safesteer_lens.models import ChatModel
+
+if TYPE_CHECKING:
+    from safesteer_lens.directions import Direction
+
+FwdHook = tuple[str, Callable[..., Any]]
+
+
+def check_direction(model: ChatModel, direction: Tensor, layer: int | None = None) -> None:
+    """Fail early, in one line, on a direction or layer that does not fit the model."""
+    if direction.ndim != 1 or direction.shape[0] != model.d_model:
+        raise SafeSteerError(
+            f"direction has shape {tuple(direction.shape)} but {model.name} has d_model="
+            f"{model.d_model}; use a direction found on this model"
+        )
+    if not torch.isfinite(direction).all() or direction.norm() == 0:
+        raise SafeSteerError("direction is zero or not finite; recompute it")
+    if layer is not None and not 0 <= layer < model.n_layers:
+        raise SafeSteerError(
+            f"layer {layer} is out of range: {model.name} has layers 0..{model.n_layers - 1}"
+        )
+
+
+def add_hooks(
+    model: ChatModel, direction: Float[Tensor, "d_model"], layer: int, coeff: float = 1.0
+) -> list[FwdHook]:
+    """Hooks that add ``coeff * direction`` to ``blocks.{layer}.hook_resid_pre``."""
+    check_direction(model, direction, layer)
+    vector = (coeff * direction).to(model.device, model.dtype)
+
+    def add(resid: Float[Tensor, "batch pos d_model"], hook: Any) -> Tensor:
+        return resid + vector
+
+    return [(f"blocks.{layer}.hook_resid_pre", add)]
+
+
+def project_out(
+    x: Float[Tensor, "... d_model"], unit: Float[Tensor, "d_model"]
+) -> Float[Tensor, "... d_model"]:
+    """Remove the component of ``x`` along the unit vector ``unit``."""
+    return x - (x @ unit).unsqueeze(-1) * unit
+
+
+def ablation_hooks(model: ChatModel, direction: Float[Tensor, "d_model"]) -> list[FwdHook]:
+    """Hooks that ablate ``direction`` from resid_pre, attn_out and mlp_out of every block."""
+    check_direction(model, direction)
+    unit = (direction / direction.norm()).to(model.device, model.dtype)
+
+    def ablate(act: Float[Tensor, "batch pos d_model"], hook: Any) -> Tensor:
+        return project_out(act, unit)
+
+    names = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")
+    return [(f"blocks.{layer}.{name}", ablate) for layer in range(model.n_layers) for name in names]
+
+
+@torch.no_grad()
+def orthogonalize_weights(model: ChatModel, direction: Float[Tensor, "d_model"]) -> ChatModel:
+    """Project ``direction`` out of every weight that writes to the residual stream, in place.
+
+    Afterwards the model computes what :func:`ablation_hooks` computes, with no hooks. The
+    change is permanent for this object: load the model again to get the original back. Tied
+    input/output embeddings are untied first, because ablation leaves the unembedding alone.
+
+    Returns:
+        The same ``model``, for chaining.
+    """
+    check_direction(model, direction)
+    unit = (direction / direction.norm()).to(model.device, torch.float32)
+    bridge = model.bridge
+    embed = bridge.embed.original_component
+    unembed = bridge.unembed.original_component
+    if unembed.weight is embed.weight:
+        unembed.weight = torch.nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
+        model.hf_model.config.tie_word_embeddings = False
+
+    def rows_out(weight: Tensor) -> None:  # [vocab, d_model]: remove along the last dim
+        weight.copy_(project_out(weight.float(), unit).to(weight.dtype))
+
+    def columns_out(weight: Tensor) -> None:  # nn.Linear [d_model, d_in]: outputs along dim 0
+        w = weight.float()
+        weight.copy_((w - unit.unsqueeze(1) * (unit @ w).unsqueeze(0)).to(weight.dtype))
+
+    rows_out(embed.weight)
+    for block in bridge.blocks:
+        columns_out(block.attn.o.original_component.weight)
+        columns_out(block.mlp.out.original_component.weight)
+    return model
+
+
+@contextmanager
+def steered(
+    model: ChatModel,
+    direction: "Float[Tensor, 'd_model'] | Direction",
+    layer: int | None = None,
+    coeff: float | None = None,
+    mode: Literal["add", "ablate"] = "add",
+) -> Iterator[ChatModel]:
+    """Run code with the model steered, for notebooks::
+
+        with steered(model, direction):            # a Direction artifact: its layer and coeff
+            print(generate(model, prompts).texts)
+
+    Args:
+        model: The chat model.
+        direction: A raw ``[d_model]`` tensor or a :class:`~safesteer_lens.directions.Direction`.
+        layer: Block whose ``resid_pre`` receives the vector (default: the artifact's).
+        coeff: Multiplier of the raw vector (default: the artifact's, else 1).
+        mode: ``"add"`` the vector at one layer, or ``"ablate"`` it everywhere.
+
+    Yields:
+        The model, with hooks active until the block ends.
+    """
+    vector = getattr(direction, "vector", direction)
+    layer = layer if layer is not None else getattr(direction, "layer", None)
+    coeff = coeff if coeff is not None else getattr(direction, "coeff", 1.0)
+    if mode == "add":
+        if layer is None:
+            raise SafeSteerError("steered(..., mode='add') needs layer= for a raw tensor")
+        hooks = add_hooks(model, vector, layer, coeff)
+    elif mode == "ablate":
+        hooks = ablation_hooks(model, vector)
+    else:
+        raise SafeSteerError(f"unknown steering mode {mode!r}: use 'add' or 'ablate'")
+    with model.bridge.hooks(fwd_hooks=hooks):
+        yield model
