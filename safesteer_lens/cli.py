@@ -59,6 +59,45 @@ def cmd_chat(args: argparse.Namespace) -> None:
         print(f"user: {prompt}\nassistant: {text.strip()}\n")
 
 
+def parse_layers(text: str | None) -> list[int] | None:
+    """``"8-20"``, ``"10,11,12"`` or ``"4,8-12"`` to a list of layer indices."""
+    if not text:
+        return None
+    layers: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            layers.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError as exc:
+        raise SafeSteerError(f"cannot read layers {text!r}: use e.g. 8-20 or 10,11,12") from exc
+    return layers
+
+
+def cmd_direction(args: argparse.Namespace) -> None:
+    """Stage 1: find, score and save the refusal direction and the teacher's coefficient."""
+    from safesteer_lens.directions import DirectionConfig, find_direction
+    from safesteer_lens.models import load_model
+    from safesteer_lens.viz import direction_figures, write_html_page
+
+    config = DirectionConfig(
+        method=args.method, layers=parse_layers(args.layers), n_train=args.n_train,
+        n_val=args.n_val, n_test=args.n_test,
+    )
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    direction = find_direction(model, config)
+    direction.save(args.out)
+    page = write_html_page(
+        list(direction_figures(direction).values()), f"{args.out}/direction_report.html",
+        f"Refusal direction for {model.name}",
+    )
+    ev = direction.evaluation
+    print(f"method {direction.method}, layer {direction.layer}, position {direction.position}, coeff {direction.coeff:g}")
+    print("held-out greedy replies that open as refusals:")
+    print(f"  harmful : base {ev['test_harmful_refusal_base']:.0%}  teacher {ev['test_harmful_refusal_teacher']:.0%}")
+    print(f"  harmless: base {ev['test_harmless_refusal_base']:.0%}  teacher {ev['test_harmless_refusal_teacher']:.0%}")
+    print(f"wrote {args.out}/direction.safetensors, direction.json and {page.name} ({ev['seconds']:.0f} s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -77,6 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("prompts", nargs="+", help="user messages")
     chat.add_argument("--max-new-tokens", type=int, default=48)
     chat.set_defaults(func=cmd_chat)
+
+    direction = sub.add_parser("direction", help="stage 1: find the refusal direction and the teacher")
+    _add_model_args(direction)
+    direction.add_argument("--out", required=True, help="run directory to write the artifact into")
+    direction.add_argument(
+        "--method", choices=["auto", "diff-means", "contrastive"], default="auto",
+        help="auto: contrastive when the model does not refuse yet, else diff-means",
+    )
+    direction.add_argument("--layers", default=None, help="layers to consider, e.g. 8-20 (default: all)")
+    direction.add_argument("--n-train", type=int, default=64, help="prompts per class for the means")
+    direction.add_argument("--n-val", type=int, default=24, help="prompts per class for scoring")
+    direction.add_argument("--n-test", type=int, default=40, help="held-out prompts per class")
+    direction.set_defaults(func=cmd_direction)
     return parser
 
 

@@ -209,6 +209,9 @@ def score_candidates(
     for li, pi in tqdm(grid, desc="scoring candidates", disable=not progress):
         vector = candidates.vectors[li, pi]
         layer = candidates.layers[li]
+        if vector.norm() == 0:  # e.g. layer 0 at template tokens: identical for every prompt
+            rows.append({"layer": layer, "position": candidates.positions[pi], "bypass": None, "induce": None, "kl": None})
+            continue
         ablated = _last_logits(model, list(harmful_val) + list(harmless_val), ablation_hooks(model, vector))
         induced = _last_logits(model, harmless_val, add_hooks(model, vector, layer))
         rows.append(
@@ -237,14 +240,18 @@ def select_candidate(
     whose refusal scores start far below 0). Diff-means picks the lowest bypass; contrastive
     picks the highest induce, since a model that does not refuse has nothing to bypass. When
     the filters leave nothing, the depth filter alone applies (``kept`` then says so).
+    Zero candidates (scores of None) are never chosen.
     """
     def passes(row: dict[str, Any], strict: bool) -> bool:
-        ok = row["layer"] < max_layer_fraction * n_layers
+        ok = row["kl"] is not None and row["layer"] < max_layer_fraction * n_layers
         if strict:
             ok = ok and row["kl"] < kl_max and (method != "diff-means" or row["induce"] > 0)
         return ok
 
-    kept = [r for r in scores if passes(r, True)] or [r for r in scores if passes(r, False)] or scores
+    kept = [r for r in scores if passes(r, True)] or [r for r in scores if passes(r, False)]
+    kept = kept or [r for r in scores if r["kl"] is not None]
+    if not kept:
+        raise SafeSteerError("every candidate direction is zero; use more varied prompts or other layers")
     for row in scores:
         row["kept"] = any(row is k for k in kept)
     if method == "diff-means":

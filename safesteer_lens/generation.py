@@ -74,6 +74,7 @@ def generate(
     fwd_hooks: Sequence[FwdHook] = (),
     system: str | None = None,
     batch_size: int = 32,
+    use_cache: bool = True,
 ) -> Completions:
     """Generate chat replies, stopping each row at its end-of-turn token.
 
@@ -87,6 +88,8 @@ def generate(
         fwd_hooks: ``(hook_name, fn)`` pairs active during generation, e.g. a steering hook.
         system: Optional system message.
         batch_size: Prompts per ``generate`` call.
+        use_cache: Decode with the KV cache (the default); False recomputes the whole
+            sequence at every step, which is slow but useful to check hooks against.
 
     Returns:
         :class:`Completions` for all prompts, in order.
@@ -110,6 +113,7 @@ def generate(
                 max_new_tokens=max_new_tokens,
                 eos_token_id=eot,
                 pad_token_id=pad_id,
+                use_cache=use_cache,
                 **(sampling if do_sample else {"do_sample": False}),
             )
         new = out[:, batch.input_ids.shape[1] :]
