@@ -77,7 +77,7 @@ def cmd_direction(args: argparse.Namespace) -> None:
     """Stage 1: find, score and save the refusal direction and the teacher's coefficient."""
     from safesteer_lens.directions import DirectionConfig, find_direction
     from safesteer_lens.models import load_model
-    from safesteer_lens.viz import direction_figures, write_html_page
+    from safesteer_lens.reports import write_direction_report
 
     config = DirectionConfig(
         method=args.method, layers=parse_layers(args.layers), n_train=args.n_train,
@@ -86,16 +86,35 @@ def cmd_direction(args: argparse.Namespace) -> None:
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     direction = find_direction(model, config)
     direction.save(args.out)
-    page = write_html_page(
-        list(direction_figures(direction).values()), f"{args.out}/direction_report.html",
-        f"Refusal direction for {model.name}",
-    )
+    page = write_direction_report(direction, args.out)
     ev = direction.evaluation
     print(f"method {direction.method}, layer {direction.layer}, position {direction.position}, coeff {direction.coeff:g}")
     print("held-out greedy replies that open as refusals:")
     print(f"  harmful : base {ev['test_harmful_refusal_base']:.0%}  teacher {ev['test_harmful_refusal_teacher']:.0%}")
     print(f"  harmless: base {ev['test_harmless_refusal_base']:.0%}  teacher {ev['test_harmless_refusal_teacher']:.0%}")
     print(f"wrote {args.out}/direction.safetensors, direction.json and {page.name} ({ev['seconds']:.0f} s)")
+
+
+def cmd_tokens(args: argparse.Namespace) -> None:
+    """Stage 2: choose the safety tokens S from teacher rollouts on harmless prompts."""
+    from safesteer_lens.directions import load_direction
+    from safesteer_lens.models import load_model
+    from safesteer_lens.reports import write_tokens_report
+    from safesteer_lens.tokens import TokenConfig, select_safety_tokens
+
+    direction = load_direction(args.run)
+    config = TokenConfig(
+        horizon=args.horizon, samples_per_prompt=args.samples, n_prompts=args.n_prompts,
+        top_k_votes=args.top_k, set_size=args.set_size, prob_floor=args.prob_floor,
+        method=args.method, seed=args.seed,
+    )
+    model = load_model(args.model or direction.model, device=args.device, dtype=args.dtype)
+    tokens = select_safety_tokens(model, direction, config)
+    tokens.save(args.run)
+    report = write_tokens_report(model, direction, tokens, args.run, compare_horizon=args.compare_horizon)
+    print(f"|S| = {len(tokens)} from {tokens.settings['n_valid_positions']} voting positions:")
+    print("  " + " ".join(repr(t) for t in tokens.texts[:25]) + (" ..." if len(tokens) > 25 else ""))
+    print(f"wrote {args.run}/safety_tokens.json and {report.name}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
     direction.add_argument("--n-val", type=int, default=24, help="prompts per class for scoring")
     direction.add_argument("--n-test", type=int, default=40, help="held-out prompts per class")
     direction.set_defaults(func=cmd_direction)
+
+    tokens = sub.add_parser("tokens", help="stage 2: choose the safety tokens S (reads the direction)")
+    tokens.add_argument("--run", required=True, help="run directory holding direction.safetensors/.json")
+    tokens.add_argument("--model", default=None, help="default: the model named in direction.json")
+    tokens.add_argument("--device", default=None)
+    tokens.add_argument("--dtype", default=None)
+    tokens.add_argument("--horizon", type=int, default=7, help="H: tokens per teacher rollout")
+    tokens.add_argument("--samples", type=int, default=8, help="M: rollouts per prompt")
+    tokens.add_argument("--n-prompts", type=int, default=32, help="harmless prompts (built-in train split)")
+    tokens.add_argument("--top-k", type=int, default=200, help="K': tokens each position votes for")
+    tokens.add_argument("--set-size", type=int, default=50, help="|S|")
+    tokens.add_argument("--prob-floor", type=float, default=1e-4, help="minimum mean teacher probability")
+    tokens.add_argument("--method", choices=["vote", "mean-delta"], default="vote")
+    tokens.add_argument("--seed", type=int, default=0)
+    tokens.add_argument("--compare-horizon", type=int, default=1, help="H of the side-by-side set (0: skip)")
+    tokens.set_defaults(func=cmd_tokens)
     return parser
 
 

@@ -1,20 +1,19 @@
 """Plotly figures for each stage, and a writer that bundles them into one HTML page.
 
-Figures are plain ``plotly.graph_objects.Figure`` objects: they render inline in Jupyter, and
-:func:`write_html_page` writes several into one self-contained page (plotly.js embedded once)
-that opens offline.
+Figures are plain ``plotly.graph_objects.Figure`` objects: they render inline in Jupyter;
+:mod:`safesteer_lens.reports` bundles them into self-contained HTML pages.
 """
 
 from __future__ import annotations
 
 import html
-from pathlib import Path
 from typing import Sequence
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from safesteer_lens.directions import Direction
+from safesteer_lens.tokens import SafetyTokens
 
 
 def direction_score_heatmaps(direction: Direction) -> go.Figure:
@@ -97,17 +96,23 @@ def direction_figures(direction: Direction) -> dict[str, go.Figure]:
     return figures
 
 
-def write_html_page(figures: Sequence[go.Figure], path: str | Path, title: str) -> Path:
-    """Write figures into one standalone HTML page with plotly.js embedded once."""
-    path = Path(path)
-    parts = [
-        fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)
-    ]
-    page = (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
-        f"<body><h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>"
+def safety_tokens_bar(tokens: SafetyTokens, title: str | None = None) -> go.Figure:
+    """Horizontal bar chart of the safety tokens by votes, most votes on top."""
+    labels = [f"{i + 1}. {t['text']!r}" for i, t in enumerate(tokens.tokens)]
+    fig = go.Figure(
+        go.Bar(
+            x=[t["votes"] for t in tokens.tokens][::-1], y=labels[::-1], orientation="h",
+            customdata=[[t["id"], t["mean_delta"]] for t in tokens.tokens][::-1],
+            hovertemplate="%{y}<br>votes %{x}<br>id %{customdata[0]}<br>mean delta %{customdata[1]:.3f}<extra></extra>",
+            marker={"color": [t["mean_delta"] for t in tokens.tokens][::-1], "colorscale": "Reds", "showscale": True,
+                    "colorbar": {"title": "mean delta"}},
+        )
     )
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page)
-    tmp.replace(path)
-    return path
+    settings = tokens.settings
+    fig.update_layout(
+        title=title or f"Safety tokens S (|S| = {len(tokens)}, H = {settings.get('horizon')}, "
+        f"K' = {settings.get('top_k_votes')}, {settings.get('n_valid_positions')} voting positions)",
+        xaxis_title="votes", height=max(400, 16 * len(tokens) + 120), width=800,
+        margin={"l": 160},
+    )
+    return fig

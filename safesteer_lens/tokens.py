@@ -1,0 +1,305 @@
+"""Stage 2: choose the safety tokens S that the distillation loss will touch.
+
+The teacher (base model + steering hook) samples short continuations of harmless prompts.
+Teacher-forcing them through teacher and base gives, at every position ``j``, the contrastive
+log-probability over the whole vocabulary::
+
+    delta_j(v) = log p_teacher(v | prefix_j) - log p_base(v | prefix_j)
+
+Each valid position votes for its top ``K'`` tokens by ``delta``; ``S`` is the ``set_size``
+tokens with most votes. Voting rather than the largest mean ``delta`` keeps one extreme value
+from dominating (``method="mean-delta"`` is there to compare). Positions stop counting once
+the base model's argmax is an end-of-turn token; special tokens are banned, and so are tokens
+whose mean teacher probability over valid positions is below ``prob_floor`` (rare sub-word
+pieces otherwise win votes on tiny probability ratios).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from safesteer_lens.data import load_builtin_prompts, prompt_texts, prompts_hash
+from safesteer_lens.directions import Direction
+from safesteer_lens.errors import SafeSteerError
+from safesteer_lens.generation import Completions, generate
+from safesteer_lens.models import ChatModel
+from safesteer_lens.steering import add_hooks
+
+TOKENS_JSON = "safety_tokens.json"
+
+
+@dataclass
+class TokenConfig:
+    """Settings of :func:`select_safety_tokens` (paper defaults where the paper has one).
+
+    Attributes:
+        horizon: Tokens per teacher rollout (H; paper: 7 for Qwen, 5 for Llama).
+        samples_per_prompt: Rollouts per prompt (M; paper: 8).
+        n_prompts: Harmless prompts used (from the built-in train split by default).
+        temperature: Sampling temperature of the teacher rollouts (paper: 1).
+        top_k_votes: Tokens each position votes for (K'; paper: 200).
+        set_size: Size of S (paper: 50).
+        prob_floor: Minimum mean teacher probability (paper: 1e-8 / 1e-7 on 150k vocabularies;
+            1e-4 keeps junk sub-words out of SmolLM2's 49k vocabulary).
+        method: ``"vote"`` (the paper) or ``"mean-delta"`` (largest mean delta, for comparison).
+        ban_special: Exclude the tokenizer's special tokens.
+        seed: Seeds the rollouts; the same seed gives the same S.
+        batch_size: Sequences per forward pass.
+    """
+
+    horizon: int = 7
+    samples_per_prompt: int = 8
+    n_prompts: int = 32
+    temperature: float = 1.0
+    top_k_votes: int = 200
+    set_size: int = 50
+    prob_floor: float = 1e-4
+    method: str = "vote"
+    ban_special: bool = True
+    seed: int = 0
+    batch_size: int = 32
+
+
+@dataclass
+class SafetyTokens:
+    """The stage-2 artifact: S, most votes first, and how it was chosen.
+
+    Attributes:
+        tokens: One dict per token: ``id``, ``text``, ``votes``, ``mean_delta``.
+        settings: The :class:`TokenConfig` used plus bookkeeping (positions counted, hashes).
+    """
+
+    tokens: list[dict[str, Any]]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ids(self) -> list[int]:
+        return [t["id"] for t in self.tokens]
+
+    @property
+    def texts(self) -> list[str]:
+        return [t["text"] for t in self.tokens]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def to_frame(self) -> "Any":
+        """A pandas table, one row per token."""
+        import pandas
+
+        return pandas.DataFrame(self.tokens)
+
+    def save(self, run_dir: str | Path) -> Path:
+        """Write ``safety_tokens.json`` atomically."""
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=run_dir, prefix=".tokens-", delete=False) as handle:
+            json.dump({"tokens": self.tokens, "settings": self.settings}, handle, indent=2)
+        os.replace(handle.name, run_dir / TOKENS_JSON)
+        return run_dir / TOKENS_JSON
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "SafetyTokens":
+        path = Path(run_dir) / TOKENS_JSON
+        if not path.is_file():
+            raise SafeSteerError(f"{run_dir} has no {TOKENS_JSON}; run `safesteer tokens --run {run_dir}` first")
+        data = json.loads(path.read_text())
+        return cls(data["tokens"], data.get("settings", {}))
+
+
+def load_safety_tokens(run_dir: str | Path) -> SafetyTokens:
+    """One-call loader for the stage-2 artifact."""
+    return SafetyTokens.load(run_dir)
+
+
+# --------------------------------------------------------------------- core maths
+def valid_positions(
+    completion_mask: Bool[Tensor, "batch horizon"],
+    base_argmax: Int[Tensor, "batch horizon"],
+    eot_ids: Sequence[int],
+) -> Bool[Tensor, "batch horizon"]:
+    """Positions that vote: real rollout tokens, until the base model's argmax ends the turn.
+
+    From the first position where the base model would itself end the turn, the teacher's
+    distribution describes text the base would never write, so those positions are dropped.
+    """
+    base_ends = torch.isin(base_argmax, torch.tensor(list(eot_ids), device=base_argmax.device))
+    ended = torch.cumsum(base_ends.long(), dim=1) > 0
+    return completion_mask & ~ended
+
+
+def vote(
+    delta: Float[Tensor, "position vocab"],
+    top_k: int,
+    allowed: Bool[Tensor, "vocab"] | None = None,
+) -> Int[Tensor, "vocab"]:
+    """Each row votes once for each of its ``top_k`` largest entries among ``allowed`` ids."""
+    if allowed is not None:
+        delta = delta.masked_fill(~allowed, float("-inf"))
+    k = min(top_k, int(allowed.sum()) if allowed is not None else delta.shape[-1])
+    top = delta.topk(k, dim=-1).indices
+    votes = torch.zeros(delta.shape[-1], dtype=torch.long, device=delta.device)
+    votes.scatter_add_(0, top.reshape(-1), torch.ones_like(top.reshape(-1)))
+    return votes
+
+
+def rank_tokens(
+    votes: Int[Tensor, "vocab"],
+    mean_delta: Float[Tensor, "vocab"],
+    set_size: int,
+    method: str,
+    allowed: Bool[Tensor, "vocab"],
+) -> list[int]:
+    """The ``set_size`` best ids: most votes (ties by mean delta), or largest mean delta."""
+    if method == "vote":
+        order = sorted(
+            (i for i in torch.nonzero((votes > 0) & allowed).flatten().tolist()),
+            key=lambda i: (-int(votes[i]), -float(mean_delta[i])),
+        )
+        return order[:set_size]
+    if method == "mean-delta":
+        masked = mean_delta.masked_fill(~allowed, float("-inf"))
+        k = min(set_size, int(allowed.sum()))
+        return masked.topk(k).indices.tolist()
+    raise SafeSteerError(f"unknown selection method {method!r}: use 'vote' or 'mean-delta'")
+
+
+@torch.no_grad()
+def completion_log_probs(
+    model: ChatModel,
+    rollouts: Completions,
+    hooks: Sequence[tuple[str, Any]] = (),
+    batch_size: int = 32,
+) -> Float[Tensor, "batch horizon vocab"]:
+    """Teacher-forced next-token log-probs at each completion position (float32, CPU).
+
+    Entry ``[b, j]`` is the distribution over completion token ``j`` given the prompt and
+    completion tokens ``0..j-1``.
+    """
+    p_len = rollouts.prompt_ids.shape[1]
+    horizon = rollouts.completion_ids.shape[1]
+    out = []
+    for start in range(0, len(rollouts.texts), batch_size):
+        seq = rollouts.sequences[start : start + batch_size]
+        mask = torch.cat([rollouts.prompt_mask, torch.ones_like(rollouts.completion_ids)], 1)[start : start + batch_size]
+        with model.bridge.hooks(fwd_hooks=list(hooks)):
+            logits = model.bridge(seq, attention_mask=mask)
+        out.append(torch.log_softmax(logits[:, p_len - 1 : p_len - 1 + horizon].float(), -1).cpu())
+    return torch.cat(out)
+
+
+def special_token_mask(model: ChatModel) -> Bool[Tensor, "vocab"]:
+    """True for ids that are the tokenizer's special or added control tokens."""
+    banned = torch.zeros(model.d_vocab, dtype=torch.bool)
+    special = set(model.tokenizer.all_special_ids) | set(model.eot_token_ids)
+    for token_id, added in getattr(model.tokenizer, "added_tokens_decoder", {}).items():
+        if getattr(added, "special", False):
+            special.add(int(token_id))
+    banned[[i for i in special if i < model.d_vocab]] = True
+    return banned
+
+
+# --------------------------------------------------------------------- the stage
+def teacher_rollouts(
+    model: ChatModel,
+    direction: Direction,
+    prompts: Sequence[str],
+    config: TokenConfig,
+) -> Completions:
+    """M sampled teacher continuations of length H per prompt (seeded)."""
+    repeated = [p for p in prompts for _ in range(config.samples_per_prompt)]
+    return generate(
+        model, repeated, max_new_tokens=config.horizon, do_sample=True,
+        temperature=config.temperature, seed=config.seed,
+        fwd_hooks=add_hooks(model, direction.vector, direction.layer, direction.coeff),
+        batch_size=config.batch_size,
+    )
+
+
+def select_safety_tokens(
+    model: ChatModel,
+    direction: Direction,
+    config: TokenConfig | None = None,
+    prompts: Sequence[str] | None = None,
+    progress: bool = True,
+) -> SafetyTokens:
+    """Run stage 2: teacher rollouts on harmless prompts, contrastive log-probs, voting.
+
+    Args:
+        model: The base model (the teacher is this model plus the direction's hook).
+        direction: The stage-1 artifact.
+        config: Settings; defaults to :class:`TokenConfig`.
+        prompts: Harmless prompts; default: the first ``n_prompts`` of the built-in train split.
+        progress: Show a progress bar.
+
+    Returns:
+        :class:`SafetyTokens` with up to ``set_size`` tokens, most votes first.
+    """
+    config = config or TokenConfig()
+    validate_config(config, model)
+    prompts = list(prompts) if prompts is not None else prompt_texts(load_builtin_prompts("harmless", "train"))[: config.n_prompts]
+    if not prompts:
+        raise SafeSteerError("no prompts to build safety tokens from; pass at least one harmless prompt")
+    teacher_hooks = add_hooks(model, direction.vector, direction.layer, direction.coeff)
+    n_rows = len(prompts) * config.samples_per_prompt
+    bar = tqdm(total=n_rows, desc="safety tokens", disable=not progress)
+    deltas, teacher_probs, n_rollouts = [], [], 0
+    step = max(1, config.batch_size // config.samples_per_prompt)
+    for start in range(0, len(prompts), step):
+        chunk = TokenConfig(**{**asdict(config), "seed": config.seed + start})
+        rollouts = teacher_rollouts(model, direction, prompts[start : start + step], chunk)
+        teacher = completion_log_probs(model, rollouts, teacher_hooks, config.batch_size)
+        base = completion_log_probs(model, rollouts, (), config.batch_size)
+        valid = valid_positions(rollouts.completion_mask.cpu(), base.argmax(-1), model.eot_token_ids)
+        deltas.append((teacher - base)[valid])
+        teacher_probs.append(teacher[valid].exp())
+        n_rollouts += len(rollouts.texts)
+        bar.update(len(rollouts.texts))
+    bar.close()
+    delta = torch.cat(deltas)
+    if delta.shape[0] == 0:
+        raise SafeSteerError("no valid positions: every rollout ended at once; raise the horizon")
+    allowed = torch.cat(teacher_probs).mean(0) >= config.prob_floor
+    if config.ban_special:
+        allowed &= ~special_token_mask(model)
+    votes = vote(delta, config.top_k_votes, allowed)
+    mean_delta = delta.mean(0)
+    chosen = rank_tokens(votes, mean_delta, config.set_size, config.method, allowed)
+    tokens = [
+        {"id": i, "text": model.tokenizer.decode([i]), "votes": int(votes[i]), "mean_delta": round(float(mean_delta[i]), 4)}
+        for i in chosen
+    ]
+    settings = asdict(config)
+    settings.update(
+        model=model.name,
+        direction={"layer": direction.layer, "coeff": direction.coeff, "prompts_hash": direction.prompts_hash},
+        n_rollouts=n_rollouts,
+        n_valid_positions=int(delta.shape[0]),
+        n_allowed=int(allowed.sum()),
+        prompts_hash=prompts_hash(prompts),
+    )
+    return SafetyTokens(tokens, settings)
+
+
+def validate_config(config: TokenConfig, model: ChatModel) -> None:
+    """Reject settings that cannot work, before any compute."""
+    if config.horizon < 1:
+        raise SafeSteerError(f"horizon must be at least 1, got {config.horizon}")
+    if config.samples_per_prompt < 1:
+        raise SafeSteerError(f"samples_per_prompt must be at least 1, got {config.samples_per_prompt}")
+    if not 1 <= config.set_size <= model.d_vocab:
+        raise SafeSteerError(f"set_size must be between 1 and the vocabulary size {model.d_vocab}, got {config.set_size}")
+    if not 1 <= config.top_k_votes <= model.d_vocab:
+        raise SafeSteerError(f"top_k_votes must be between 1 and {model.d_vocab}, got {config.top_k_votes}")
+    if config.method not in ("vote", "mean-delta"):
+        raise SafeSteerError(f"unknown selection method {config.method!r}: use 'vote' or 'mean-delta'")

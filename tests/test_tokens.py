@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from safesteer_lens.cli import main
+from safesteer_lens.directions import Direction
+from safesteer_lens.errors import SafeSteerError
+from safesteer_lens.tokens import (
+    SafetyTokens,
+    TokenConfig,
+    load_safety_tokens,
+    rank_tokens,
+    select_safety_tokens,
+    special_token_mask,
+    valid_positions,
+    vote,
+)
+
+
+def test_voting_on_a_hand_made_delta_gives_the_expected_set():
+    delta = torch.tensor(
+        [
+            [0.0, 5.0, 4.0, 1.0, 0.0, 0.0],
+            [0.0, 3.0, 9.0, 0.0, 1.0, 0.0],
+            [0.0, 2.0, 0.0, 0.0, 8.0, 0.0],
+        ]
+    )
+    votes = vote(delta, top_k=2)
+    assert votes.tolist() == [0, 3, 2, 0, 1, 0]
+    allowed = torch.ones(6, dtype=torch.bool)
+    assert rank_tokens(votes, delta.mean(0), 2, "vote", allowed) == [1, 2]
+    # mean-delta picks the largest means instead: token 2 (4.33) then token 1 (3.33)
+    assert rank_tokens(votes, delta.mean(0), 2, "mean-delta", allowed) == [2, 1]
+
+
+def test_banned_ids_never_get_votes_or_places():
+    delta = torch.tensor([[0.0, 9.0, 1.0, 2.0], [0.0, 9.0, 3.0, 1.0]])
+    allowed = torch.tensor([True, False, True, True])
+    votes = vote(delta, top_k=2, allowed=allowed)
+    assert votes[1] == 0
+    assert 1 not in rank_tokens(votes, delta.mean(0), 3, "vote", allowed)
+    assert 1 not in rank_tokens(votes, delta.mean(0), 3, "mean-delta", allowed)
+
+
+def test_positions_after_the_base_ends_the_turn_cast_no_votes():
+    completion_mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    base_argmax = torch.tensor([[5, 2, 5, 5], [5, 5, 5, 5]])  # row 0: base would end at position 1
+    valid = valid_positions(completion_mask, base_argmax, [2])
+    assert valid.tolist() == [[True, False, False, False], [True, True, False, False]]
+    delta = torch.tensor([[[0.0, 1.0, 0.0]] * 4, [[0.0, 0.0, 1.0]] * 4])
+    votes = vote(delta[valid], top_k=1)
+    assert votes.tolist() == [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def tiny_direction(tiny):
+    torch.manual_seed(0)
+    return Direction(torch.randn(tiny.d_model) * 4, "tiny", "diff-means", 2, -1, 1.0)
+
+
+SMALL = dict(horizon=3, samples_per_prompt=2, n_prompts=4, top_k_votes=20, set_size=10, prob_floor=0.0)
+
+
+def test_same_seed_same_set_and_special_tokens_banned(tiny, tiny_direction):
+    a = select_safety_tokens(tiny, tiny_direction, TokenConfig(**SMALL, seed=1), progress=False)
+    b = select_safety_tokens(tiny, tiny_direction, TokenConfig(**SMALL, seed=1), progress=False)
+    assert a.ids == b.ids and len(a) == 10
+    assert [t["votes"] for t in a.tokens] == sorted((t["votes"] for t in a.tokens), reverse=True)
+    banned = set(torch.nonzero(special_token_mask(tiny)).flatten().tolist())
+    assert banned and not banned & set(a.ids)
+    assert a.settings["n_valid_positions"] > 0
+
+
+def test_probability_floor_removes_rare_tokens(tiny, tiny_direction):
+    loose = select_safety_tokens(tiny, tiny_direction, TokenConfig(**SMALL), progress=False)
+    strict = select_safety_tokens(tiny, tiny_direction, TokenConfig(**{**SMALL, "prob_floor": 0.01}), progress=False)
+    assert strict.settings["n_allowed"] < loose.settings["n_allowed"]
+
+
+def test_bad_settings_are_rejected(tiny, tiny_direction):
+    with pytest.raises(SafeSteerError, match="horizon"):
+        select_safety_tokens(tiny, tiny_direction, TokenConfig(horizon=0))
+    with pytest.raises(SafeSteerError, match="vocabulary size"):
+        select_safety_tokens(tiny, tiny_direction, TokenConfig(set_size=tiny.d_vocab + 1))
+
+
+def test_artifact_round_trips(tmp_path):
+    s = SafetyTokens([{"id": 5, "text": " unable", "votes": 9, "mean_delta": 1.5}], {"horizon": 7})
+    s.save(tmp_path)
+    assert load_safety_tokens(tmp_path).tokens == s.tokens
+    with pytest.raises(SafeSteerError, match="safesteer tokens"):
+        load_safety_tokens(tmp_path / "nothing")
+
+
+def test_cli_tokens_needs_a_direction(tmp_path, capsys):
+    assert main(["tokens", "--run", str(tmp_path)]) == 2
+    assert "safesteer direction" in capsys.readouterr().err
+
+
+def test_cli_tokens_writes_artifact_and_report(tiny_dir, tiny_direction, tmp_path, capsys):
+    Direction(tiny_direction.vector, str(tiny_dir), "diff-means", 2, -1, 1.0).save(tmp_path)
+    code = main(["tokens", "--run", str(tmp_path), "--horizon", "3", "--samples", "2", "--n-prompts", "3",
+                 "--top-k", "10", "--set-size", "8", "--prob-floor", "0", "--compare-horizon", "1"])
+    assert code == 0
+    assert len(load_safety_tokens(tmp_path)) == 8
+    report = (tmp_path / "tokens_report.html").read_text()
+    assert "H = 1" in report and "S mass" in report and "Teacher vs base" in report
+    assert main(["tokens", "--run", str(tmp_path), "--horizon", "0"]) == 2
