@@ -350,6 +350,8 @@ class Direction:
         with tempfile.TemporaryDirectory(dir=run_dir, prefix=".direction-") as tmp:
             save_file({"direction": self.vector.detach().float().cpu().contiguous()}, f"{tmp}/t")
             Path(f"{tmp}/j").write_text(meta)
+            os.chmod(f"{tmp}/t", 0o644)
+            os.chmod(f"{tmp}/j", 0o644)
             os.replace(f"{tmp}/t", run_dir / DIRECTION_TENSOR)
             os.replace(f"{tmp}/j", run_dir / DIRECTION_JSON)
         return run_dir

@@ -105,6 +105,7 @@ class SafetyTokens:
         run_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=run_dir, prefix=".tokens-", delete=False) as handle:
             json.dump({"tokens": self.tokens, "settings": self.settings}, handle, indent=2)
+        os.chmod(handle.name, 0o644)  # temp files are created private; artifacts are shared
         os.replace(handle.name, run_dir / TOKENS_JSON)
         return run_dir / TOKENS_JSON
 

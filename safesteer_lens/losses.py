@@ -1,0 +1,133 @@
+"""Distillation losses between student and teacher next-token distributions.
+
+All losses take raw logits ``[batch, time, vocab]`` at the completion positions and a mask of
+the tokens that count, and return one scalar: the mean over each sequence's counted tokens,
+then the mean over sequences (so a long reply does not outweigh a short one).
+
+* ``safesteer``: the localized reverse KL of SafeSteer, over the safety tokens S only, with
+  full-softmax probabilities (no renormalisation over S)::
+
+      L_t = sum_{v in S} p_s(v) * (log p_s(v) - log p_t(v))
+
+  It needs only each model's log-sum-exp and the |S| gathered logits, never a full float32
+  log-softmax. It is *not* bounded below by 0: each term is smallest at ``p_s = p_t / e``.
+* ``full-reverse``: KL(p_s || p_t) over the whole vocabulary (plain on-policy distillation).
+* ``forward``: KL(p_t || p_s).
+* ``jsd``: generalised Jensen-Shannon divergence with weight ``beta`` on the teacher
+  (``beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)``, ``m = beta p_t + (1 - beta) p_s``).
+* ``renorm``: reverse KL between the distributions renormalised over S (the paper's ablation).
+
+Full-vocabulary losses are computed in chunks over time so only one chunk's float32
+``[batch, chunk, vocab]`` log-softmax of each model exists at once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from safesteer_lens.errors import SafeSteerError
+
+LOSSES = ("safesteer", "full-reverse", "forward", "jsd", "renorm")
+Logits = Float[Tensor, "batch time vocab"]
+Mask = Bool[Tensor, "batch time"]
+
+
+def sequence_mean(per_token: Float[Tensor, "batch time"], mask: Mask) -> Float[Tensor, ""]:
+    """Mean over each sequence's masked tokens, then over sequences with any token."""
+    m = mask.to(per_token.dtype)
+    counts = m.sum(1)
+    per_seq = (per_token * m).sum(1) / counts.clamp(min=1)
+    has_tokens = counts > 0
+    if not has_tokens.any():
+        return per_token.sum() * 0.0
+    return per_seq[has_tokens].mean()
+
+
+def localized_reverse_kl_terms(
+    student: Logits, teacher: Logits, safety_ids: Tensor
+) -> Float[Tensor, "batch time"]:
+    """Per-token ``sum_{v in S} p_s(v) (log p_s(v) - log p_t(v))`` from log-sum-exp + gathers."""
+    log_ps = student[..., safety_ids].float() - torch.logsumexp(student.float(), -1, keepdim=True)
+    log_pt = teacher[..., safety_ids].float() - torch.logsumexp(teacher.float(), -1, keepdim=True)
+    return (log_ps.exp() * (log_ps - log_pt)).sum(-1)
+
+
+def renormalised_reverse_kl_terms(
+    student: Logits, teacher: Logits, safety_ids: Tensor
+) -> Float[Tensor, "batch time"]:
+    """Per-token reverse KL between the two distributions renormalised over S."""
+    log_qs = torch.log_softmax(student[..., safety_ids].float(), -1)
+    log_qt = torch.log_softmax(teacher[..., safety_ids].float(), -1)
+    return (log_qs.exp() * (log_qs - log_qt)).sum(-1)
+
+
+def _full_vocab_terms(
+    student: Logits, teacher: Logits, kind: str, beta: float, chunk: int
+) -> Float[Tensor, "batch time"]:
+    out = []
+    for start in range(0, student.shape[1], chunk):
+        log_ps = torch.log_softmax(student[:, start : start + chunk].float(), -1)
+        log_pt = torch.log_softmax(teacher[:, start : start + chunk].float(), -1)
+        if kind == "full-reverse":
+            terms = (log_ps.exp() * (log_ps - log_pt)).sum(-1)
+        elif kind == "forward":
+            terms = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+        else:  # generalised JSD
+            log_m = torch.logsumexp(
+                torch.stack([log_pt + math.log(beta), log_ps + math.log(1 - beta)]), 0
+            )
+            kl_t = (log_pt.exp() * (log_pt - log_m)).sum(-1)
+            kl_s = (log_ps.exp() * (log_ps - log_m)).sum(-1)
+            terms = beta * kl_t + (1 - beta) * kl_s
+        out.append(terms)
+    return torch.cat(out, 1)
+
+
+def distillation_loss(
+    kind: str,
+    student: Logits,
+    teacher: Logits,
+    mask: Mask,
+    safety_ids: Sequence[int] | Tensor | None = None,
+    beta: float = 0.5,
+    chunk: int = 64,
+) -> Float[Tensor, ""]:
+    """One of :data:`LOSSES` as a scalar; gradients flow through ``student`` only.
+
+    Args:
+        kind: ``safesteer``, ``full-reverse``, ``forward``, ``jsd`` or ``renorm``.
+        student: Student logits at the completion positions.
+        teacher: Teacher logits at the same positions (detached here).
+        mask: True at tokens that count (completion up to and including end of turn).
+        safety_ids: The safety token ids S (``safesteer`` and ``renorm``).
+        beta: Teacher weight of the generalised JSD, strictly between 0 and 1.
+        chunk: Time steps per chunk for full-vocabulary losses.
+    """
+    if student.shape != teacher.shape:
+        raise SafeSteerError(f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ")
+    teacher = teacher.detach()
+    if kind in ("safesteer", "renorm"):
+        if safety_ids is None or len(safety_ids) == 0:
+            raise SafeSteerError(f"the {kind} loss needs the safety token ids S")
+        ids = torch.as_tensor(safety_ids, device=student.device, dtype=torch.long)
+        if int(ids.max()) >= student.shape[-1] or int(ids.min()) < 0:
+            raise SafeSteerError(
+                f"safety token id {int(ids.max())} is outside the vocabulary of size {student.shape[-1]}; "
+                "the tokens were chosen for another model: rerun `safesteer tokens`"
+            )
+        terms_fn: Callable[..., Tensor] = (
+            localized_reverse_kl_terms if kind == "safesteer" else renormalised_reverse_kl_terms
+        )
+        terms = terms_fn(student, teacher, ids)
+    elif kind in ("full-reverse", "forward", "jsd"):
+        if kind == "jsd" and not 0 < beta < 1:
+            raise SafeSteerError(f"jsd beta must be strictly between 0 and 1, got {beta}")
+        terms = _full_vocab_terms(student, teacher, kind, beta, chunk)
+    else:
+        raise SafeSteerError(f"unknown loss {kind!r}: use one of {', '.join(LOSSES)}")
+    return sequence_mean(terms, mask)
