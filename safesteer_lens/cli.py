@@ -117,6 +117,32 @@ def cmd_tokens(args: argparse.Namespace) -> None:
     print(f"wrote {args.run}/safety_tokens.json and {report.name}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    """Stage 3: localized on-policy distillation of the student from the steered teacher."""
+    from safesteer_lens.directions import load_direction
+    from safesteer_lens.distill import preset, train
+    from safesteer_lens.models import load_model
+
+    overrides = {
+        key: value
+        for key, value in {
+            "loss": args.loss, "n_prompts": args.n_prompts, "samples_per_prompt": args.samples,
+            "max_new_tokens": args.max_new_tokens, "sequences_per_step": args.sequences_per_step,
+            "lr": args.lr, "seed": args.seed, "epochs": args.epochs,
+        }.items()
+        if value is not None
+    }
+    config = preset(args.preset, **overrides)
+    config.validate()
+    direction = load_direction(args.run)
+    teacher = load_model(args.model or direction.model, device=args.device, dtype=args.dtype)
+    result = train(args.run, config, teacher=teacher, resume=args.resume)
+    last = result.metrics[-1] if result.metrics else {}
+    print(f"trained {len(result.metrics)} steps ({config.loss}); last step: loss {last.get('loss')}, "
+          f"rollout refusal {last.get('rollout_refusal')}, projection {last.get('projection')}")
+    print(f"wrote {args.run}/metrics.jsonl, checkpoint.pt and student/")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -164,6 +190,24 @@ def build_parser() -> argparse.ArgumentParser:
     tokens.add_argument("--seed", type=int, default=0)
     tokens.add_argument("--compare-horizon", type=int, default=1, help="H of the side-by-side set (0: skip)")
     tokens.set_defaults(func=cmd_tokens)
+
+    train = sub.add_parser("train", help="stage 3: distil the steered teacher into a student on S")
+    train.add_argument("--run", required=True, help="run directory with the direction and safety tokens")
+    train.add_argument("--loss", choices=["safesteer", "full-reverse", "forward", "jsd", "renorm"], default=None,
+                       help="default: safesteer (reverse KL over S)")
+    train.add_argument("--preset", choices=["demo", "paper"], default="demo")
+    train.add_argument("--model", default=None, help="default: the model named in direction.json")
+    train.add_argument("--device", default=None)
+    train.add_argument("--dtype", default=None)
+    train.add_argument("--n-prompts", type=int, default=None)
+    train.add_argument("--samples", type=int, default=None, help="M: rollouts per prompt")
+    train.add_argument("--max-new-tokens", type=int, default=None)
+    train.add_argument("--sequences-per-step", type=int, default=None)
+    train.add_argument("--epochs", type=int, default=None)
+    train.add_argument("--lr", type=float, default=None)
+    train.add_argument("--seed", type=int, default=None)
+    train.add_argument("--resume", action="store_true", help="continue from checkpoint.pt")
+    train.set_defaults(func=cmd_train)
     return parser
 
 

@@ -1,0 +1,430 @@
+"""Stage 3: localized on-policy distillation, one training loop you can read in one sitting.
+
+Each optimizer step:
+
+1. the student samples ``samples_per_prompt`` replies to each of a few harmful training
+   prompts (on-policy; no hooks, plain cached generation);
+2. the teacher (the frozen base model with the stage-1 steering hook) scores those replies
+   teacher-forced, without gradients;
+3. the student scores them too, with gradients, and the loss (by default the reverse KL over
+   the safety tokens S only) is averaged per reply over its completion tokens, then over
+   replies; gradients accumulate over micro-batches, are clipped, and AdamW steps on a cosine
+   schedule with warm-up.
+
+Every step appends a line to ``metrics.jsonl``; every ``checkpoint_every`` steps the student,
+optimizer and schedule are written atomically to ``checkpoint.pt``, and ``resume=True`` picks
+up from there with the same results as an uninterrupted run (rollouts are seeded per step).
+At the end the student is exported as a plain Hugging Face model directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from safesteer_lens.data import load_builtin_prompts, prompt_texts
+from safesteer_lens.directions import Direction, load_direction
+from safesteer_lens.errors import SafeSteerError
+from safesteer_lens.generation import Completions, generate
+from safesteer_lens.losses import LOSSES, distillation_loss, localized_reverse_kl_terms, sequence_mean
+from safesteer_lens.models import ChatModel, load_model
+from safesteer_lens.refusal import refusal_rate
+from safesteer_lens.steering import add_hooks
+from safesteer_lens.tokens import SafetyTokens, load_safety_tokens
+
+METRICS = "metrics.jsonl"
+CHECKPOINT = "checkpoint.pt"
+STUDENT_DIR = "student"
+TIMING_KEYS = ("rollout_tokens_per_s", "update_tokens_per_s", "seconds")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of :func:`train` (TRL-style: one dataclass per method).
+
+    Attributes:
+        loss: ``safesteer`` (localized reverse KL over S), ``full-reverse``, ``forward``,
+            ``jsd`` or ``renorm``.
+        n_prompts: Harmful training prompts (built-in train split).
+        samples_per_prompt: Student rollouts per prompt (M).
+        max_new_tokens: Rollout length cap.
+        temperature: Rollout sampling temperature.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_fraction: Share of steps with linear warm-up before the cosine decay.
+        max_grad_norm: Gradient-norm clip.
+        sequences_per_step: Rollouts per optimizer step (a multiple of ``samples_per_prompt``).
+        micro_batch: Rollouts per forward/backward (gradient accumulation in between).
+        epochs: Passes over the prompts.
+        jsd_beta: Teacher weight of the generalised JSD.
+        checkpoint_every: Steps between checkpoints.
+        seed: Seeds prompt order and rollouts.
+    """
+
+    loss: str = "safesteer"
+    n_prompts: int = 100
+    samples_per_prompt: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_fraction: float = 0.1
+    max_grad_norm: float = 1.0
+    sequences_per_step: int = 32
+    micro_batch: int = 8
+    epochs: int = 1
+    jsd_beta: float = 0.5
+    checkpoint_every: int = 5
+    seed: int = 0
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.sequences_per_step // self.samples_per_prompt
+
+    @property
+    def total_steps(self) -> int:
+        return math.ceil(self.n_prompts * self.epochs / self.prompts_per_step)
+
+    def validate(self) -> None:
+        """Reject settings that cannot work, before any compute."""
+        if self.loss not in LOSSES:
+            raise SafeSteerError(f"unknown loss {self.loss!r}: use one of {', '.join(LOSSES)}")
+        for name in ("n_prompts", "samples_per_prompt", "max_new_tokens", "sequences_per_step", "micro_batch", "epochs", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise SafeSteerError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.sequences_per_step % self.samples_per_prompt:
+            raise SafeSteerError(
+                f"sequences_per_step ({self.sequences_per_step}) must be a multiple of "
+                f"samples_per_prompt ({self.samples_per_prompt})"
+            )
+        if not self.lr > 0:
+            raise SafeSteerError(f"lr must be positive, got {self.lr}")
+
+
+PRESETS: dict[str, TrainConfig] = {
+    # Sized for 2 CPU cores and the embedded 135M model: about 10 minutes.
+    "demo": TrainConfig(
+        n_prompts=64, samples_per_prompt=4, max_new_tokens=24, lr=2e-5,
+        sequences_per_step=16, micro_batch=8, checkpoint_every=4,
+    ),
+    # The paper's setting (DESIGN.md), for GPUs and hub models.
+    "paper": TrainConfig(
+        n_prompts=100, samples_per_prompt=8, max_new_tokens=512, lr=1e-5,
+        sequences_per_step=32, micro_batch=8, checkpoint_every=10,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> TrainConfig:
+    """A named preset with optional field overrides."""
+    if name not in PRESETS:
+        raise SafeSteerError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+# --------------------------------------------------------------------- pieces
+def completion_logits(
+    model: ChatModel, rollouts: Completions, hooks: list = (), start: int = 0, stop: int | None = None
+) -> Float[Tensor, "batch time vocab"]:
+    """Logits predicting each completion token, teacher-forced (gradients if enabled)."""
+    p_len = rollouts.prompt_ids.shape[1]
+    seq = rollouts.sequences[start:stop]
+    mask = rollouts.attention_mask[start:stop]
+    with model.bridge.hooks(fwd_hooks=list(hooks)):
+        logits = model.bridge(seq, attention_mask=mask)
+    return logits[:, p_len - 1 : -1]
+
+
+def _projection_hook(direction: Direction, store: list[Tensor]) -> tuple[str, Callable[..., Tensor]]:
+    """Record the student's ``resid_pre`` at the steering layer, projected on the unit direction."""
+    unit = direction.unit
+
+    def hook(resid: Float[Tensor, "batch pos d_model"], hook: Any) -> Tensor:
+        store.append((resid.detach().float() @ unit.to(resid.device)).cpu())
+        return resid
+
+    return (f"blocks.{direction.layer}.hook_resid_pre", hook)
+
+
+def _step_prompts(prompts: list[str], config: TrainConfig, step: int) -> list[str]:
+    """The prompts of one step: a per-epoch shuffle (seeded), cut into consecutive slices."""
+    per_epoch = math.ceil(len(prompts) / config.prompts_per_step)
+    epoch, index = divmod(step, per_epoch)
+    order = list(range(len(prompts)))
+    random.Random(config.seed * 7919 + epoch).shuffle(order)
+    chosen = order[index * config.prompts_per_step : (index + 1) * config.prompts_per_step]
+    return [prompts[i] for i in chosen]
+
+
+def clean_state_dict(model: ChatModel) -> dict[str, Tensor]:
+    """The wrapped model's weights under their plain Hugging Face names.
+
+    The bridge nests every original module as ``_original_component`` and adds alias entries
+    for the same tensors; stripping the nesting and keeping the names a fresh model expects
+    gives a state dict that plain ``transformers`` loads.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        expected = set(AutoModelForCausalLM.from_config(model.hf_model.config).state_dict())
+    out = {}
+    for key, value in model.hf_model.state_dict().items():
+        name = key.replace("._original_component", "")
+        if name in expected and name not in out:
+            out[name] = value.detach().clone()
+    missing = expected - set(out) - {"lm_head.weight"}
+    if missing:
+        raise SafeSteerError(f"cannot map the bridge's weights back to Hugging Face names: {sorted(missing)[:3]}")
+    return out
+
+
+def export_student(student: ChatModel, out_dir: str | Path) -> Path:
+    """Save the student as a Hugging Face directory that plain ``transformers`` loads.
+
+    Written under a temporary name and renamed, so a half-written export never looks done.
+    """
+    from transformers import AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    clean = AutoModelForCausalLM.from_config(student.hf_model.config)
+    clean.load_state_dict(clean_state_dict(student), strict=False)
+    if getattr(student.hf_model.config, "tie_word_embeddings", False):
+        clean.tie_weights()
+    clean.generation_config = student.hf_model.generation_config
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    clean.save_pretrained(tmp)
+    student.tokenizer.save_pretrained(tmp)
+    if out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def _save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
+    """Write ``checkpoint.pt`` atomically; on failure the previous checkpoint stays intact."""
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".checkpoint-", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, run_dir / CHECKPOINT)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        last = "none"
+        if (run_dir / CHECKPOINT).exists():
+            last = f"step {torch.load(run_dir / CHECKPOINT, weights_only=False)['step']}"
+        raise SafeSteerError(
+            f"could not write a checkpoint at step {state['step']} ({exc.strerror or exc}); "
+            f"the last good checkpoint is {last}; free disk space and rerun with --resume"
+        ) from exc
+
+
+class NonFiniteLoss(SafeSteerError):
+    """The loss became NaN or infinite; no update was applied."""
+
+
+# --------------------------------------------------------------------- the loop
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the trained student and the per-step metrics."""
+
+    student: ChatModel
+    metrics: list[dict[str, Any]]
+    run_dir: Path
+
+
+def train(
+    run_dir: str | Path,
+    config: TrainConfig | None = None,
+    teacher: ChatModel | None = None,
+    resume: bool = False,
+    max_steps: int | None = None,
+    export: bool = True,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a student by localized on-policy distillation from the steered teacher.
+
+    Args:
+        run_dir: Holds ``direction.*`` and ``safety_tokens.json``; receives ``metrics.jsonl``,
+            ``checkpoint.pt`` and ``student/``.
+        config: Settings; defaults to the ``demo`` preset.
+        teacher: The base model, already loaded (saves a load); default: the model named in
+            ``direction.json``. It stays frozen; the student is a second copy.
+        resume: Continue from ``checkpoint.pt``.
+        max_steps: Stop after this many steps in this call (to step through training in a
+            notebook); the run can continue with ``resume=True``.
+        export: Write ``student/`` when the last step is done.
+        progress: Show a progress bar.
+    """
+    run_dir = Path(run_dir)
+    config = config or PRESETS["demo"]
+    config.validate()
+    direction = load_direction(run_dir)
+    tokens = load_safety_tokens(run_dir)
+    teacher = teacher or load_model(direction.model)
+    if max(tokens.ids) >= teacher.d_vocab:
+        raise SafeSteerError(
+            f"safety token id {max(tokens.ids)} does not exist in {teacher.name}'s vocabulary of "
+            f"{teacher.d_vocab}; rerun `safesteer tokens --run {run_dir}` for this model"
+        )
+    student = load_model(teacher.name, device=teacher.device, dtype=teacher.dtype)
+    params = list(student.hf_model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    from transformers import get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, round(config.warmup_fraction * config.total_steps), config.total_steps
+    )
+    metrics_path = run_dir / METRICS
+    metrics: list[dict[str, Any]] = []
+    start_step = 0
+    if resume and (run_dir / CHECKPOINT).exists():
+        state = torch.load(run_dir / CHECKPOINT, weights_only=False)
+        if state["config"] != asdict(config):
+            raise SafeSteerError("checkpoint.pt was written with other settings; resume with the same preset and flags")
+        student.hf_model.load_state_dict(state["student"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step = state["step"]
+        metrics = [m for m in _read_metrics(metrics_path) if m["step"] < start_step]
+    _write_metrics(metrics_path, metrics)
+
+    prompts = prompt_texts(load_builtin_prompts("harmful", "train"))[: config.n_prompts]
+    safety_ids = torch.tensor(tokens.ids, device=teacher.device)
+    teacher_hooks = add_hooks(teacher, direction.vector, direction.layer, direction.coeff)
+    end_step = config.total_steps if max_steps is None else min(config.total_steps, start_step + max_steps)
+    bar = tqdm(range(start_step, end_step), desc=f"train ({config.loss})", disable=not progress, initial=start_step, total=config.total_steps)
+    last_saved = start_step if start_step else None
+    for step in bar:
+        try:
+            row = train_step(student, teacher, teacher_hooks, direction, safety_ids, optimizer, scheduler, prompts, config, step)
+        except NonFiniteLoss as exc:
+            kept = f"checkpoint.pt holds step {last_saved}" if last_saved is not None else "no checkpoint was written yet"
+            raise NonFiniteLoss(f"{exc}; {kept}; lower the learning rate and rerun (with --resume to continue)") from exc
+        metrics.append(row)
+        with metrics_path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        bar.set_postfix(loss=f"{row['loss']:.4f}", refusal=f"{row['rollout_refusal']:.2f}")
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.total_steps:
+            if not all(torch.isfinite(p).all() for p in params):
+                kept = f"checkpoint.pt holds step {last_saved}" if last_saved is not None else "no checkpoint was written yet"
+                raise NonFiniteLoss(f"the weights became NaN or infinite at step {step}; {kept}; lower the learning rate")
+            _save_checkpoint(run_dir, {
+                "step": step + 1, "student": student.hf_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "config": asdict(config),
+            })
+            last_saved = step + 1
+    for p in params:
+        p.requires_grad_(False)
+    if export and end_step == config.total_steps:
+        export_student(student, run_dir / STUDENT_DIR)
+    return TrainResult(student, metrics, run_dir)
+
+
+def train_step(
+    student: ChatModel,
+    teacher: ChatModel,
+    teacher_hooks: list,
+    direction: Direction,
+    safety_ids: Tensor,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    prompts: list[str],
+    config: TrainConfig,
+    step: int,
+) -> dict[str, Any]:
+    """One optimizer step: rollouts, teacher scoring, loss, backward, clip, AdamW; returns metrics."""
+    t0 = time.perf_counter()
+    step_prompts = _step_prompts(prompts, config, step)
+    try:
+        rollouts = generate(
+            student, [p for p in step_prompts for _ in range(config.samples_per_prompt)],
+            max_new_tokens=config.max_new_tokens, do_sample=True, temperature=config.temperature,
+            seed=config.seed * 1_000_003 + step, batch_size=config.sequences_per_step,
+        )
+    except RuntimeError as exc:  # torch.multinomial on NaN/inf probabilities
+        if "inf" in str(exc) or "nan" in str(exc):
+            raise NonFiniteLoss(f"the student's probabilities became NaN or infinite at step {step} (while sampling)") from exc
+        raise
+    t1 = time.perf_counter()
+    n = len(rollouts.texts)
+    sums = {"loss": 0.0, "kl_s": 0.0, "kl_full": 0.0, "s_mass_student": 0.0, "s_mass_teacher": 0.0}
+    projections: list[Tensor] = []
+    mask_all = rollouts.completion_mask
+    for start in range(0, n, config.micro_batch):
+        stop = min(start + config.micro_batch, n)
+        mask = mask_all[start:stop]
+        with torch.no_grad():
+            t_logits = completion_logits(teacher, rollouts, teacher_hooks, start, stop)
+        captured: list[Tensor] = []
+        s_logits = completion_logits(student, rollouts, [_projection_hook(direction, captured)], start, stop)
+        loss = distillation_loss(config.loss, s_logits, t_logits, mask, safety_ids, beta=config.jsd_beta)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"the loss became {loss.item()} at step {step}; training stopped before the update")
+        weight = (stop - start) / n
+        (loss * weight).backward()
+        with torch.no_grad():
+            sums["loss"] += loss.item() * weight
+            sums["kl_s"] += sequence_mean(localized_reverse_kl_terms(s_logits, t_logits, safety_ids), mask).item() * weight
+            sums["kl_full"] += distillation_loss("full-reverse", s_logits, t_logits, mask).item() * weight
+            ps = torch.softmax(s_logits.float(), -1)[..., safety_ids].sum(-1)
+            pt = torch.softmax(t_logits.float(), -1)[..., safety_ids].sum(-1)
+            sums["s_mass_student"] += sequence_mean(ps, mask).item() * weight
+            sums["s_mass_teacher"] += sequence_mean(pt, mask).item() * weight
+        p_len = rollouts.prompt_ids.shape[1]
+        proj = captured[0][:, p_len:]
+        projections.append(proj[mask[:, : proj.shape[1]].cpu()])
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    t2 = time.perf_counter()
+    completion_tokens = int(mask_all.sum())
+    return {
+        "step": step,
+        "lr": scheduler.get_last_lr()[0],
+        **{k: round(v, 6) for k, v in sums.items()},
+        "grad_norm": round(float(grad_norm), 6),
+        "rollout_refusal": refusal_rate(rollouts.texts),
+        "projection": round(float(torch.cat(projections).mean()), 6),
+        "completion_tokens": completion_tokens,
+        "rollout_tokens_per_s": round(completion_tokens / (t1 - t0), 1),
+        "update_tokens_per_s": round(int(rollouts.attention_mask.sum()) / (t2 - t1), 1),
+        "seconds": round(t2 - t0, 2),
+        "example": rollouts.texts[0][:160],
+    }
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def load_metrics(run_dir: str | Path) -> "Any":
+    """``metrics.jsonl`` as a pandas table, one row per step."""
+    import pandas
+
+    return pandas.DataFrame(_read_metrics(Path(run_dir) / METRICS))

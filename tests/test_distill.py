@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from safesteer_lens.cli import main
+from safesteer_lens.directions import Direction
+from safesteer_lens.distill import TrainConfig, clean_state_dict, export_student, train
+from safesteer_lens.errors import SafeSteerError
+from safesteer_lens.generation import generate
+from safesteer_lens.tokens import SafetyTokens
+
+TIMING = ("rollout_tokens_per_s", "update_tokens_per_s", "seconds")
+
+
+@pytest.fixture()
+def run_dir(tiny, tiny_dir, tmp_path):
+    torch.manual_seed(0)
+    Direction(torch.randn(tiny.d_model) * 4, str(tiny_dir), "diff-means", 2, -1, 1.0).save(tmp_path)
+    ids = list(range(20, 60))
+    SafetyTokens([{"id": i, "text": tiny.tokenizer.decode([i]), "votes": 1, "mean_delta": 0.0} for i in ids]).save(tmp_path)
+    return tmp_path
+
+
+def tiny_config(**overrides):
+    base = dict(n_prompts=8, samples_per_prompt=2, max_new_tokens=6, sequences_per_step=4,
+                micro_batch=2, lr=3e-3, checkpoint_every=2, warmup_fraction=0.0)
+    return TrainConfig(**{**base, **overrides})
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def test_loss_falls_over_a_few_steps(tiny, run_dir):
+    config = tiny_config(n_prompts=2, epochs=6, sequences_per_step=4)  # same prompts each step
+    result = train(run_dir, config, teacher=tiny, progress=False, export=False)
+    losses = [m["loss"] for m in result.metrics]
+    assert len(losses) == 6
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2
+    assert {"kl_s", "kl_full", "s_mass_student", "s_mass_teacher", "rollout_refusal", "projection"} <= set(result.metrics[0])
+
+
+def test_resume_after_interruption_gives_identical_metrics(tiny, run_dir, tmp_path_factory):
+    config = tiny_config()
+    full = train(run_dir, config, teacher=tiny, progress=False, export=False).metrics
+    other = tmp_path_factory.mktemp("resumed")
+    for name in ("direction.json", "direction.safetensors", "safety_tokens.json"):
+        (other / name).write_bytes((run_dir / name).read_bytes())
+    train(other, config, teacher=tiny, progress=False, export=False, max_steps=2)  # "interrupted"
+    with (other / "metrics.jsonl").open("a") as handle:  # a step that ran but was not checkpointed
+        handle.write(json.dumps({"step": 2, "loss": 123.0}) + "\n")
+    resumed = train(other, config, teacher=tiny, progress=False, export=False, resume=True).metrics
+    assert len(full) == config.total_steps == 4
+    assert _strip(resumed) == _strip(full)
+
+
+def test_export_loads_with_plain_transformers_and_generates_the_same(tiny, run_dir):
+    result = train(run_dir, tiny_config(n_prompts=4), teacher=tiny, progress=False)
+    plain = AutoModelForCausalLM.from_pretrained(run_dir / "student").eval()
+    ours = generate(result.student, ["How do I bake bread?", "Hi"], max_new_tokens=8)
+    batch = result.student.tokenize(["How do I bake bread?", "Hi"])
+    with torch.no_grad():
+        theirs = plain.generate(batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=8,
+                                do_sample=False, eos_token_id=tiny.eot_token_ids, pad_token_id=tiny.tokenizer.pad_token_id)
+    assert torch.equal(theirs[:, batch.input_ids.shape[1]:][ours.completion_mask], ours.completion_ids[ours.completion_mask])
+    # training changed the weights
+    base_w = clean_state_dict(tiny)["model.layers.0.mlp.down_proj.weight"]
+    assert not torch.equal(plain.state_dict()["model.layers.0.mlp.down_proj.weight"], base_w)
+
+
+def test_missing_artifacts_and_bad_vocab_are_clear_errors(tiny, run_dir, tmp_path_factory):
+    empty = tmp_path_factory.mktemp("empty")
+    with pytest.raises(SafeSteerError, match="safesteer direction"):
+        train(empty, tiny_config(), teacher=tiny, progress=False)
+    SafetyTokens([{"id": tiny.d_vocab + 5, "text": "x", "votes": 1, "mean_delta": 0.0}]).save(run_dir)
+    with pytest.raises(SafeSteerError, match="vocabulary"):
+        train(run_dir, tiny_config(), teacher=tiny, progress=False)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, run_dir):
+    config = tiny_config(lr=1e30, max_grad_norm=1e30, checkpoint_every=1)
+    with pytest.raises(SafeSteerError, match="at step 1; checkpoint.pt holds step 1"):
+        train(run_dir, config, teacher=tiny, progress=False)
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert saved["step"] == 1
+    assert all(torch.isfinite(v).all() for v in saved["student"].values() if v.is_floating_point())
+
+
+def test_full_disk_leaves_previous_checkpoint_as_latest(tiny, run_dir, monkeypatch):
+    train(run_dir, tiny_config(), teacher=tiny, progress=False, export=False, max_steps=2)
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SafeSteerError, match="last good checkpoint is step 2"):
+        train(run_dir, tiny_config(), teacher=tiny, progress=False, export=False, resume=True)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert (run_dir / "checkpoint.pt").read_bytes() == before
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".checkpoint-")]
+
+
+def test_bad_settings_are_rejected():
+    with pytest.raises(SafeSteerError, match="multiple"):
+        TrainConfig(sequences_per_step=6, samples_per_prompt=4).validate()
+    with pytest.raises(SafeSteerError, match="unknown loss"):
+        TrainConfig(loss="kl").validate()
+
+
+def test_cli_train_on_tiny(run_dir, tiny_dir, capsys):
+    code = main(["train", "--run", str(run_dir), "--preset", "demo", "--loss", "full-reverse",
+                 "--n-prompts", "2", "--samples", "2", "--max-new-tokens", "4", "--sequences-per-step", "4"])
+    assert code == 0
+    assert (run_dir / "student" / "config.json").exists()
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1
