@@ -143,6 +143,53 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"wrote {args.run}/metrics.jsonl, checkpoint.pt and student/")
 
 
+def cmd_run(args: argparse.Namespace) -> None:
+    """The whole job: direction -> teacher -> tokens -> training -> evaluation -> report."""
+    from safesteer_lens.pipeline import run_pipeline
+
+    table = run_pipeline(args.out, args.model, args.preset, rerun=args.rerun or ())
+    _print_table(table)
+    print(f"report: {args.out}/report.md and {args.out}/report.html")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    """Evaluate the base model, the teacher of a run and any student directories given."""
+    from pathlib import Path
+
+    from safesteer_lens.data import load_public_prompts
+    from safesteer_lens.directions import load_direction
+    from safesteer_lens.evaluate import EvalConfig, Subject, evaluate_models
+    from safesteer_lens.models import load_model
+    from safesteer_lens.steering import add_hooks
+
+    direction = load_direction(args.run)
+    base = load_model(args.model or direction.model, device=args.device, dtype=args.dtype)
+    subjects = [Subject("base", base), Subject("teacher", base, add_hooks(base, direction.vector, direction.layer, direction.coeff))]
+    students = list(args.students or [])
+    if not students and (Path(args.run) / "student").is_dir():
+        students = [str(Path(args.run) / "student")]
+    for path in students:
+        subjects.append(Subject(Path(path).parent.name + "/" + Path(path).name, load_model(path, device=base.device)))
+    extra = {}
+    for spec in args.benchmark or []:
+        name, _, path = spec.partition("=")
+        if not path:
+            raise SafeSteerError(f"--benchmark takes NAME=FILE (e.g. advbench=advbench.csv), got {spec!r}")
+        extra[name] = load_public_prompts(name, source=path)
+    config = EvalConfig(n_harmful=args.n, n_harmless=args.n, max_new_tokens=args.max_new_tokens)
+    table, _ = evaluate_models(subjects, base, config, extra_sets=extra)
+    _print_table(table)
+    if args.csv:
+        table.to_csv(args.csv)
+
+
+def _print_table(table: "object") -> None:
+    import pandas
+
+    with pandas.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
+        print(table)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -208,6 +255,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=None)
     train.add_argument("--resume", action="store_true", help="continue from checkpoint.pt")
     train.set_defaults(func=cmd_train)
+
+    run = sub.add_parser("run", help="the whole job, stage by stage, skipping stages that are current")
+    run.add_argument("--out", required=True, help="run directory")
+    run.add_argument("--model", default=DEFAULT_MODEL)
+    run.add_argument("--preset", choices=["demo", "paper"], default="demo")
+    run.add_argument("--rerun", nargs="*", choices=["direction", "tokens", "train", "ablation", "evaluate", "report"],
+                     help="redo these stages (and what depends on them)")
+    run.set_defaults(func=cmd_run)
+
+    evaluate = sub.add_parser("evaluate", help="refusal / over-refusal / KL / perplexity table")
+    evaluate.add_argument("--run", required=True, help="run directory (for the teacher)")
+    evaluate.add_argument("--model", default=None)
+    evaluate.add_argument("--device", default=None)
+    evaluate.add_argument("--dtype", default=None)
+    evaluate.add_argument("--students", nargs="*", help="student directories (default: RUN/student)")
+    evaluate.add_argument("--benchmark", action="append", help="NAME=FILE, e.g. advbench=advbench.csv (repeatable)")
+    evaluate.add_argument("--n", type=int, default=65, help="held-out prompts per class")
+    evaluate.add_argument("--max-new-tokens", type=int, default=32)
+    evaluate.add_argument("--csv", default=None, help="also write the table here")
+    evaluate.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -114,9 +114,11 @@ class TrainConfig:
 
 
 PRESETS: dict[str, TrainConfig] = {
-    # Sized for 2 CPU cores and the embedded 135M model: about 10 minutes.
+    # Sized for 2 CPU cores and the embedded 135M model: 16 steps, about 4 minutes. Short
+    # rollouts put the budget on the opening tokens, where a refusal starts; lr 1e-4 because
+    # 2e-5 moved held-out harmful refusals only from 2% to 15% in 16 steps (measured).
     "demo": TrainConfig(
-        n_prompts=64, samples_per_prompt=4, max_new_tokens=24, lr=2e-5,
+        n_prompts=64, samples_per_prompt=4, max_new_tokens=12, lr=1e-4,
         sequences_per_step=16, micro_batch=8, checkpoint_every=4,
     ),
     # The paper's setting (DESIGN.md), for GPUs and hub models.

@@ -1,0 +1,196 @@
+"""The end-to-end job: direction -> teacher -> safety tokens -> training -> evaluation -> report.
+
+Each stage reads the previous stage's artifact from the run directory and writes its own, and
+is skipped when its artifact exists and was made from the same settings and the same upstream
+artifact (a stamp records both). ``rerun=("tokens",)`` redoes a stage, and everything
+downstream of it, because their inputs change.
+
+Run directory layout::
+
+    direction.safetensors  direction.json  direction_report.html      stage 1
+    safety_tokens.json     tokens_report.html                          stage 2
+    metrics.jsonl  checkpoint.pt  student/  train.json                 stage 3 (SafeSteer)
+    ablation-full-reverse/{metrics.jsonl, student/, train.json}        stage 3 ablation
+    results.csv  examples.json  evaluate.json                          evaluation
+    report.md  report.html  figures/                                   report
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from safesteer_lens.directions import DirectionConfig, find_direction, load_direction
+from safesteer_lens.distill import PRESETS as TRAIN_PRESETS
+from safesteer_lens.distill import STUDENT_DIR, TrainConfig, train
+from safesteer_lens.errors import SafeSteerError
+from safesteer_lens.evaluate import EvalConfig, Subject, evaluate_models
+from safesteer_lens.models import DEFAULT_MODEL, ChatModel, load_model
+from safesteer_lens.reports import write_direction_report, write_tokens_report
+from safesteer_lens.steering import add_hooks
+from safesteer_lens.tokens import TokenConfig, load_safety_tokens, select_safety_tokens
+
+STAGES = ("direction", "tokens", "train", "ablation", "evaluate", "report")
+ABLATION_DIR = "ablation-full-reverse"
+
+
+@dataclass
+class PipelineConfig:
+    """All settings of one end-to-end run."""
+
+    direction: DirectionConfig = field(default_factory=DirectionConfig)
+    tokens: TokenConfig = field(default_factory=TokenConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    ablation_loss: str = "full-reverse"
+
+
+PIPELINE_PRESETS: dict[str, PipelineConfig] = {
+    # 2 CPU cores, embedded 135M model: under 20 minutes end to end.
+    "demo": PipelineConfig(
+        direction=DirectionConfig(n_train=48, n_val=16, n_test=24),
+        tokens=TokenConfig(n_prompts=24),
+        train=TRAIN_PRESETS["demo"],
+        evaluate=EvalConfig(n_harmful=40, n_harmless=40, max_new_tokens=24, n_kl_prompts=16, n_general=12),
+    ),
+    # The paper's settings (DESIGN.md), for GPU users with hub models.
+    "paper": PipelineConfig(
+        direction=DirectionConfig(n_train=128, n_val=32, n_test=65),
+        tokens=TokenConfig(n_prompts=100, prob_floor=1e-7),
+        train=TRAIN_PRESETS["paper"],
+        evaluate=EvalConfig(max_new_tokens=64),
+    ),
+}
+
+
+def _hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _stamp_ok(path: Path, key: str) -> bool:
+    return path.is_file() and json.loads(path.read_text()).get("key") == key
+
+
+def _write_stamp(path: Path, key: str, **extra: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"key": key, **extra}, indent=2))
+    tmp.replace(path)
+
+
+def run_pipeline(
+    out: str | Path,
+    model_name: str = DEFAULT_MODEL,
+    preset: str = "demo",
+    rerun: Sequence[str] = (),
+    config: PipelineConfig | None = None,
+    model: ChatModel | None = None,
+    progress: bool = True,
+) -> "Any":
+    """Run every stage that is missing or stale; return the evaluation table.
+
+    Args:
+        out: The run directory.
+        model_name: Embedded name, local directory, .gguf or hub id.
+        preset: ``demo`` or ``paper`` (ignored when ``config`` is given).
+        rerun: Stages to redo even if current (downstream stages follow).
+        config: Full settings instead of a preset.
+        model: An already loaded base model (skips loading).
+        progress: Show progress bars and stage messages.
+    """
+    unknown = set(rerun) - set(STAGES)
+    if unknown:
+        raise SafeSteerError(f"unknown stage(s) {', '.join(sorted(unknown))}: use {', '.join(STAGES)}")
+    if config is None:
+        if preset not in PIPELINE_PRESETS:
+            raise SafeSteerError(f"unknown preset {preset!r}: use one of {', '.join(PIPELINE_PRESETS)}")
+        config = PIPELINE_PRESETS[preset]
+    config.train.validate()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    say = print if progress else (lambda *a, **k: None)
+    base = model or load_model(model_name)
+
+    # ---- stage 1: direction and teacher
+    key = _hash([base.name, asdict(config.direction)])
+    stamp = out / "direction.stamp.json"
+    if "direction" in rerun or not _stamp_ok(stamp, key) or not (out / "direction.json").exists():
+        say("[1/6] direction: finding the refusal direction and the teacher's coefficient")
+        direction = find_direction(base, config.direction, progress=progress)
+        direction.save(out)
+        write_direction_report(direction, out)
+        _write_stamp(stamp, key)
+        rerun = (*rerun, "tokens")
+    else:
+        say("[1/6] direction: current, skipped")
+    direction = load_direction(out)
+
+    # ---- stage 2: safety tokens
+    key = _hash([key, asdict(config.tokens)])
+    stamp = out / "tokens.stamp.json"
+    if "tokens" in rerun or not _stamp_ok(stamp, key):
+        say("[2/6] tokens: choosing the safety tokens S")
+        tokens = select_safety_tokens(base, direction, config.tokens, progress=progress)
+        tokens.save(out)
+        write_tokens_report(base, direction, tokens, out, compare_horizon=1)
+        _write_stamp(stamp, key)
+        rerun = (*rerun, "train", "ablation")
+    else:
+        say("[2/6] tokens: current, skipped")
+    tokens_key = key
+
+    # ---- stage 3: SafeSteer student, and the full-vocabulary ablation with the same budget
+    students: dict[str, Path] = {}
+    for stage, loss, run_dir in (
+        ("train", config.train.loss, out),
+        ("ablation", config.ablation_loss, out / ABLATION_DIR),
+    ):
+        train_config = replace(config.train, loss=loss)
+        key = _hash([tokens_key, asdict(train_config)])
+        stamp = run_dir / "train.json"
+        if stage in rerun or not _stamp_ok(stamp, key) or not (run_dir / STUDENT_DIR).exists():
+            say(f"[3/6] {stage}: training a student with the {loss} loss")
+            if run_dir != out:
+                run_dir.mkdir(exist_ok=True)
+                for name in ("direction.json", "direction.safetensors", "safety_tokens.json"):
+                    shutil.copy2(out / name, run_dir / name)
+            for stale in ("metrics.jsonl", "checkpoint.pt"):
+                (run_dir / stale).unlink(missing_ok=True)
+            train(run_dir, train_config, teacher=base, progress=progress)
+            _write_stamp(stamp, key, loss=loss)
+            rerun = (*rerun, "evaluate")
+        else:
+            say(f"[3/6] {stage}: current, skipped")
+        students[loss] = run_dir / STUDENT_DIR
+
+    # ---- evaluation
+    key = _hash([[json.loads((p.parent / "train.json").read_text())["key"] for p in students.values()], asdict(config.evaluate)])
+    stamp = out / "evaluate.json"
+    if "evaluate" in rerun or not _stamp_ok(stamp, key) or not (out / "results.csv").exists():
+        say("[4/6] evaluate: base, teacher and students on held-out prompts")
+        subjects = [
+            Subject("base", base),
+            Subject(f"teacher (layer {direction.layer}, coeff {direction.coeff:g})", base,
+                    add_hooks(base, direction.vector, direction.layer, direction.coeff)),
+            Subject("SafeSteer student", load_model(str(students[config.train.loss]), device=base.device)),
+            Subject(f"{config.ablation_loss} OPD student", load_model(str(students[config.ablation_loss]), device=base.device)),
+        ]
+        table, examples = evaluate_models(subjects, base, config.evaluate)
+        table.to_csv(out / "results.csv")
+        (out / "examples.json").write_text(json.dumps(examples, indent=2))
+        _write_stamp(stamp, key)
+        rerun = (*rerun, "report")
+    else:
+        say("[4/6] evaluate: current, skipped")
+
+    import pandas
+
+    table = pandas.read_csv(out / "results.csv", index_col="model")
+    from safesteer_lens.report import write_report
+
+    say("[5/6] report: report.md, report.html and figures/")
+    write_report(out, base, table, config)
+    return table

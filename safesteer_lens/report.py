@@ -1,0 +1,169 @@
+"""The end-of-run report: ``report.md``, a self-contained ``report.html`` and ``figures/``.
+
+Figures are written as standalone HTML always, and as PNG when plotly's static export works
+on the machine (kaleido needs a Chrome or Chromium binary; see the README).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+
+from safesteer_lens.data import load_builtin_prompts, prompt_texts
+from safesteer_lens.directions import Direction, load_direction
+from safesteer_lens.distill import load_metrics
+from safesteer_lens.models import ChatModel, load_model
+from safesteer_lens.reports import write_page
+from safesteer_lens.steering import add_hooks
+from safesteer_lens.tokens import load_safety_tokens
+from safesteer_lens.token_views import HtmlView
+from safesteer_lens.viz import completions_table, direction_score_heatmaps, safety_tokens_bar
+
+
+def training_curves(runs: dict[str, Any]) -> go.Figure:
+    """Loss, refusal rate of the rollouts and projection on the refusal direction per step."""
+    fig = make_subplots(rows=1, cols=3, subplot_titles=("loss", "rollouts opening as refusals", "student resid_pre · refusal direction"))
+    for name, frame in runs.items():
+        if frame.empty:
+            continue
+        for col, key in enumerate(("loss", "rollout_refusal", "projection"), 1):
+            fig.add_trace(go.Scatter(x=frame["step"], y=frame[key], name=name, mode="lines+markers",
+                                     legendgroup=name, showlegend=col == 1), row=1, col=col)
+    fig.update_xaxes(title_text="optimizer step")
+    fig.update_layout(title="Training", height=380, width=1150)
+    return fig
+
+
+def refusal_tradeoff(table: Any) -> go.Figure:
+    """Refusal on harmful prompts against over-refusal on harmless prompts, one point per model."""
+    fig = go.Figure(
+        go.Scatter(
+            x=table["harmless_refusal"], y=table["harmful_refusal"], mode="markers+text",
+            text=list(table.index), textposition="top center", marker={"size": 14},
+        )
+    )
+    fig.add_shape(type="rect", x0=0, x1=0.1, y0=0.9, y1=1.0, line={"dash": "dot", "color": "green"})
+    fig.update_layout(
+        title="Refusal vs over-refusal (target: top-left box)", xaxis_title="harmless prompts refused",
+        yaxis_title="harmful prompts refused", xaxis_range=[-0.05, 1.05], yaxis_range=[-0.05, 1.1], height=450, width=700,
+    )
+    return fig
+
+
+@torch.no_grad()
+def final_states(model: ChatModel, prompts: list[str], hooks: list) -> torch.Tensor:
+    """Final-layer residual state at the last prompt position."""
+    batch = model.tokenize(prompts)
+    store: list[torch.Tensor] = []
+
+    def grab(resid: torch.Tensor, hook: Any) -> torch.Tensor:
+        store.append(resid[:, -1].float().cpu())
+        return resid
+
+    name = f"blocks.{model.n_layers - 1}.hook_resid_post"
+    with model.bridge.hooks(fwd_hooks=list(hooks) + [(name, grab)]):
+        model.bridge(batch.input_ids, attention_mask=batch.attention_mask)
+    return store[0]
+
+
+def representation_shift(states: dict[str, torch.Tensor]) -> go.Figure:
+    """2-D PCA (fitted on all models together) of final-layer states on harmless prompts."""
+    stacked = torch.cat(list(states.values()))
+    centred = stacked - stacked.mean(0)
+    _, _, v = torch.pca_lowrank(centred, q=2, center=False)
+    coords = centred @ v[:, :2]
+    fig = go.Figure()
+    start = 0
+    for name, s in states.items():
+        part = coords[start : start + len(s)]
+        start += len(s)
+        fig.add_trace(go.Scatter(x=part[:, 0], y=part[:, 1], mode="markers", name=name, marker={"size": 8, "opacity": 0.75}))
+    fig.update_layout(title="Representation shift: PCA of final-layer states on harmless prompts", xaxis_title="PC 1",
+                      yaxis_title="PC 2", height=480, width=720)
+    return fig
+
+
+def _save_figure(fig: go.Figure, directory: Path, name: str) -> list[str]:
+    """HTML always; PNG when static export works here. Returns the files written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fig.write_html(directory / f"{name}.html", include_plotlyjs="cdn")
+    written = [f"{name}.html"]
+    try:
+        fig.write_image(directory / f"{name}.png", scale=1)
+        written.append(f"{name}.png")
+    except Exception:  # kaleido without a Chrome binary: HTML only
+        pass
+    return written
+
+
+def _markdown_table(table: Any) -> str:
+    cols = ["harmful_refusal", "harmless_refusal", "harmful_score", "harmless_score", "kl_from_base", "perplexity"]
+    cols = [c for c in cols if c in table.columns] + [c for c in table.columns if c not in cols]
+    lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, row in table.iterrows():
+        cells = [f"{row[c]:.0%}" if "refusal" in c else f"{row[c]:.3f}" for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str | Path, base: ChatModel, table: Any, config: Any) -> Path:
+    """Write ``report.md``, ``report.html`` and ``figures/`` for a finished run."""
+    run_dir = Path(run_dir)
+    direction: Direction = load_direction(run_dir)
+    tokens = load_safety_tokens(run_dir)
+    examples = json.loads((run_dir / "examples.json").read_text())
+    curves = {"SafeSteer (S only)": load_metrics(run_dir), f"{config.ablation_loss} (all tokens)": load_metrics(run_dir / "ablation-full-reverse")}
+    harmless = prompt_texts(load_builtin_prompts("harmless", "test"))[:32]
+    student = load_model(str(run_dir / "student"), device=base.device)
+    states = {
+        "base": final_states(base, harmless, []),
+        "teacher": final_states(base, harmless, add_hooks(base, direction.vector, direction.layer, direction.coeff)),
+        "SafeSteer student": final_states(student, harmless, []),
+    }
+    figures = {
+        "direction_scores": direction_score_heatmaps(direction),
+        "safety_tokens": safety_tokens_bar(tokens),
+        "training_curves": training_curves(curves),
+        "refusal_tradeoff": refusal_tradeoff(table),
+        "representation_shift": representation_shift(states),
+    }
+    fig_dir = run_dir / "figures"
+    files = {name: _save_figure(fig, fig_dir, name) for name, fig in figures.items()}
+    subjects = [c for c in examples["harmful"][0] if c != "prompt"] if examples["harmful"] else []
+    tables = [
+        completions_table(examples[kind], ["prompt", *subjects]).update_layout(title=f"{kind} prompts (held out)")
+        for kind in ("harmful", "harmless")
+    ]
+    html_table = HtmlView("Results", table.to_html(float_format=lambda v: f"{v:.3f}"))
+    write_page([html_table, *figures.values(), *tables], run_dir / "report.html", f"SafeSteer run on {base.name}")
+
+    md = [
+        f"# SafeSteer run on {base.name}",
+        "",
+        f"Teacher: {direction.method} direction at layer {direction.layer}, coefficient {direction.coeff:g}. "
+        f"|S| = {len(tokens)}: " + ", ".join(f"`{t!r}`" for t in tokens.texts[:20]) + (" ..." if len(tokens) > 20 else ""),
+        "",
+        "## Results (held-out prompts, greedy replies)",
+        "",
+        _markdown_table(table),
+        "",
+        "## Figures",
+        "",
+    ]
+    for name, written in files.items():
+        png = next((f for f in written if f.endswith(".png")), None)
+        md.append(f"![{name}](figures/{png})" if png else f"- [{name}](figures/{name}.html)")
+    md += ["", "## Sample completions", ""]
+    for kind in ("harmful", "harmless"):
+        for row in examples[kind][:3]:
+            md.append(f"**[{kind}] {row['prompt']}**")
+            md += [f"- *{s}*: {row[s][:200]!r}" for s in subjects]
+            md.append("")
+    path = run_dir / "report.md"
+    path.write_text("\n".join(md))
+    return path

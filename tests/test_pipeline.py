@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from safesteer_lens.cli import main
+from safesteer_lens.directions import DirectionConfig
+from safesteer_lens.distill import TrainConfig
+from safesteer_lens.errors import SafeSteerError
+from safesteer_lens.evaluate import EvalConfig
+from safesteer_lens.pipeline import PipelineConfig, run_pipeline
+from safesteer_lens.tokens import TokenConfig
+
+TINY = PipelineConfig(
+    direction=DirectionConfig(method="diff-means", layers=[1, 2], n_train=4, n_val=2, n_test=2, coeffs=(1.0, 2.0), max_new_tokens=4),
+    tokens=TokenConfig(horizon=3, samples_per_prompt=2, n_prompts=3, top_k_votes=20, set_size=10, prob_floor=0.0),
+    train=TrainConfig(n_prompts=2, samples_per_prompt=2, max_new_tokens=4, sequences_per_step=4, micro_batch=2, lr=1e-3),
+    evaluate=EvalConfig(n_harmful=2, n_harmless=2, max_new_tokens=4, n_kl_prompts=2, n_general=2, n_examples=2),
+)
+
+
+def test_pipeline_writes_every_artifact_then_skips_current_stages(tiny, tmp_path, capsys):
+    table = run_pipeline(tmp_path, config=TINY, model=tiny)
+    assert len(table) == 4 and "SafeSteer student" in table.index
+    for name in ("direction.json", "safety_tokens.json", "metrics.jsonl", "student/config.json",
+                 "ablation-full-reverse/student/config.json", "results.csv", "report.md", "report.html",
+                 "figures/representation_shift.html", "figures/training_curves.html"):
+        assert (tmp_path / name).exists(), name
+    first = capsys.readouterr().out
+    assert "skipped" not in first
+    mtime = (tmp_path / "student" / "config.json").stat().st_mtime_ns
+    run_pipeline(tmp_path, config=TINY, model=tiny)
+    second = capsys.readouterr().out
+    assert second.count("current, skipped") == 5
+    assert (tmp_path / "student" / "config.json").stat().st_mtime_ns == mtime
+    # changed training settings make training and everything after it stale, not the earlier stages
+    run_pipeline(tmp_path, config=replace(TINY, train=replace(TINY.train, lr=2e-3)), model=tiny)
+    third = capsys.readouterr().out
+    assert "direction: current, skipped" in third and "tokens: current, skipped" in third
+    assert "train: training" in third and "evaluate: base" in third
+
+
+def test_unknown_stage_or_preset_is_rejected(tmp_path):
+    with pytest.raises(SafeSteerError, match="unknown stage"):
+        run_pipeline(tmp_path, rerun=("everything",))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--out", str(tmp_path), "--preset", "huge"])
+    assert exit_info.value.code == 2
