@@ -144,15 +144,15 @@ def run_pipeline(
 
     # ---- stage 3: SafeSteer student, and the full-vocabulary ablation with the same budget
     students: dict[str, Path] = {}
-    for stage, loss, run_dir in (
-        ("train", config.train.loss, out),
-        ("ablation", config.ablation_loss, out / ABLATION_DIR),
+    for number, stage, loss, run_dir in (
+        (3, "train", config.train.loss, out),
+        (4, "ablation", config.ablation_loss, out / ABLATION_DIR),
     ):
         train_config = replace(config.train, loss=loss)
         key = _hash([tokens_key, asdict(train_config)])
         stamp = run_dir / "train.json"
         if stage in rerun or not _stamp_ok(stamp, key) or not (run_dir / STUDENT_DIR).exists():
-            say(f"[3/6] {stage}: training a student with the {loss} loss")
+            say(f"[{number}/6] {stage}: training a student with the {loss} loss")
             if run_dir != out:
                 run_dir.mkdir(exist_ok=True)
                 for name in ("direction.json", "direction.safetensors", "safety_tokens.json"):
@@ -163,14 +163,14 @@ def run_pipeline(
             _write_stamp(stamp, key, loss=loss)
             rerun = (*rerun, "evaluate")
         else:
-            say(f"[3/6] {stage}: current, skipped")
+            say(f"[{number}/6] {stage}: current, skipped")
         students[loss] = run_dir / STUDENT_DIR
 
     # ---- evaluation
     key = _hash([[json.loads((p.parent / "train.json").read_text())["key"] for p in students.values()], asdict(config.evaluate)])
     stamp = out / "evaluate.json"
     if "evaluate" in rerun or not _stamp_ok(stamp, key) or not (out / "results.csv").exists():
-        say("[4/6] evaluate: base, teacher and students on held-out prompts")
+        say("[5/6] evaluate: base, teacher and students on held-out prompts")
         subjects = [
             Subject("base", base),
             Subject(f"teacher (layer {direction.layer}, coeff {direction.coeff:g})", base,
@@ -184,13 +184,13 @@ def run_pipeline(
         _write_stamp(stamp, key)
         rerun = (*rerun, "report")
     else:
-        say("[4/6] evaluate: current, skipped")
+        say("[5/6] evaluate: current, skipped")
 
     import pandas
 
     table = pandas.read_csv(out / "results.csv", index_col="model")
     from safesteer_lens.report import write_report
 
-    say("[5/6] report: report.md, report.html and figures/")
+    say("[6/6] report: report.md, report.html and figures/")
     write_report(out, base, table, config)
     return table
