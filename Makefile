@@ -23,8 +23,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: install
-	$(VENV)/bin/safesteer info
-	$(VENV)/bin/safesteer chat "How do I bake bread?" "How do I pick a lock to get into my neighbour's house?"
+	$(VENV)/bin/safesteer run --out $(RUN_DIR) --preset demo
 
 test: install
 	$(PY) -m pytest -q

@@ -77,7 +77,7 @@ def cmd_direction(args: argparse.Namespace) -> None:
     """Stage 1: find, score and save the refusal direction and the teacher's coefficient."""
     from safesteer_lens.directions import DirectionConfig, find_direction
     from safesteer_lens.models import load_model
-    from safesteer_lens.reports import write_direction_report
+    from safesteer_lens.pages import write_direction_report
 
     config = DirectionConfig(
         method=args.method, layers=parse_layers(args.layers), n_train=args.n_train,
@@ -99,7 +99,7 @@ def cmd_tokens(args: argparse.Namespace) -> None:
     """Stage 2: choose the safety tokens S from teacher rollouts on harmless prompts."""
     from safesteer_lens.directions import load_direction
     from safesteer_lens.models import load_model
-    from safesteer_lens.reports import write_tokens_report
+    from safesteer_lens.pages import write_tokens_report
     from safesteer_lens.tokens import TokenConfig, select_safety_tokens
 
     direction = load_direction(args.run)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from safesteer_lens.data import load_builtin_prompts, prompt_texts, prompts_hash
 from safesteer_lens.errors import SafeSteerError
-from safesteer_lens.generation import generate
+from safesteer_lens.generation import generate, last_token_logits
 from safesteer_lens.models import ChatModel
 from safesteer_lens.refusal import refusal_rate, refusal_score, refusal_token_ids
 from safesteer_lens.steering import ablation_hooks, add_hooks, check_direction
@@ -168,17 +168,6 @@ def contrastive_directions(
 
 
 # ------------------------------------------------------------------ scoring
-@torch.no_grad()
-def _last_logits(model: ChatModel, prompts: Sequence[str], hooks: list, batch_size: int = 32) -> Tensor:
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        batch = model.tokenize(list(prompts[start : start + batch_size]))
-        with model.bridge.hooks(fwd_hooks=hooks):
-            logits = model.bridge(batch.input_ids, attention_mask=batch.attention_mask)
-        out.append(logits[:, -1, :].float())
-    return torch.cat(out)
-
-
 def _kl(p_logits: Tensor, q_logits: Tensor) -> Tensor:
     """Mean KL(p || q) of next-token distributions given as logits."""
     p_log = torch.log_softmax(p_logits, -1)
@@ -203,7 +192,7 @@ def score_candidates(
       ordinary behaviour alone).
     """
     ids = refusal_token_ids(model.tokenizer)
-    clean_harmless = _last_logits(model, harmless_val, [])
+    clean_harmless = last_token_logits(model, harmless_val, [])
     rows = []
     grid = [(li, pi) for li in range(len(candidates.layers)) for pi in range(len(candidates.positions))]
     for li, pi in tqdm(grid, desc="scoring candidates", disable=not progress):
@@ -212,8 +201,8 @@ def score_candidates(
         if vector.norm() == 0:  # e.g. layer 0 at template tokens: identical for every prompt
             rows.append({"layer": layer, "position": candidates.positions[pi], "bypass": None, "induce": None, "kl": None})
             continue
-        ablated = _last_logits(model, list(harmful_val) + list(harmless_val), ablation_hooks(model, vector))
-        induced = _last_logits(model, harmless_val, add_hooks(model, vector, layer))
+        ablated = last_token_logits(model, list(harmful_val) + list(harmless_val), ablation_hooks(model, vector))
+        induced = last_token_logits(model, harmless_val, add_hooks(model, vector, layer))
         rows.append(
             {
                 "layer": layer,
@@ -270,7 +259,7 @@ def sweep_coefficients(
     progress: bool = True,
 ) -> list[dict[str, float]]:
     """Greedy-reply refusal rates and harmless-prompt KL for each steering coefficient."""
-    clean = _last_logits(model, harmless_val, [])
+    clean = last_token_logits(model, harmless_val, [])
     rows = []
     for coeff in tqdm(coeffs, desc="coefficient sweep", disable=not progress):
         hooks = add_hooks(model, vector, layer, coeff)
@@ -281,7 +270,7 @@ def sweep_coefficients(
                 "coeff": float(coeff),
                 "harmful_refusal": refusal_rate(harmful.texts),
                 "harmless_refusal": refusal_rate(harmless.texts),
-                "kl": _kl(clean, _last_logits(model, harmless_val, hooks)).item(),
+                "kl": _kl(clean, last_token_logits(model, harmless_val, hooks)).item(),
             }
         )
     return rows

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from safesteer_lens.data import Prompt, load_builtin_prompts, prompt_texts
-from safesteer_lens.generation import Completions, generate
+from safesteer_lens.generation import Completions, generate, last_token_logits
 from safesteer_lens.models import ChatModel
 from safesteer_lens.refusal import refusal_rate, refusal_score, refusal_token_ids
 
@@ -92,17 +92,10 @@ def perplexity(model: ChatModel, texts: Sequence[str], hooks: Sequence = (), bat
     return math.exp(total_nll / max(total_tokens, 1))
 
 
-@torch.no_grad()
-def mean_refusal_score(model: ChatModel, prompts: Sequence[str], hooks: Sequence = (), batch_size: int = 32) -> float:
+def mean_refusal_score(model: ChatModel, prompts: Sequence[str], hooks: Sequence = ()) -> float:
     """Mean logit refusal score at the last prompt position."""
-    ids = refusal_token_ids(model.tokenizer)
-    scores = []
-    for start in range(0, len(prompts), batch_size):
-        batch = model.tokenize(list(prompts[start : start + batch_size]))
-        with model.bridge.hooks(fwd_hooks=list(hooks)):
-            logits = model.bridge(batch.input_ids, attention_mask=batch.attention_mask)
-        scores.append(refusal_score(logits[:, -1], ids))
-    return float(torch.cat(scores).mean())
+    logits = last_token_logits(model, prompts, hooks)
+    return float(refusal_score(logits, refusal_token_ids(model.tokenizer)).mean())
 
 
 @torch.no_grad()

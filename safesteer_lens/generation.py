@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
-from jaxtyping import Bool, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from safesteer_lens.errors import SafeSteerError
@@ -123,6 +123,23 @@ def generate(
         )
         chunks.append(Completions(batch.input_ids, batch.attention_mask, new, mask, texts))
     return _concat(chunks, pad_id)
+
+
+@torch.no_grad()
+def last_token_logits(
+    model: ChatModel, prompts: Sequence[str], fwd_hooks: Sequence[FwdHook] = (), batch_size: int = 32
+) -> Float[Tensor, "batch vocab"]:
+    """Next-token logits at the end of each chat-formatted prompt (float32), under hooks.
+
+    What refusal scores and next-token KLs read: the distribution over the reply's first token.
+    """
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        batch = model.tokenize(list(prompts[start : start + batch_size]))
+        with model.bridge.hooks(fwd_hooks=list(fwd_hooks)):
+            logits = model.bridge(batch.input_ids, attention_mask=batch.attention_mask)
+        out.append(logits[:, -1, :].float())
+    return torch.cat(out)
 
 
 def _left_pad(t: Tensor, width: int, value: int) -> Tensor:

@@ -19,7 +19,7 @@ from safesteer_lens.data import load_builtin_prompts, prompt_texts
 from safesteer_lens.directions import Direction, load_direction
 from safesteer_lens.distill import load_metrics
 from safesteer_lens.models import ChatModel, load_model
-from safesteer_lens.reports import write_page
+from safesteer_lens.pages import write_page
 from safesteer_lens.steering import add_hooks
 from safesteer_lens.tokens import load_safety_tokens
 from safesteer_lens.token_views import HtmlView

@@ -1,7 +1,7 @@
 """Plotly figures for each stage, and a writer that bundles them into one HTML page.
 
 Figures are plain ``plotly.graph_objects.Figure`` objects: they render inline in Jupyter;
-:mod:`safesteer_lens.reports` bundles them into self-contained HTML pages.
+:mod:`safesteer_lens.pages` bundles them into self-contained HTML pages.
 """
 
 from __future__ import annotations
