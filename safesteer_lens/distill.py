@@ -38,7 +38,7 @@ from safesteer_lens.data import load_builtin_prompts, prompt_texts
 from safesteer_lens.directions import Direction, load_direction
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.generation import Completions, generate
-from safesteer_lens.losses import LOSSES, distillation_loss, localized_reverse_kl_terms, sequence_mean
+from safesteer_lens.losses import LOSSES, distillation_loss, localized_reverse_kl_terms, safety_mass, sequence_mean
 from safesteer_lens.models import ChatModel, load_model
 from safesteer_lens.refusal import refusal_rate
 from safesteer_lens.steering import add_hooks
@@ -385,8 +385,8 @@ def train_step(
             sums["loss"] += loss.item() * weight
             sums["kl_s"] += sequence_mean(localized_reverse_kl_terms(s_logits, t_logits, safety_ids), mask).item() * weight
             sums["kl_full"] += distillation_loss("full-reverse", s_logits, t_logits, mask).item() * weight
-            ps = torch.softmax(s_logits.float(), -1)[..., safety_ids].sum(-1)
-            pt = torch.softmax(t_logits.float(), -1)[..., safety_ids].sum(-1)
+            ps = safety_mass(s_logits, safety_ids)
+            pt = safety_mass(t_logits, safety_ids)
             sums["s_mass_student"] += sequence_mean(ps, mask).item() * weight
             sums["s_mass_teacher"] += sequence_mean(pt, mask).item() * weight
         p_len = rollouts.prompt_ids.shape[1]

@@ -48,6 +48,15 @@ def sequence_mean(per_token: Float[Tensor, "batch time"], mask: Mask) -> Float[T
     return per_seq[has_tokens].mean()
 
 
+def safety_mass(logits: Float[Tensor, "... vocab"], safety_ids: Sequence[int] | Tensor) -> Float[Tensor, "..."]:
+    """Total probability of the safety tokens per position, from log-sum-exp and |S| gathers.
+
+    Accepts logits or log-probabilities (whose log-sum-exp is 0).
+    """
+    ids = torch.as_tensor(safety_ids, device=logits.device, dtype=torch.long)
+    return (logits[..., ids].float() - torch.logsumexp(logits.float(), -1, keepdim=True)).exp().sum(-1)
+
+
 def localized_reverse_kl_terms(
     student: Logits, teacher: Logits, safety_ids: Tensor
 ) -> Float[Tensor, "batch time"]:

@@ -22,6 +22,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from safesteer_lens.directions import Direction
+from safesteer_lens.losses import safety_mass
 from safesteer_lens.models import ChatModel
 from safesteer_lens.steering import add_hooks
 from safesteer_lens.tokens import SafetyTokens
@@ -136,11 +137,6 @@ def contrast_view(
     return HtmlView(f"Teacher vs base, token by token: {prompt[:60]}", legend + "".join(spans))
 
 
-def s_mass(log_probs: Float[Tensor, "pos vocab"], safety_ids: Sequence[int]) -> Float[Tensor, "pos"]:
-    """Total probability the safety tokens hold at each position."""
-    return log_probs[:, list(safety_ids)].exp().sum(-1)
-
-
 def mask_view(
     model: ChatModel,
     direction: Direction,
@@ -167,9 +163,9 @@ def mask_view(
     p = len(prompt_ids)
     span = slice(p - 1, p - 1 + len(completion_ids))
     rows = {
-        "student" + ("" if student is not None else " (= base)"): s_mass(_sequence_log_probs(student or model, ids, [])[span], tokens.ids),
-        "teacher": s_mass(_sequence_log_probs(model, ids, add_hooks(model, direction.vector, direction.layer, direction.coeff))[span], tokens.ids),
-        "base": s_mass(_sequence_log_probs(model, ids, [])[span], tokens.ids),
+        "student" + ("" if student is not None else " (= base)"): safety_mass(_sequence_log_probs(student or model, ids, [])[span], tokens.ids),
+        "teacher": safety_mass(_sequence_log_probs(model, ids, add_hooks(model, direction.vector, direction.layer, direction.coeff))[span], tokens.ids),
+        "base": safety_mass(_sequence_log_probs(model, ids, [])[span], tokens.ids),
     }
     decode = model.tokenizer.decode
     head = "".join(f"<th>{_show(decode([int(t)]))}</th>" for t in completion_ids)

@@ -108,3 +108,11 @@ def test_bad_inputs_are_rejected():
         distillation_loss("safesteer", STUDENT, TEACHER, MASK)
     with pytest.raises(SafeSteerError, match="beta"):
         distillation_loss("jsd", STUDENT, TEACHER, MASK, beta=1.0)
+
+
+def test_safety_mass_sums_softmax_over_s_from_logits_or_log_probs():
+    from safesteer_lens.losses import safety_mass
+
+    expected = torch.softmax(STUDENT, -1)[..., S].sum(-1)
+    assert torch.allclose(safety_mass(STUDENT, S), expected, atol=1e-6)
+    assert torch.allclose(safety_mass(torch.log_softmax(STUDENT, -1), S), expected, atol=1e-6)
