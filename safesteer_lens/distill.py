@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from safesteer_lens.data import load_builtin_prompts, prompt_texts
 from safesteer_lens.directions import Direction, load_direction
 from safesteer_lens.errors import SafeSteerError
-from safesteer_lens.generation import Completions, generate
+from safesteer_lens.generation import Completions, completion_position_logits, generate
 from safesteer_lens.losses import LOSSES, distillation_loss, localized_reverse_kl_terms, safety_mass, sequence_mean
 from safesteer_lens.models import ChatModel, load_model
 from safesteer_lens.refusal import refusal_rate
@@ -141,12 +141,10 @@ def completion_logits(
     model: ChatModel, rollouts: Completions, hooks: list = (), start: int = 0, stop: int | None = None
 ) -> Float[Tensor, "batch time vocab"]:
     """Logits predicting each completion token, teacher-forced (gradients if enabled)."""
-    p_len = rollouts.prompt_ids.shape[1]
-    seq = rollouts.sequences[start:stop]
-    mask = rollouts.attention_mask[start:stop]
     with model.bridge.hooks(fwd_hooks=list(hooks)):
-        logits = model.bridge(seq, attention_mask=mask)
-    return logits[:, p_len - 1 : -1]
+        return completion_position_logits(
+            model, rollouts.sequences[start:stop], rollouts.attention_mask[start:stop], rollouts.completion_ids.shape[1]
+        )
 
 
 def _projection_hook(direction: Direction, store: list[Tensor]) -> tuple[str, Callable[..., Tensor]]:

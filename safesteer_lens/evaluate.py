@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from safesteer_lens.data import Prompt, load_builtin_prompts, prompt_texts
-from safesteer_lens.generation import Completions, generate, last_token_logits
+from safesteer_lens.generation import Completions, completion_position_logits, generate, last_token_logits
 from safesteer_lens.models import ChatModel
 from safesteer_lens.refusal import refusal_rate, refusal_score, refusal_token_ids
 
@@ -101,14 +101,13 @@ def mean_refusal_score(model: ChatModel, prompts: Sequence[str], hooks: Sequence
 @torch.no_grad()
 def _reply_log_probs(model: ChatModel, replies: Completions, hooks: Sequence, batch_size: int = 16) -> list[Tensor]:
     """Log-probs over the vocabulary at each reply position, one tensor per row (masked rows)."""
-    p_len = replies.prompt_ids.shape[1]
     out = []
     for start in range(0, len(replies.texts), batch_size):
         seq = replies.sequences[start : start + batch_size]
         mask = replies.attention_mask[start : start + batch_size]
         with model.bridge.hooks(fwd_hooks=list(hooks)):
-            logits = model.bridge(seq, attention_mask=mask)
-        logp = torch.log_softmax(logits[:, p_len - 1 : -1].float(), -1)
+            logits = completion_position_logits(model, seq, mask, replies.completion_ids.shape[1])
+        logp = torch.log_softmax(logits.float(), -1)
         for row, m in zip(logp, replies.completion_mask[start : start + batch_size]):
             out.append(row[m])
     return out

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from safesteer_lens.data import load_builtin_prompts, prompt_texts, prompts_hash
 from safesteer_lens.directions import Direction
 from safesteer_lens.errors import SafeSteerError
-from safesteer_lens.generation import Completions, generate
+from safesteer_lens.generation import Completions, completion_position_logits, generate
 from safesteer_lens.models import ChatModel
 from safesteer_lens.steering import add_hooks
 
@@ -187,15 +187,14 @@ def completion_log_probs(
     Entry ``[b, j]`` is the distribution over completion token ``j`` given the prompt and
     completion tokens ``0..j-1``.
     """
-    p_len = rollouts.prompt_ids.shape[1]
     horizon = rollouts.completion_ids.shape[1]
     out = []
     for start in range(0, len(rollouts.texts), batch_size):
         seq = rollouts.sequences[start : start + batch_size]
         mask = torch.cat([rollouts.prompt_mask, torch.ones_like(rollouts.completion_ids)], 1)[start : start + batch_size]
         with model.bridge.hooks(fwd_hooks=list(hooks)):
-            logits = model.bridge(seq, attention_mask=mask)
-        out.append(torch.log_softmax(logits[:, p_len - 1 : p_len - 1 + horizon].float(), -1).cpu())
+            logits = completion_position_logits(model, seq, mask, horizon)
+        out.append(torch.log_softmax(logits.float(), -1).cpu())
     return torch.cat(out)
 
 
