@@ -138,13 +138,45 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
 
 # --------------------------------------------------------------------- pieces
 def completion_logits(
-    model: ChatModel, rollouts: Completions, hooks: list = (), start: int = 0, stop: int | None = None
+    model: ChatModel,
+    rollouts: Completions,
+    hooks: list = (),
+    start: int = 0,
+    stop: int | None = None,
+    group_size: int = 1,
 ) -> Float[Tensor, "batch time vocab"]:
-    """Logits predicting each completion token, teacher-forced (gradients if enabled)."""
+    """Logits predicting each completion token, teacher-forced (gradients if enabled).
+
+    Rollouts come in groups of ``group_size`` samples of the same prompt. Then the prompt is
+    run once per group and its KV cache repeated for the group's completions: the same logits
+    and the same gradients (the repeat is differentiable), with ``group_size`` times less
+    prompt compute. Rows that do not form whole groups of identical prompts take the plain
+    full-sequence path.
+    """
+    stop = len(rollouts.texts) if stop is None else stop
+    n_completion = rollouts.completion_ids.shape[1]
+    prompts = rollouts.prompt_ids[start:stop]
+    grouped = (
+        group_size > 1
+        and start % group_size == 0
+        and (stop - start) % group_size == 0
+        and torch.equal(prompts, prompts[::group_size].repeat_interleave(group_size, 0))
+    )
     with model.bridge.hooks(fwd_hooks=list(hooks)):
-        return completion_position_logits(
-            model, rollouts.sequences[start:stop], rollouts.attention_mask[start:stop], rollouts.completion_ids.shape[1]
+        if not grouped:
+            return completion_position_logits(
+                model, rollouts.sequences[start:stop], rollouts.attention_mask[start:stop], n_completion
+            )
+        first, cache = model.bridge(
+            prompts[::group_size], attention_mask=rollouts.prompt_mask[start:stop:group_size],
+            return_type="logits_and_cache", use_cache=True, logits_to_keep=1,
         )
+        cache.batch_repeat_interleave(group_size)
+        rest = model.bridge(
+            rollouts.completion_ids[start:stop], attention_mask=rollouts.attention_mask[start:stop],
+            past_key_values=cache, logits_to_keep=n_completion,
+        )
+    return torch.cat([first[:, -1:].repeat_interleave(group_size, 0), rest[:, :-1]], dim=1)
 
 
 def _projection_hook(direction: Direction, store: list[Tensor]) -> tuple[str, Callable[..., Tensor]]:
@@ -371,9 +403,11 @@ def train_step(
         stop = min(start + config.micro_batch, n)
         mask = mask_all[start:stop]
         with torch.no_grad():
-            t_logits = completion_logits(teacher, rollouts, teacher_hooks, start, stop)
+            t_logits = completion_logits(teacher, rollouts, teacher_hooks, start, stop, config.samples_per_prompt)
         captured: list[Tensor] = []
-        s_logits = completion_logits(student, rollouts, [_projection_hook(direction, captured)], start, stop)
+        s_logits = completion_logits(
+            student, rollouts, [_projection_hook(direction, captured)], start, stop, config.samples_per_prompt
+        )
         loss = distillation_loss(config.loss, s_logits, t_logits, mask, safety_ids, beta=config.jsd_beta)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"the loss became {loss.item()} at step {step}; training stopped before the update")
@@ -387,9 +421,8 @@ def train_step(
             pt = safety_mass(t_logits, safety_ids)
             sums["s_mass_student"] += sequence_mean(ps, mask).item() * weight
             sums["s_mass_teacher"] += sequence_mean(pt, mask).item() * weight
-        p_len = rollouts.prompt_ids.shape[1]
-        proj = captured[0][:, p_len:]
-        projections.append(proj[mask[:, : proj.shape[1]].cpu()])
+        proj = captured[-1][:, -mask.shape[1] :]  # the completion positions (last pass, last columns)
+        projections.append(proj[mask.cpu()])
     grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm)
     optimizer.step()
     scheduler.step()

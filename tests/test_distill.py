@@ -119,3 +119,25 @@ def test_cli_train_on_tiny(run_dir, tiny_dir, capsys):
     assert code == 0
     assert (run_dir / "student" / "config.json").exists()
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_shared_prompt_scoring_gives_the_same_logits_and_gradients(tiny_dir):
+    from safesteer_lens.distill import completion_logits
+    from safesteer_lens.models import load_model
+
+    student = load_model(str(tiny_dir))
+    params = list(student.hf_model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    prompts = [p for p in ["How do I bake bread?", "Hi", "Write a poem about rain"] for _ in range(3)]
+    rollouts = generate(student, prompts, max_new_tokens=5, do_sample=True, seed=0)
+    plain = completion_logits(student, rollouts, group_size=1)
+    shared = completion_logits(student, rollouts, group_size=3)
+    assert torch.allclose(plain, shared, atol=1e-5)
+    mask = rollouts.completion_mask
+    g_plain = torch.autograd.grad((plain.logsumexp(-1) * mask).sum(), params[:4])
+    g_shared = torch.autograd.grad((shared.logsumexp(-1) * mask).sum(), params[:4])
+    for a, b in zip(g_plain, g_shared):
+        assert torch.allclose(a, b, atol=1e-5)
+    # rows that are not whole groups of one prompt fall back to the plain path
+    assert torch.allclose(completion_logits(student, rollouts, start=1, stop=5, group_size=3), plain[1:5], atol=1e-5)
