@@ -42,7 +42,7 @@ from safesteer_lens.losses import LOSSES, distillation_loss, localized_reverse_k
 from safesteer_lens.models import ChatModel, load_model
 from safesteer_lens.refusal import refusal_rate
 from safesteer_lens.steering import add_hooks
-from safesteer_lens.tokens import SafetyTokens, load_safety_tokens
+from safesteer_lens.tokens import load_safety_tokens
 
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.pt"

@@ -32,7 +32,7 @@ from safesteer_lens.evaluate import EvalConfig, Subject, evaluate_models
 from safesteer_lens.models import DEFAULT_MODEL, ChatModel, load_model
 from safesteer_lens.pages import write_direction_report, write_tokens_report
 from safesteer_lens.steering import add_hooks
-from safesteer_lens.tokens import TokenConfig, load_safety_tokens, select_safety_tokens
+from safesteer_lens.tokens import TokenConfig, select_safety_tokens
 
 STAGES = ("direction", "tokens", "train", "ablation", "evaluate", "report")
 ABLATION_DIR = "ablation-full-reverse"

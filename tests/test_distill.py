@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from safesteer_lens.cli import main
 from safesteer_lens.directions import Direction
-from safesteer_lens.distill import TrainConfig, clean_state_dict, export_student, train
+from safesteer_lens.distill import TrainConfig, clean_state_dict, train
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.generation import generate
 from safesteer_lens.tokens import SafetyTokens
