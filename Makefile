@@ -26,6 +26,7 @@ demo: install
 	$(VENV)/bin/safesteer run --out $(RUN_DIR) --preset demo
 
 test: install
+	$(VENV)/bin/ruff check
 	$(PY) -m pytest -q
 
 clean:
