@@ -83,8 +83,12 @@ def cmd_direction(args: argparse.Namespace) -> None:
         method=args.method, layers=parse_layers(args.layers), n_train=args.n_train,
         n_val=args.n_val, n_test=args.n_test,
     )
+    from safesteer_lens.data import load_prompt_file, split_by_position
+
+    harmful = split_by_position(load_prompt_file(args.harmful, "harmful")) if args.harmful else None
+    harmless = split_by_position(load_prompt_file(args.harmless, "harmless")) if args.harmless else None
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    direction = find_direction(model, config)
+    direction = find_direction(model, config, harmful=harmful, harmless=harmless)
     direction.save(args.out)
     page = write_direction_report(direction, args.out)
     ev = direction.evaluation
@@ -135,8 +139,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = preset(args.preset, **overrides)
     config.validate()
     direction = load_direction(args.run)
-    teacher = load_model(args.model or direction.model, device=args.device, dtype=args.dtype)
-    result = train(args.run, config, teacher=teacher, resume=args.resume)
+    teacher = load_model(args.model or direction.model, device=args.teacher_device or args.device, dtype=args.dtype)
+    result = train(args.run, config, teacher=teacher, resume=args.resume, device=args.device)
     last = result.metrics[-1] if result.metrics else {}
     print(f"trained {len(result.metrics)} steps ({config.loss}); last step: loss {last.get('loss')}, "
           f"rollout refusal {last.get('rollout_refusal')}, projection {last.get('projection')}")
@@ -220,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     direction.add_argument("--n-train", type=int, default=64, help="prompts per class for the means")
     direction.add_argument("--n-val", type=int, default=24, help="prompts per class for scoring")
     direction.add_argument("--n-test", type=int, default=40, help="held-out prompts per class")
+    direction.add_argument("--harmful", default=None, help="harmful prompts file (json/jsonl/csv/parquet; default: built-in)")
+    direction.add_argument("--harmless", default=None, help="harmless prompts file (default: built-in)")
     direction.set_defaults(func=cmd_direction)
 
     tokens = sub.add_parser("tokens", help="stage 2: choose the safety tokens S (reads the direction)")
@@ -244,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default: safesteer (reverse KL over S)")
     train.add_argument("--preset", choices=["demo", "paper"], default="demo")
     train.add_argument("--model", default=None, help="default: the model named in direction.json")
-    train.add_argument("--device", default=None)
+    train.add_argument("--device", default=None, help="where the student trains (default: cuda if available)")
     train.add_argument("--dtype", default=None)
     train.add_argument("--n-prompts", type=int, default=None)
     train.add_argument("--samples", type=int, default=None, help="M: rollouts per prompt")
@@ -254,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=None)
     train.add_argument("--seed", type=int, default=None)
     train.add_argument("--resume", action="store_true", help="continue from checkpoint.pt")
+    train.add_argument("--teacher-device", default=None, help="put the frozen teacher on another device (e.g. cuda:1)")
     train.set_defaults(func=cmd_train)
 
     run = sub.add_parser("run", help="the whole job, stage by stage, skipping stages that are current")

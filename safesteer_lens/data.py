@@ -101,7 +101,8 @@ def load_prompt_file(
         category_column: Optional column with a category.
 
     Returns:
-        The prompts, all in the ``"test"`` split (outside data is for evaluation).
+        The prompts. A ``split`` column with ``train``/``val``/``test`` values is kept;
+        otherwise every prompt is in ``"test"`` (outside data is for evaluation).
     """
     rows = _read_rows(Path(path))
     column = prompt_column or _find_column(rows, ("prompt", "instruction", "goal", "behavior", "text"))
@@ -115,9 +116,29 @@ def load_prompt_file(
         if not isinstance(text, str) or not text.strip():
             continue
         category = str(row.get(category_column, "unknown")) if category_column else "unknown"
-        out.append(Prompt(f"{Path(path).stem}-{i}", text.strip(), label, category, "test", Path(path).name))
+        split = str(row.get("split", "test"))
+        out.append(
+            Prompt(f"{Path(path).stem}-{i}", text.strip(), label, category, split if split in SPLITS else "test", Path(path).name)
+        )
     if not out:
         raise SafeSteerError(f"{path} has no non-empty prompts in column {column!r}")
+    return out
+
+
+def split_by_position(prompts: Sequence[Prompt]) -> dict[str, list[str]]:
+    """Prompt texts per split: the file's own splits when it has all three, else 3:1:1 by position.
+
+    Direction discovery needs train, validation and test prompts; a user's file often has no
+    split column, so every fifth prompt goes to validation and the next to test.
+    """
+    own = {s: [p.prompt for p in prompts if p.split == s] for s in SPLITS}
+    if all(own.values()):
+        return own
+    out: dict[str, list[str]] = {s: [] for s in SPLITS}
+    for i, p in enumerate(prompts):
+        out["val" if i % 5 == 3 else "test" if i % 5 == 4 else "train"].append(p.prompt)
+    if not all(out.values()):
+        raise SafeSteerError(f"need at least 5 prompts to make train/val/test splits, got {len(prompts)}")
     return out
 
 

@@ -155,7 +155,9 @@ def completion_logits(
     """
     stop = len(rollouts.texts) if stop is None else stop
     n_completion = rollouts.completion_ids.shape[1]
-    prompts = rollouts.prompt_ids[start:stop]
+    device = model.device  # the teacher may live on another device than the rollouts
+    prompts = rollouts.prompt_ids[start:stop].to(device)
+    attention = rollouts.attention_mask[start:stop].to(device)
     grouped = (
         group_size > 1
         and start % group_size == 0
@@ -164,16 +166,14 @@ def completion_logits(
     )
     with model.bridge.hooks(fwd_hooks=list(hooks)):
         if not grouped:
-            return completion_position_logits(
-                model, rollouts.sequences[start:stop], rollouts.attention_mask[start:stop], n_completion
-            )
+            return completion_position_logits(model, rollouts.sequences[start:stop].to(device), attention, n_completion)
         first, cache = model.bridge(
-            prompts[::group_size], attention_mask=rollouts.prompt_mask[start:stop:group_size],
+            prompts[::group_size], attention_mask=rollouts.prompt_mask[start:stop:group_size].to(device),
             return_type="logits_and_cache", use_cache=True, logits_to_keep=1,
         )
         cache.batch_repeat_interleave(group_size)
         rest = model.bridge(
-            rollouts.completion_ids[start:stop], attention_mask=rollouts.attention_mask[start:stop],
+            rollouts.completion_ids[start:stop].to(device), attention_mask=attention,
             past_key_values=cache, logits_to_keep=n_completion,
         )
     return torch.cat([first[:, -1:].repeat_interleave(group_size, 0), rest[:, :-1]], dim=1)
@@ -287,6 +287,7 @@ def train(
     max_steps: int | None = None,
     export: bool = True,
     progress: bool = True,
+    device: str | None = None,
 ) -> TrainResult:
     """Train a student by localized on-policy distillation from the steered teacher.
 
@@ -301,6 +302,8 @@ def train(
             notebook); the run can continue with ``resume=True``.
         export: Write ``student/`` when the last step is done.
         progress: Show a progress bar.
+        device: Where the student trains (default: the teacher's device). A teacher on a
+            second device scores rollouts there; its logits are moved to the student.
     """
     run_dir = Path(run_dir)
     config = config or PRESETS["demo"]
@@ -313,7 +316,7 @@ def train(
             f"safety token id {max(tokens.ids)} does not exist in {teacher.name}'s vocabulary of "
             f"{teacher.d_vocab}; rerun `safesteer tokens --run {run_dir}` for this model"
         )
-    student = load_model(teacher.name, device=teacher.device, dtype=teacher.dtype)
+    student = load_model(teacher.name, device=device or teacher.device, dtype=teacher.dtype)
     params = list(student.hf_model.parameters())
     for p in params:
         p.requires_grad_(True)
@@ -338,7 +341,7 @@ def train(
     _write_metrics(metrics_path, metrics)
 
     prompts = prompt_texts(load_builtin_prompts("harmful", "train"))[: config.n_prompts]
-    safety_ids = torch.tensor(tokens.ids, device=teacher.device)
+    safety_ids = torch.tensor(tokens.ids, device=student.device)
     teacher_hooks = add_hooks(teacher, direction.vector, direction.layer, direction.coeff)
     end_step = config.total_steps if max_steps is None else min(config.total_steps, start_step + max_steps)
     bar = tqdm(range(start_step, end_step), desc=f"train ({config.loss})", disable=not progress, initial=start_step, total=config.total_steps)
@@ -403,7 +406,7 @@ def train_step(
         stop = min(start + config.micro_batch, n)
         mask = mask_all[start:stop]
         with torch.no_grad():
-            t_logits = completion_logits(teacher, rollouts, teacher_hooks, start, stop, config.samples_per_prompt)
+            t_logits = completion_logits(teacher, rollouts, teacher_hooks, start, stop, config.samples_per_prompt).to(student.device)
         captured: list[Tensor] = []
         s_logits = completion_logits(
             student, rollouts, [_projection_hook(direction, captured)], start, stop, config.samples_per_prompt

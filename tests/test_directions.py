@@ -137,3 +137,26 @@ def test_contrastive_teacher_over_refuses_on_embedded(embedded):
     assert ev["test_harmless_refusal_base"] <= 0.1
     assert ev["test_harmful_refusal_teacher"] >= 0.7
     assert ev["test_harmless_refusal_teacher"] >= 0.7
+
+
+def test_cli_direction_rejects_empty_and_malformed_prompt_files(tiny_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("prompt\n")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{oops\n")
+    for bad in (empty, broken):
+        out = tmp_path / f"run-{bad.stem}"
+        assert main(["direction", "--model", str(tiny_dir), "--out", str(out), "--harmful", str(bad)]) == 2
+        assert not out.exists()
+    assert capsys.readouterr().err.count("error:") == 2
+
+
+def test_prompt_files_are_split_three_one_one(tmp_path):
+    from safesteer_lens.data import load_prompt_file, split_by_position
+
+    path = tmp_path / "mine.csv"
+    path.write_text("prompt\n" + "\n".join(f"request number {i}" for i in range(10)) + "\n")
+    splits = split_by_position(load_prompt_file(path))
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [6, 2, 2]
+    with pytest.raises(SafeSteerError, match="at least 5"):
+        split_by_position(load_prompt_file(path)[:3])
