@@ -148,7 +148,8 @@ def test_cli_direction_rejects_empty_and_malformed_prompt_files(tiny_dir, tmp_pa
         out = tmp_path / f"run-{bad.stem}"
         assert main(["direction", "--model", str(tiny_dir), "--out", str(out), "--harmful", str(bad)]) == 2
         assert not out.exists()
-    assert capsys.readouterr().err.count("error:") == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2
 
 
 def test_prompt_files_are_split_three_one_one(tmp_path):
