@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from jaxtyping import Float
@@ -37,7 +37,6 @@ from safesteer_lens.models import ChatModel
 from safesteer_lens.refusal import refusal_rate, refusal_score, refusal_token_ids
 from safesteer_lens.steering import ablation_hooks, add_hooks, check_direction
 
-Method = Literal["diff-means", "contrastive"]
 DIRECTION_TENSOR = "direction.safetensors"
 DIRECTION_JSON = "direction.json"
 
