@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,7 +159,12 @@ def test_resid_pre_hook_changes_logits(embedded):
 
 
 @pytest.mark.integration
-def test_gguf_path_loads_and_is_cached(embedded):
+def test_gguf_path_loads_through_the_conversion_cache(embedded):
+    from safesteer_lens.models import cache_dir
+
     model = load_model(str(embedded_model_path()), device="cpu")
     assert model.source == "gguf" and model.d_model == 576
-    assert model.load_seconds < 30
+    loaded_from = Path(model.hf_model.config._name_or_path)
+    assert loaded_from.parent == cache_dir() / "gguf"  # the converted copy, not the GGUF again
+    assert loaded_from == Path(embedded.hf_model.config._name_or_path)  # one conversion serves both
+    assert not list((cache_dir() / "gguf").glob(".partial-*"))
