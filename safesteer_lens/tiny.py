@@ -35,7 +35,11 @@ def _training_text() -> list[str]:
 
 
 def build_tiny_tokenizer(vocab_size: int = 512) -> object:
-    """Train a byte-level BPE tokenizer with ChatML special tokens and chat template."""
+    """Train a byte-level BPE tokenizer with ChatML special tokens and chat template.
+
+    Its length is exactly ``vocab_size`` (padded with ``<extra_i>`` tokens when the corpus
+    gives fewer merges), so benchmark shapes get a realistic unembedding.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -57,6 +61,10 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> object:
         unk_token="<|endoftext|>",
     )
     tokenizer.chat_template = CHATML_TEMPLATE
+    if len(tokenizer) < vocab_size:
+        # The small training corpus runs out of merges long before a real model's vocabulary
+        # size; filler tokens keep the embedding and unembedding at the requested shape.
+        tokenizer.add_tokens([f"<extra_{i}>" for i in range(vocab_size - len(tokenizer))])
     return tokenizer
 
 

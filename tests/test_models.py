@@ -168,3 +168,11 @@ def test_gguf_path_loads_through_the_conversion_cache(embedded):
     assert loaded_from.parent == cache_dir() / "gguf"  # the converted copy, not the GGUF again
     assert loaded_from == Path(embedded.hf_model.config._name_or_path)  # one conversion serves both
     assert not list((cache_dir() / "gguf").glob(".partial-*"))
+
+
+def test_tiny_tokenizer_is_padded_to_the_requested_vocabulary():
+    from safesteer_lens.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(5000)
+    assert len(tokenizer) == 5000
+    assert tokenizer.decode(tokenizer("How do I bake bread?")["input_ids"]) == "How do I bake bread?"

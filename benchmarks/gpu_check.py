@@ -1,0 +1,143 @@
+"""Rollout throughput and training-step time on a GPU, with random weights (no downloads).
+
+For each model shape (SmolLM2-135M and a ~0.5B Llama), in one process:
+
+* rollout tokens/s of plain HF ``generate`` (sdpa attention, no bridge) and of the toolkit's
+  student rollout path (:func:`safesteer_lens.generation.generate` on a bridge-wrapped model),
+  both sampling ``--batch`` sequences of ``--new-tokens`` tokens after a ``--prompt-len`` prompt;
+* the time and peak memory of one training step (:func:`safesteer_lens.distill.train_step`).
+
+Ends with a table and writes every number to the JSON file named on the command line::
+
+    python benchmarks/gpu_check.py out.json [--device cuda] [--dtype bfloat16]
+    python benchmarks/gpu_check.py out.json --device cpu --small   # a quick check on a CPU
+
+Issue 7's targets: at least 5,000 rollout tokens/s for the 135M shape at batch 32 on an H100,
+and at least 3x HF generate in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "smollm2-135m": dict(n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, d_mlp=1536),
+    "llama-0.5b": dict(n_layers=16, d_model=1536, n_heads=12, n_kv_heads=4, d_mlp=4096),
+}
+SMALL = {"tiny": dict(n_layers=4, d_model=64, n_heads=4, n_kv_heads=2, d_mlp=128)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_mb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+
+
+def measure(shape: dict, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
+    from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
+
+    from safesteer_lens.directions import Direction
+    from safesteer_lens.distill import preset, train_step
+    from safesteer_lens.generation import generate
+    from safesteer_lens.models import load_model
+    from safesteer_lens.steering import add_hooks
+    from safesteer_lens.tiny import build_tiny_llama
+
+    directory = build_tiny_llama(tempfile.mkdtemp(prefix="gpu-check-"), vocab_size=args.vocab, **shape)
+    words = "please explain in detail how the following everyday thing works and why " * 16
+    prompt = " ".join(words.split()[: args.prompt_len])
+    prompts = [prompt] * args.batch
+    row: dict = {"shape": shape, "vocab": args.vocab, "batch": args.batch, "new_tokens": args.new_tokens}
+
+    plain = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    ours = load_model(str(directory), device=device, dtype=dtype)
+    batch = ours.tokenize(prompts)
+    kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=True, top_k=0,
+                  pad_token_id=ours.tokenizer.pad_token_id)
+    for name, run in (
+        ("hf_generate_sdpa", lambda: plain.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)),
+        ("safesteer_rollouts", lambda: generate(ours, prompts, max_new_tokens=args.new_tokens, do_sample=True, seed=0,
+                                                batch_size=args.batch)),
+    ):
+        with torch.no_grad():
+            run()  # warm-up
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(args.repeats):
+                run()
+            _sync(device)
+        seconds = (time.perf_counter() - start) / args.repeats
+        row[f"{name}_s"] = round(seconds, 4)
+        row[f"{name}_tokens_per_s"] = round(args.batch * args.new_tokens / seconds, 1)
+    row["rollout_speedup_vs_hf"] = round(row["safesteer_rollouts_tokens_per_s"] / row["hf_generate_sdpa_tokens_per_s"], 3)
+    del plain
+
+    student = load_model(str(directory), device=device, dtype=dtype)
+    params = list(student.hf_model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    config = preset("demo", samples_per_prompt=8, sequences_per_step=args.batch, micro_batch=args.batch,
+                    max_new_tokens=args.new_tokens, n_prompts=args.batch // 8)
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, 0, 10)
+    torch.manual_seed(0)
+    direction = Direction(torch.randn(ours.d_model), str(directory), "random", ours.n_layers // 2, -1, 1.0)
+    hooks = add_hooks(ours, direction.vector, direction.layer, direction.coeff)
+    safety = torch.arange(10, 60, device=device)
+    step_prompts = [prompt] * (args.batch // 8)
+    train_step(student, ours, hooks, direction, safety, optimizer, scheduler, step_prompts, config, 0)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    _sync(device)
+    start = time.perf_counter()
+    metrics = train_step(student, ours, hooks, direction, safety, optimizer, scheduler, step_prompts, config, 1)
+    _sync(device)
+    row["train_step_s"] = round(time.perf_counter() - start, 4)
+    row["train_step_rollout_tokens_per_s"] = metrics["rollout_tokens_per_s"]
+    row["train_step_peak_mb"] = _peak_mb(device)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="JSON file for the full numbers")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=49152, help="BPE vocabulary of the random model")
+    parser.add_argument("--small", action="store_true", help="a tiny shape and short runs, to check the script on a CPU")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = {None: torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
+             "float16": torch.float16, "float32": torch.float32}[args.dtype]
+    shapes = SMALL if args.small else SHAPES
+    if args.small:
+        args.batch, args.new_tokens, args.prompt_len, args.repeats, args.vocab = 16, 8, 16, 1, 512
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "dtype": str(dtype), "shapes": {}}
+    for name, shape in shapes.items():
+        results["shapes"][name] = measure(shape, args, device, dtype)
+        Path(args.out).write_text(json.dumps(results, indent=2))  # keep what finished if a later shape fails
+    print(f"device {results['device']}, {results['dtype']}, batch {args.batch}, {args.prompt_len} prompt + {args.new_tokens} new tokens")
+    print(f"{'shape':<14} {'HF sdpa tok/s':>14} {'ours tok/s':>11} {'ratio':>6} {'step s':>8} {'peak MB':>8}")
+    for name, r in results["shapes"].items():
+        peak = "-" if r["train_step_peak_mb"] is None else f"{r['train_step_peak_mb']:.0f}"
+        print(f"{name:<14} {r['hf_generate_sdpa_tokens_per_s']:>14.0f} {r['safesteer_rollouts_tokens_per_s']:>11.0f} "
+              f"{r['rollout_speedup_vs_hf']:>6.2f} {r['train_step_s']:>8.2f} {peak:>8}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
