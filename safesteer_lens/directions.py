@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from safesteer_lens.data import load_builtin_prompts, prompt_texts, prompts_hash
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.generation import generate, last_token_logits
+from safesteer_lens.losses import kl_terms
 from safesteer_lens.models import ChatModel
 from safesteer_lens.refusal import refusal_rate, refusal_score, refusal_token_ids
 from safesteer_lens.steering import ablation_hooks, add_hooks, check_direction
@@ -169,9 +170,7 @@ def contrastive_directions(
 # ------------------------------------------------------------------ scoring
 def _kl(p_logits: Tensor, q_logits: Tensor) -> Tensor:
     """Mean KL(p || q) of next-token distributions given as logits."""
-    p_log = torch.log_softmax(p_logits, -1)
-    q_log = torch.log_softmax(q_logits, -1)
-    return (p_log.exp() * (p_log - q_log)).sum(-1).mean()
+    return kl_terms(torch.log_softmax(p_logits, -1), torch.log_softmax(q_logits, -1)).mean()
 
 
 def score_candidates(

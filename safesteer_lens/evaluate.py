@@ -27,6 +27,7 @@ from torch import Tensor
 
 from safesteer_lens.data import Prompt, load_builtin_prompts, prompt_texts
 from safesteer_lens.generation import Completions, completion_position_logits, generate, last_token_logits
+from safesteer_lens.losses import kl_terms
 from safesteer_lens.models import ChatModel
 from safesteer_lens.refusal import refusal_rate, refusal_score, refusal_token_ids
 
@@ -117,7 +118,7 @@ def kl_from_base(subject: Subject, base: ChatModel, base_replies: Completions) -
     """Mean per-token KL(subject || base) over the base model's own replies."""
     ours = _reply_log_probs(subject.model, base_replies, subject.hooks)
     theirs = _reply_log_probs(base, base_replies, [])
-    per_token = torch.cat([(a.exp() * (a - b)).sum(-1) for a, b in zip(ours, theirs)])
+    per_token = torch.cat([kl_terms(a, b) for a, b in zip(ours, theirs)])
     return float(per_token.mean()) if per_token.numel() else 0.0
 
 

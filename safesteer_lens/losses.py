@@ -48,6 +48,15 @@ def sequence_mean(per_token: Float[Tensor, "batch time"], mask: Mask) -> Float[T
     return per_seq[has_tokens].mean()
 
 
+def kl_terms(log_p: Float[Tensor, "... vocab"], log_q: Float[Tensor, "... vocab"]) -> Float[Tensor, "..."]:
+    """``sum_v p(v) (log p(v) - log q(v))`` over the last dimension, from log-probabilities.
+
+    Over the whole vocabulary this is KL(p || q); over gathered columns (S) it is the
+    localized sum, with the probabilities left unnormalised.
+    """
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
 def safety_mass(logits: Float[Tensor, "... vocab"], safety_ids: Sequence[int] | Tensor) -> Float[Tensor, "..."]:
     """Total probability of the safety tokens per position, from log-sum-exp and |S| gathers.
 
@@ -63,7 +72,7 @@ def localized_reverse_kl_terms(
     """Per-token ``sum_{v in S} p_s(v) (log p_s(v) - log p_t(v))`` from log-sum-exp + gathers."""
     log_ps = student[..., safety_ids].float() - torch.logsumexp(student.float(), -1, keepdim=True)
     log_pt = teacher[..., safety_ids].float() - torch.logsumexp(teacher.float(), -1, keepdim=True)
-    return (log_ps.exp() * (log_ps - log_pt)).sum(-1)
+    return kl_terms(log_ps, log_pt)
 
 
 def renormalised_reverse_kl_terms(
@@ -72,7 +81,7 @@ def renormalised_reverse_kl_terms(
     """Per-token reverse KL between the two distributions renormalised over S."""
     log_qs = torch.log_softmax(student[..., safety_ids].float(), -1)
     log_qt = torch.log_softmax(teacher[..., safety_ids].float(), -1)
-    return (log_qs.exp() * (log_qs - log_qt)).sum(-1)
+    return kl_terms(log_qs, log_qt)
 
 
 def _full_vocab_terms(
@@ -83,16 +92,14 @@ def _full_vocab_terms(
         log_ps = torch.log_softmax(student[:, start : start + chunk].float(), -1)
         log_pt = torch.log_softmax(teacher[:, start : start + chunk].float(), -1)
         if kind == "full-reverse":
-            terms = (log_ps.exp() * (log_ps - log_pt)).sum(-1)
+            terms = kl_terms(log_ps, log_pt)
         elif kind == "forward":
-            terms = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+            terms = kl_terms(log_pt, log_ps)
         else:  # generalised JSD
             log_m = torch.logsumexp(
                 torch.stack([log_pt + math.log(beta), log_ps + math.log(1 - beta)]), 0
             )
-            kl_t = (log_pt.exp() * (log_pt - log_m)).sum(-1)
-            kl_s = (log_ps.exp() * (log_ps - log_m)).sum(-1)
-            terms = beta * kl_t + (1 - beta) * kl_s
+            terms = beta * kl_terms(log_pt, log_m) + (1 - beta) * kl_terms(log_ps, log_m)
         out.append(terms)
     return torch.cat(out, 1)
 

@@ -191,7 +191,7 @@ def completion_log_probs(
     out = []
     for start in range(0, len(rollouts.texts), batch_size):
         seq = rollouts.sequences[start : start + batch_size]
-        mask = torch.cat([rollouts.prompt_mask, torch.ones_like(rollouts.completion_ids)], 1)[start : start + batch_size]
+        mask = rollouts.attention_mask[start : start + batch_size]
         with model.bridge.hooks(fwd_hooks=list(hooks)):
             logits = completion_position_logits(model, seq, mask, horizon)
         out.append(torch.log_softmax(logits.float(), -1).cpu())
