@@ -132,7 +132,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         for key, value in {
             "loss": args.loss, "n_prompts": args.n_prompts, "samples_per_prompt": args.samples,
             "max_new_tokens": args.max_new_tokens, "sequences_per_step": args.sequences_per_step,
-            "lr": args.lr, "seed": args.seed, "epochs": args.epochs,
+            "lr": args.lr, "seed": args.seed, "epochs": args.epochs, "rollouts": args.rollouts,
         }.items()
         if value is not None
     }
@@ -259,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=None)
     train.add_argument("--lr", type=float, default=None)
     train.add_argument("--seed", type=int, default=None)
+    train.add_argument("--rollouts", choices=["fast", "plain"], default=None,
+                       help="fast (default): sdpa twin, one prefill per prompt, compiled on CUDA; plain: through the bridge")
     train.add_argument("--resume", action="store_true", help="continue from checkpoint.pt")
     train.add_argument("--teacher-device", default=None, help="put the frozen teacher on another device (e.g. cuda:1)")
     train.set_defaults(func=cmd_train)

@@ -41,12 +41,14 @@ from safesteer_lens.generation import Completions, completion_position_logits, g
 from safesteer_lens.losses import LOSSES, distillation_loss, localized_reverse_kl_terms, safety_mass, sequence_mean
 from safesteer_lens.models import ChatModel, load_model
 from safesteer_lens.refusal import refusal_rate
+from safesteer_lens.rollouts import RolloutSampler
 from safesteer_lens.steering import add_hooks
 from safesteer_lens.tokens import load_safety_tokens
 
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.pt"
 STUDENT_DIR = "student"
+ROLLOUT_ENGINES = ("fast", "plain")
 TIMING_KEYS = ("rollout_tokens_per_s", "update_tokens_per_s", "seconds")
 
 
@@ -71,6 +73,10 @@ class TrainConfig:
         jsd_beta: Teacher weight of the generalised JSD.
         checkpoint_every: Steps between checkpoints.
         seed: Seeds prompt order and rollouts.
+        rollouts: ``fast`` samples with :class:`~safesteer_lens.rollouts.RolloutSampler` (an
+            sdpa twin of the student, one prefill per prompt, compiled decoding on CUDA);
+            ``plain`` generates through the bridge like every other stage. Both sample the
+            same distribution.
     """
 
     loss: str = "safesteer"
@@ -88,6 +94,7 @@ class TrainConfig:
     jsd_beta: float = 0.5
     checkpoint_every: int = 5
     seed: int = 0
+    rollouts: str = "fast"
 
     @property
     def prompts_per_step(self) -> int:
@@ -109,6 +116,8 @@ class TrainConfig:
                 f"sequences_per_step ({self.sequences_per_step}) must be a multiple of "
                 f"samples_per_prompt ({self.samples_per_prompt})"
             )
+        if self.rollouts not in ROLLOUT_ENGINES:
+            raise SafeSteerError(f"unknown rollouts {self.rollouts!r}: use one of {', '.join(ROLLOUT_ENGINES)}")
         if not self.lr > 0:
             raise SafeSteerError(f"lr must be positive, got {self.lr}")
 
@@ -200,28 +209,6 @@ def _step_prompts(prompts: list[str], config: TrainConfig, step: int) -> list[st
     return [prompts[i] for i in chosen]
 
 
-def clean_state_dict(model: ChatModel) -> dict[str, Tensor]:
-    """The wrapped model's weights under their plain Hugging Face names.
-
-    The bridge nests every original module as ``_original_component`` and adds alias entries
-    for the same tensors; stripping the nesting and keeping the names a fresh model expects
-    gives a state dict that plain ``transformers`` loads.
-    """
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        expected = set(AutoModelForCausalLM.from_config(model.hf_model.config).state_dict())
-    out = {}
-    for key, value in model.hf_model.state_dict().items():
-        name = key.replace("._original_component", "")
-        if name in expected and name not in out:
-            out[name] = value.detach().clone()
-    missing = expected - set(out) - {"lm_head.weight"}
-    if missing:
-        raise SafeSteerError(f"cannot map the bridge's weights back to Hugging Face names: {sorted(missing)[:3]}")
-    return out
-
-
 def export_student(student: ChatModel, out_dir: str | Path) -> Path:
     """Save the student as a Hugging Face directory that plain ``transformers`` loads.
 
@@ -231,7 +218,7 @@ def export_student(student: ChatModel, out_dir: str | Path) -> Path:
 
     out_dir = Path(out_dir)
     clean = AutoModelForCausalLM.from_config(student.hf_model.config)
-    clean.load_state_dict(clean_state_dict(student), strict=False)
+    clean.load_state_dict(student.hf_state_dict(), strict=False)
     if getattr(student.hf_model.config, "tie_word_embeddings", False):
         clean.tie_weights()
     clean.generation_config = student.hf_model.generation_config
@@ -344,11 +331,15 @@ def train(
     safety_ids = torch.tensor(tokens.ids, device=student.device)
     teacher_hooks = add_hooks(teacher, direction.vector, direction.layer, direction.coeff)
     end_step = config.total_steps if max_steps is None else min(config.total_steps, start_step + max_steps)
+    sampler = RolloutSampler(student) if config.rollouts == "fast" else None
     bar = tqdm(range(start_step, end_step), desc=f"train ({config.loss})", disable=not progress, initial=start_step, total=config.total_steps)
     last_saved = start_step if start_step else None
     for step in bar:
         try:
-            row = train_step(student, teacher, teacher_hooks, direction, safety_ids, optimizer, scheduler, prompts, config, step)
+            row = train_step(
+                student, teacher, teacher_hooks, direction, safety_ids, optimizer, scheduler, prompts, config, step,
+                sampler=sampler,
+            )
         except NonFiniteLoss as exc:
             kept = f"checkpoint.pt holds step {last_saved}" if last_saved is not None else "no checkpoint was written yet"
             raise NonFiniteLoss(f"{exc}; {kept}; lower the learning rate and rerun (with --resume to continue)") from exc
@@ -383,16 +374,29 @@ def train_step(
     prompts: list[str],
     config: TrainConfig,
     step: int,
+    sampler: RolloutSampler | None = None,
 ) -> dict[str, Any]:
-    """One optimizer step: rollouts, teacher scoring, loss, backward, clip, AdamW; returns metrics."""
+    """One optimizer step: rollouts, teacher scoring, loss, backward, clip, AdamW; returns metrics.
+
+    ``sampler`` is the student's :class:`RolloutSampler`, built once by :func:`train`; with
+    ``config.rollouts == "fast"`` and none given, one is built for this step.
+    """
     t0 = time.perf_counter()
     step_prompts = _step_prompts(prompts, config, step)
+    seed = config.seed * 1_000_003 + step
     try:
-        rollouts = generate(
-            student, [p for p in step_prompts for _ in range(config.samples_per_prompt)],
-            max_new_tokens=config.max_new_tokens, do_sample=True, temperature=config.temperature,
-            seed=config.seed * 1_000_003 + step, batch_size=config.sequences_per_step,
-        )
+        if config.rollouts == "fast":
+            sampler = sampler or RolloutSampler(student)
+            rollouts = sampler.sample(
+                step_prompts, config.samples_per_prompt, max_new_tokens=config.max_new_tokens,
+                temperature=config.temperature, seed=seed,
+            )
+        else:
+            rollouts = generate(
+                student, [p for p in step_prompts for _ in range(config.samples_per_prompt)],
+                max_new_tokens=config.max_new_tokens, do_sample=True, temperature=config.temperature,
+                seed=seed, batch_size=config.sequences_per_step,
+            )
     except RuntimeError as exc:  # torch.multinomial on NaN/inf probabilities
         if "inf" in str(exc) or "nan" in str(exc):
             raise NonFiniteLoss(f"the student's probabilities became NaN or infinite at step {step} (while sampling)") from exc

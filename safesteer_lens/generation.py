@@ -43,6 +43,18 @@ class Completions:
     completion_mask: Bool[Tensor, "batch new_pos"]
     texts: list[str]
 
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, rows: slice) -> "Completions":
+        """The completions of a slice of rows (e.g. one prompt's samples)."""
+        if not isinstance(rows, slice):
+            raise TypeError("index Completions with a slice, e.g. completions[0:4]")
+        return Completions(
+            self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows],
+            self.completion_mask[rows], self.texts[rows],
+        )
+
     @property
     def sequences(self) -> Int[Tensor, "batch pos"]:
         """Prompt and completion concatenated (what a teacher-forced pass reads)."""
@@ -116,13 +128,22 @@ def generate(
                 use_cache=use_cache,
                 **(sampling if do_sample else {"do_sample": False}),
             )
-        new = out[:, batch.input_ids.shape[1] :]
-        mask = completion_mask(new, eot)
-        texts = model.tokenizer.batch_decode(
-            new.masked_fill(~mask, pad_id), skip_special_tokens=True
-        )
-        chunks.append(Completions(batch.input_ids, batch.attention_mask, new, mask, texts))
+        chunks.append(split_output(model, batch.input_ids, batch.attention_mask, out))
     return _concat(chunks, pad_id)
+
+
+def split_output(
+    model: ChatModel,
+    prompt_ids: Int[Tensor, "batch prompt_pos"],
+    prompt_mask: Int[Tensor, "batch prompt_pos"],
+    output: Int[Tensor, "batch pos"],
+) -> Completions:
+    """Turn ``generate``'s output (prompt followed by new tokens) into :class:`Completions`."""
+    new = output[:, prompt_ids.shape[1] :]
+    mask = completion_mask(new, model.eot_token_ids)
+    pad_id = model.tokenizer.pad_token_id
+    texts = model.tokenizer.batch_decode(new.masked_fill(~mask, pad_id), skip_special_tokens=True)
+    return Completions(prompt_ids, prompt_mask, new, mask, texts)
 
 
 def completion_position_logits(

@@ -240,6 +240,33 @@ class ChatModel:
             )
         return suffix_ids
 
+    def hf_state_dict(self, copy: bool = True) -> dict[str, Tensor]:
+        """The wrapped model's weights under their plain Hugging Face names.
+
+        The bridge nests every original module as ``_original_component`` and adds alias
+        entries for the same tensors; stripping the nesting and keeping the names a fresh model
+        expects gives a state dict that plain ``transformers`` loads.
+
+        Args:
+            copy: Detached clones (for export); False returns the live parameters themselves,
+                so a second module built from them shares their storage.
+        """
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            expected = set(AutoModelForCausalLM.from_config(self.hf_model.config).state_dict())
+        out: dict[str, Tensor] = {}
+        for key, value in self.hf_model.state_dict(keep_vars=not copy).items():
+            name = key.replace("._original_component", "")
+            if name in expected and name not in out:
+                out[name] = value.detach().clone() if copy else value
+        missing = expected - set(out) - {"lm_head.weight"}
+        if missing:
+            raise SafeSteerError(
+                f"cannot map the bridge's weights back to Hugging Face names: {sorted(missing)[:3]}"
+            )
+        return out
+
     def __repr__(self) -> str:
         return (
             f"ChatModel({self.name!r}, source={self.source}, layers={self.n_layers}, "

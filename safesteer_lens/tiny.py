@@ -78,6 +78,7 @@ def build_tiny_llama(
     d_mlp: int = 128,
     vocab_size: int = 512,
     seed: int = 0,
+    init_std: float = 0.02,
 ) -> Path:
     """Save a random-weight Llama chat model (weights, config, tokenizer) to ``directory``.
 
@@ -90,6 +91,9 @@ def build_tiny_llama(
         d_mlp: MLP hidden width.
         vocab_size: BPE vocabulary size, special tokens included.
         seed: Seeds the weight initialisation.
+        init_std: Standard deviation of the initial weights. The default gives near-uniform
+            attention, so positions barely matter; about 0.2 gives a model whose outputs
+            depend on where each token sits (what tests of positions and caches need).
 
     Returns:
         The directory, loadable by ``load_model`` and by ``AutoModelForCausalLM``.
@@ -113,6 +117,7 @@ def build_tiny_llama(
         bos_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"),
         eos_token_id=eos,
         pad_token_id=eos,
+        initializer_range=init_std,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from safesteer_lens.cli import main
 from safesteer_lens.directions import Direction
-from safesteer_lens.distill import TrainConfig, clean_state_dict, train
+from safesteer_lens.distill import TrainConfig, train
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.generation import generate
 from safesteer_lens.tokens import SafetyTokens
@@ -68,7 +68,7 @@ def test_export_loads_with_plain_transformers_and_generates_the_same(tiny, run_d
                                 do_sample=False, eos_token_id=tiny.eot_token_ids, pad_token_id=tiny.tokenizer.pad_token_id)
     assert torch.equal(theirs[:, batch.input_ids.shape[1]:][ours.completion_mask], ours.completion_ids[ours.completion_mask])
     # training changed the weights
-    base_w = clean_state_dict(tiny)["model.layers.0.mlp.down_proj.weight"]
+    base_w = tiny.hf_state_dict()["model.layers.0.mlp.down_proj.weight"]
     assert not torch.equal(plain.state_dict()["model.layers.0.mlp.down_proj.weight"], base_w)
 
 

@@ -1,0 +1,194 @@
+"""Fast student rollouts: on-policy sampling through the quickest engine on the device.
+
+Sampling the student's replies is most of a SafeSteer training step (DESIGN.md measured it at
+20-40x the gradient step on an H100), and the student needs no hooks while it samples. So
+instead of generating through the bridge, which switches the Hugging Face model to eager
+attention and dispatches hooks in every module, :class:`RolloutSampler` samples with a plain
+Hugging Face *twin* of the student:
+
+* the twin is built on the meta device and then given the student's own parameter tensors,
+  so it costs no memory and sees every optimizer update with no copy;
+* it uses sdpa attention;
+* each prompt is prefilled once and its KV cache repeated for its M samples (all prompt
+  tokens but the last; ``generate`` reads that one and decodes from there);
+* on CUDA the cache is a ``StaticCache``, which makes ``generate`` compile the decode step
+  (``torch.compile`` in "reduce-overhead" mode, i.e. CUDA graphs). Cache lengths are rounded
+  up to a bucket so that steps with different prompt lengths reuse the compiled graphs. If
+  compilation fails, the sampler warns once and goes on with the dynamic cache.
+
+Sampling itself is Hugging Face's, with the settings of :func:`safesteer_lens.generation.generate`
+(temperature, no top-k or top-p, stop at the end-of-turn token, the same masks), so both paths
+sample from the same distribution; ``tests/test_rollouts.py`` checks greedy tokens are equal
+and sampled token frequencies agree.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Any, Sequence
+
+import torch
+
+from safesteer_lens.errors import SafeSteerError
+from safesteer_lens.generation import Completions, split_output
+from safesteer_lens.models import ChatModel
+
+CACHE_BUCKET = 64
+
+
+def sampling_twin(model: ChatModel, attn_implementation: str = "sdpa") -> Any:
+    """A plain Hugging Face model that shares ``model``'s parameter storage.
+
+    Built on the meta device, then handed the live parameters (``assign=True``), so nothing is
+    copied: an in-place optimizer update of the student is an update of the twin. Buffers that
+    are not in the state dict (rotary frequencies) are taken from the wrapped model as well.
+
+    Args:
+        model: The student.
+        attn_implementation: Attention kernel of the twin; ``"sdpa"`` is the fast default.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        twin = AutoModelForCausalLM.from_config(
+            model.hf_model.config, attn_implementation=attn_implementation
+        )
+    twin.load_state_dict(model.hf_state_dict(copy=False), strict=False, assign=True)
+    if getattr(twin.config, "tie_word_embeddings", False):
+        twin.tie_weights()
+    wrapped = {k.replace("._original_component", ""): b for k, b in model.hf_model.named_buffers()}
+    for name, buffer in list(twin.named_buffers()):
+        if buffer.is_meta:
+            owner, _, attr = name.rpartition(".")
+            if name not in wrapped:
+                raise SafeSteerError(
+                    f"cannot build a sampling twin of {model.name!r}: buffer {name} has no "
+                    "counterpart; train with rollout_engine='plain'"
+                )
+            twin.get_submodule(owner)._buffers[attr] = wrapped[name]
+    twin.generation_config = copy.deepcopy(model.hf_model.generation_config)
+    return twin.eval()
+
+
+class RolloutSampler:
+    """Samples a model's chat replies with no hooks, as fast as the device allows.
+
+    Build it once per student (it holds the twin) and call :meth:`sample` every step.
+
+    Args:
+        model: The student (its bridge is left untouched).
+        compile: Static KV cache with a compiled decode step. None (default) means on CUDA
+            only; True forces it on any device (on CPU this is slower and meant for tests).
+        attn_implementation: Attention kernel of the twin.
+    """
+
+    def __init__(self, model: ChatModel, compile: bool | None = None, attn_implementation: str = "sdpa"):
+        self.model = model
+        self.twin = sampling_twin(model, attn_implementation)
+        self.compile = model.device.type == "cuda" if compile is None else compile
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: Sequence[str],
+        samples_per_prompt: int = 1,
+        *,
+        max_new_tokens: int = 64,
+        do_sample: bool = True,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        system: str | None = None,
+    ) -> Completions:
+        """Sample ``samples_per_prompt`` replies to each prompt, all in one batch.
+
+        Args:
+            prompts: User messages; each is prefilled once.
+            samples_per_prompt: Replies per prompt (M); the output rows are grouped by prompt,
+                ``prompts[0]`` M times, then ``prompts[1]``...
+            max_new_tokens: Upper bound on reply length.
+            do_sample: Sample (True) or greedy (False).
+            temperature: Sampling temperature (ignored when greedy).
+            seed: Seeds torch's global generator before sampling.
+            system: Optional system message.
+
+        Returns:
+            :class:`~safesteer_lens.generation.Completions`, laid out like
+            ``generate(model, [p for p in prompts for _ in range(M)])``.
+        """
+        if max_new_tokens < 1:
+            raise SafeSteerError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if samples_per_prompt < 1:
+            raise SafeSteerError(f"samples_per_prompt must be at least 1, got {samples_per_prompt}")
+        if do_sample and temperature <= 0:
+            raise SafeSteerError(f"temperature must be positive when sampling, got {temperature}")
+        if seed is not None:
+            torch.manual_seed(seed)
+        batch = self.model.tokenize(list(prompts), system=system)
+        m = samples_per_prompt
+        input_ids = batch.input_ids.repeat_interleave(m, 0)
+        attention_mask = batch.attention_mask.repeat_interleave(m, 0)
+        settings: dict[str, Any] = dict(
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.model.eot_token_ids,
+            pad_token_id=self.model.tokenizer.pad_token_id,
+            **({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {"do_sample": False}),
+        )
+        if self.compile:
+            try:
+                cache = self._prefill(batch.input_ids, batch.attention_mask, m, static_length=input_ids.shape[1] + max_new_tokens)
+                out = self.twin.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                    compile_config=self._compile_config(), **settings,
+                )
+                return split_output(self.model, input_ids, attention_mask, out)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager decoding
+                warnings.warn(
+                    f"compiled decoding failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                    "sampling with the dynamic cache from now on",
+                    stacklevel=2,
+                )
+                self.compile = False
+                if seed is not None:
+                    torch.manual_seed(seed)
+        cache = self._prefill(batch.input_ids, batch.attention_mask, m)
+        out = self.twin.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, **settings)
+        return split_output(self.model, input_ids, attention_mask, out)
+
+    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, m: int, static_length: int | None = None) -> Any:
+        """KV cache of every prompt token but the last, computed once per prompt, repeated M times.
+
+        Position ids follow ``generate``'s rule for left padding (count of real tokens so far),
+        so the decode steps continue exactly where a full-prompt prefill would.
+        """
+        positions = (attention_mask.cumsum(1) - 1).masked_fill(attention_mask == 0, 1)
+        out = self.twin(
+            input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+            position_ids=positions[:, :-1], use_cache=True, logits_to_keep=1,
+        )
+        dynamic = out.past_key_values
+        if static_length is None:
+            dynamic.batch_repeat_interleave(m)
+            return dynamic
+        from transformers import StaticCache
+
+        length = CACHE_BUCKET * math.ceil(static_length / CACHE_BUCKET)
+        static = StaticCache(config=self.twin.config, max_cache_len=length)
+        filled = torch.arange(input_ids.shape[1] - 1, device=input_ids.device)
+        for index, layer in enumerate(dynamic.layers):
+            static.update(
+                layer.keys.repeat_interleave(m, 0), layer.values.repeat_interleave(m, 0), index,
+                {"cache_position": filled},
+            )
+        return static
+
+    def _compile_config(self) -> Any:
+        from transformers import CompileConfig
+
+        config = CompileConfig()
+        if self.model.device.type != "cuda":
+            # transformers' own switch for compiling generate off-GPU (used by its tests)
+            config._compile_all_devices = True
+            config.mode = "default"
+        return config
