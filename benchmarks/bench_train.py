@@ -9,7 +9,7 @@ gathered on the safety tokens S. Ours is :func:`safesteer_lens.distill.train_ste
 Each loop runs in its own subprocess (so peak RSS belongs to one loop), one after the other in
 a single invocation::
 
-    python benchmarks/bench_train.py [--model M] [--steps 3] [--run RUN_DIR]
+    python benchmarks/bench_train.py [--model M] [--steps 5] [--run RUN_DIR]
 
 ``RUN_DIR`` must hold ``direction.*`` and ``safety_tokens.json`` (default ``runs/demo``, made
 by ``make demo``). The last line is ``speedup=<reference step time / our step time>``.
@@ -47,25 +47,22 @@ def run_ours(args: argparse.Namespace) -> list[float]:
     """Step times of safesteer-lens's own training step."""
     import torch
 
-    from safesteer_lens.distill import train_step
+    from safesteer_lens.distill import build_optimizer, train_step
     from safesteer_lens.models import load_model
+    from safesteer_lens.rollouts import RolloutSampler
     from safesteer_lens.steering import add_hooks
-    from transformers import get_cosine_schedule_with_warmup
 
     config, direction, tokens, prompts = _setup(args)
     teacher = load_model(args.model or direction.model)
     student = load_model(teacher.name)
-    params = list(student.hf_model.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=config.lr)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, 0, config.total_steps)
+    optimizer, scheduler = build_optimizer(student, config)  # as `safesteer train` builds them
     hooks = add_hooks(teacher, direction.vector, direction.layer, direction.coeff)
     ids = torch.tensor(tokens.ids)
+    sampler = RolloutSampler(student)  # built once, as `train` does
     times = []
     for step in range(args.steps + 1):  # step 0 warms up
         start = time.perf_counter()
-        train_step(student, teacher, hooks, direction, ids, optimizer, scheduler, prompts, config, step)
+        train_step(student, teacher, hooks, direction, ids, optimizer, scheduler, prompts, config, step, sampler=sampler)
         times.append(time.perf_counter() - start)
     return times[1:]
 
@@ -75,6 +72,7 @@ def run_reference(args: argparse.Namespace) -> list[float]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
+    from safesteer_lens.distill import _step_prompts
     from safesteer_lens.models import _gguf_as_hf_dir, embedded_model_path, EMBEDDED_MODELS
 
     config, direction, tokens, prompts = _setup(args)
@@ -97,18 +95,19 @@ def run_reference(args: argparse.Namespace) -> list[float]:
         return args_, kwargs
 
     teacher.model.layers[direction.layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr)
+    # HF Trainer (which TRL builds on) defaults to the fused AdamW kernel with torch >= 2.8
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, fused=True)
     scheduler = get_cosine_schedule_with_warmup(optimizer, 0, config.total_steps)
     s_ids = torch.tensor(tokens.ids)
     eos = tokenizer.eos_token_id
     times = []
     for step in range(args.steps + 1):
         start = time.perf_counter()
-        chosen = prompts[(step * config.prompts_per_step) % len(prompts) :][: config.prompts_per_step]
+        chosen = _step_prompts(prompts, config, step)  # the same prompts as ours at this step
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                  for p in chosen for _ in range(config.samples_per_prompt)]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        torch.manual_seed(step)
+        torch.manual_seed(config.seed * 1_000_003 + step)
         with torch.no_grad():
             out = student.generate(**enc, max_new_tokens=config.max_new_tokens, do_sample=True, temperature=1.0,
                                    top_k=0, top_p=1.0, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
@@ -148,7 +147,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the model named in RUN/direction.json")
     parser.add_argument("--run", default="runs/demo", help="run directory with direction and safety tokens")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per loop (after one warm-up step)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per loop (after one warm-up step)")
     parser.add_argument("--json", default=None, help="also write the numbers here")
     parser.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
     args = parser.parse_args()

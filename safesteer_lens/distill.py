@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from jaxtyping import Float
@@ -49,6 +49,7 @@ METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.pt"
 STUDENT_DIR = "student"
 ROLLOUT_ENGINES = ("fast", "plain")
+TEACHER_LOGITS_BUDGET = 256 * 2**20  # bytes of float32 teacher logits held at once
 TIMING_KEYS = ("rollout_tokens_per_s", "update_tokens_per_s", "seconds")
 
 
@@ -188,6 +189,44 @@ def completion_logits(
     return torch.cat([first[:, -1:].repeat_interleave(group_size, 0), rest[:, :-1]], dim=1)
 
 
+def build_optimizer(student: ChatModel, config: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
+    """Unfreeze the student and return its AdamW optimizer and cosine schedule with warm-up."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    params = list(student.hf_model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    # fused: one kernel for the whole update instead of a chain of per-tensor ops
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, round(config.warmup_fraction * config.total_steps), config.total_steps
+    )
+    return optimizer, scheduler
+
+
+def teacher_micro_batches(
+    teacher: ChatModel, hooks: list, rollouts: Completions, config: TrainConfig, device: torch.device
+) -> Iterator[tuple[int, int, Float[Tensor, "micro time vocab"]]]:
+    """The teacher's float32 logits for each micro-batch, as ``(start, stop, logits)``.
+
+    The teacher needs no gradients, so it keeps no activations and can score several
+    micro-batches in one forward: as many as keep the chunk's logits under
+    ``TEACHER_LOGITS_BUDGET``. One wide forward is cheaper than several narrow ones (1x16
+    rollouts scored in 0.86-0.96 s against 1.21 s for 2x8 on 2 CPU cores).
+    """
+    n = len(rollouts.texts)
+    per_micro_batch = config.micro_batch * rollouts.completion_ids.shape[1] * teacher.d_vocab * 4
+    chunk = config.micro_batch * max(1, TEACHER_LOGITS_BUDGET // per_micro_batch)
+    for chunk_start in range(0, n, chunk):
+        chunk_stop = min(chunk_start + chunk, n)
+        with torch.no_grad():
+            logits = completion_logits(teacher, rollouts, hooks, chunk_start, chunk_stop, config.samples_per_prompt)
+        logits = logits.to(device, torch.float32)
+        for start in range(chunk_start, chunk_stop, config.micro_batch):
+            stop = min(start + config.micro_batch, chunk_stop)
+            yield start, stop, logits[start - chunk_start : stop - chunk_start]
+
+
 def _projection_hook(direction: Direction, store: list[Tensor]) -> tuple[str, Callable[..., Tensor]]:
     """Record the student's ``resid_pre`` at the steering layer, projected on the unit direction."""
     unit = direction.unit
@@ -304,15 +343,8 @@ def train(
             f"{teacher.d_vocab}; rerun `safesteer tokens --run {run_dir}` for this model"
         )
     student = load_model(teacher.name, device=device or teacher.device, dtype=teacher.dtype)
-    params = list(student.hf_model.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    from transformers import get_cosine_schedule_with_warmup
-
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer, round(config.warmup_fraction * config.total_steps), config.total_steps
-    )
+    optimizer, scheduler = build_optimizer(student, config)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     metrics_path = run_dir / METRICS
     metrics: list[dict[str, Any]] = []
     start_step = 0
@@ -406,11 +438,8 @@ def train_step(
     sums = {"loss": 0.0, "kl_s": 0.0, "kl_full": 0.0, "s_mass_student": 0.0, "s_mass_teacher": 0.0}
     projections: list[Tensor] = []
     mask_all = rollouts.completion_mask
-    for start in range(0, n, config.micro_batch):
-        stop = min(start + config.micro_batch, n)
+    for start, stop, t_logits in teacher_micro_batches(teacher, teacher_hooks, rollouts, config, student.device):
         mask = mask_all[start:stop]
-        with torch.no_grad():
-            t_logits = completion_logits(teacher, rollouts, teacher_hooks, start, stop, config.samples_per_prompt).to(student.device)
         captured: list[Tensor] = []
         s_logits = completion_logits(
             student, rollouts, [_projection_hook(direction, captured)], start, stop, config.samples_per_prompt

@@ -141,3 +141,23 @@ def test_shared_prompt_scoring_gives_the_same_logits_and_gradients(tiny_dir):
         assert torch.allclose(a, b, atol=1e-5)
     # rows that are not whole groups of one prompt fall back to the plain path
     assert torch.allclose(completion_logits(student, rollouts, start=1, stop=5, group_size=3), plain[1:5], atol=1e-5)
+
+
+def test_teacher_scores_whole_chunks_with_the_same_logits_per_micro_batch(tiny, monkeypatch):
+    from safesteer_lens import distill
+    from safesteer_lens.distill import completion_logits, teacher_micro_batches
+
+    config = tiny_config(samples_per_prompt=2, sequences_per_step=8, micro_batch=2)
+    prompts = [p for p in ["How do I bake bread?", "Hi", "Write a poem about rain", "Sing"] for _ in range(2)]
+    rollouts = generate(tiny, prompts, max_new_tokens=5, do_sample=True, seed=0)
+    expected = [completion_logits(tiny, rollouts, [], a, a + 2, 2) for a in range(0, 8, 2)]
+    for budget, forwards in ((1, 4), (10**9, 1)):  # one micro-batch per forward, or all at once
+        monkeypatch.setattr(distill, "TEACHER_LOGITS_BUDGET", budget)
+        calls = []
+        monkeypatch.setattr(distill, "completion_logits", lambda *a, **k: calls.append(a) or completion_logits(*a, **k))
+        got = list(teacher_micro_batches(tiny, [], rollouts, config, torch.device("cpu")))
+        assert [(a, b) for a, b, _ in got] == [(0, 2), (2, 4), (4, 6), (6, 8)]
+        assert len(calls) == forwards
+        for (_, _, logits), want in zip(got, expected):
+            assert logits.dtype == torch.float32
+            assert torch.allclose(logits, want, atol=1e-5)
