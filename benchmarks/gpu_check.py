@@ -1,10 +1,14 @@
 """Rollout throughput and training-step time on a GPU, with random weights (no downloads).
 
-For each model shape (SmolLM2-135M and a ~0.5B Llama), in one process:
+For each model shape (SmolLM2-135M and a ~0.5B Llama), in one process, sampling ``--batch``
+sequences (``--batch / M`` distinct prompts, M samples each, as in training) of
+``--new-tokens`` tokens after a ``--prompt-len`` prompt:
 
-* rollout tokens/s of plain HF ``generate`` (sdpa attention, no bridge) and of the toolkit's
-  student rollout path (:func:`safesteer_lens.generation.generate` on a bridge-wrapped model),
-  both sampling ``--batch`` sequences of ``--new-tokens`` tokens after a ``--prompt-len`` prompt;
+* rollout tokens/s of plain HF ``generate`` (sdpa attention, no bridge): the baseline;
+* rollout tokens/s of generation through the TransformerLens bridge (what every other stage
+  uses), for context;
+* rollout tokens/s of the trainer's sampler, :class:`safesteer_lens.rollouts.RolloutSampler`
+  (sdpa twin, one prefill per prompt, static cache + compiled decoding on CUDA);
 * the time and peak memory of one training step (:func:`safesteer_lens.distill.train_step`).
 
 Ends with a table and writes every number to the JSON file named on the command line::
@@ -43,63 +47,68 @@ def _peak_mb(device: torch.device) -> float | None:
 
 
 def measure(shape: dict, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
-    from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
+    from transformers import AutoModelForCausalLM
 
     from safesteer_lens.directions import Direction
-    from safesteer_lens.distill import preset, train_step
+    from safesteer_lens.distill import build_optimizer, preset, train_step
     from safesteer_lens.generation import generate
     from safesteer_lens.models import load_model
+    from safesteer_lens.rollouts import RolloutSampler
     from safesteer_lens.steering import add_hooks
     from safesteer_lens.tiny import build_tiny_llama
 
     directory = build_tiny_llama(tempfile.mkdtemp(prefix="gpu-check-"), vocab_size=args.vocab, **shape)
     words = "please explain in detail how the following everyday thing works and why " * 16
-    prompt = " ".join(words.split()[: args.prompt_len])
-    prompts = [prompt] * args.batch
-    row: dict = {"shape": shape, "vocab": args.vocab, "batch": args.batch, "new_tokens": args.new_tokens}
+    base = " ".join(words.split()[: args.prompt_len - 1])
+    m = args.samples_per_prompt
+    distinct = [f"{i} {base}" for i in range(args.batch // m)]  # as in training: M samples per prompt
+    expanded = [p for p in distinct for _ in range(m)]
+    row: dict = {"shape": shape, "vocab": args.vocab, "batch": len(expanded), "samples_per_prompt": m,
+                 "new_tokens": args.new_tokens}
 
     plain = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa").to(device).eval()
-    ours = load_model(str(directory), device=device, dtype=dtype)
-    batch = ours.tokenize(prompts)
+    teacher = load_model(str(directory), device=device, dtype=dtype)
+    student = load_model(str(directory), device=device, dtype=dtype)
+    sampler = RolloutSampler(student, compile=args.compile)
+    batch = teacher.tokenize(expanded)
     kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=True, top_k=0,
-                  pad_token_id=ours.tokenizer.pad_token_id)
-    for name, run in (
-        ("hf_generate_sdpa", lambda: plain.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)),
-        ("safesteer_rollouts", lambda: generate(ours, prompts, max_new_tokens=args.new_tokens, do_sample=True, seed=0,
-                                                batch_size=args.batch)),
-    ):
+                  pad_token_id=teacher.tokenizer.pad_token_id)
+    engines = {
+        "hf_generate_sdpa": lambda: plain.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs),
+        "bridge_generate": lambda: generate(teacher, expanded, max_new_tokens=args.new_tokens, do_sample=True, seed=0,
+                                            batch_size=len(expanded)).completion_ids,
+        "safesteer_rollouts": lambda: sampler.sample(distinct, m, max_new_tokens=args.new_tokens, seed=0).completion_ids,
+    }
+    for name, run in engines.items():
         with torch.no_grad():
-            run()  # warm-up
+            run()  # warm-up (and compilation)
             _sync(device)
             start = time.perf_counter()
             for _ in range(args.repeats):
-                run()
+                out = run()
             _sync(device)
         seconds = (time.perf_counter() - start) / args.repeats
+        width = out.shape[1] - (batch.input_ids.shape[1] if name == "hf_generate_sdpa" else 0)
         row[f"{name}_s"] = round(seconds, 4)
-        row[f"{name}_tokens_per_s"] = round(args.batch * args.new_tokens / seconds, 1)
+        row[f"{name}_tokens_per_s"] = round(len(expanded) * width / seconds, 1)
     row["rollout_speedup_vs_hf"] = round(row["safesteer_rollouts_tokens_per_s"] / row["hf_generate_sdpa_tokens_per_s"], 3)
+    row["sampler_compiled"] = sampler.compile  # False if compilation failed and it fell back
     del plain
 
-    student = load_model(str(directory), device=device, dtype=dtype)
-    params = list(student.hf_model.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    config = preset("demo", samples_per_prompt=8, sequences_per_step=args.batch, micro_batch=args.batch,
-                    max_new_tokens=args.new_tokens, n_prompts=args.batch // 8)
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, 0, 10)
+    config = preset("demo", samples_per_prompt=m, sequences_per_step=len(expanded), micro_batch=len(expanded),
+                    max_new_tokens=args.new_tokens, n_prompts=len(distinct))
+    optimizer, scheduler = build_optimizer(student, config)
     torch.manual_seed(0)
-    direction = Direction(torch.randn(ours.d_model), str(directory), "random", ours.n_layers // 2, -1, 1.0)
-    hooks = add_hooks(ours, direction.vector, direction.layer, direction.coeff)
+    direction = Direction(torch.randn(teacher.d_model), str(directory), "random", teacher.n_layers // 2, -1, 1.0)
+    hooks = add_hooks(teacher, direction.vector, direction.layer, direction.coeff)
     safety = torch.arange(10, 60, device=device)
-    step_prompts = [prompt] * (args.batch // 8)
-    train_step(student, ours, hooks, direction, safety, optimizer, scheduler, step_prompts, config, 0)  # warm-up
+    step = dict(sampler=sampler)
+    train_step(student, teacher, hooks, direction, safety, optimizer, scheduler, distinct, config, 0, **step)  # warm-up
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     _sync(device)
     start = time.perf_counter()
-    metrics = train_step(student, ours, hooks, direction, safety, optimizer, scheduler, step_prompts, config, 1)
+    metrics = train_step(student, teacher, hooks, direction, safety, optimizer, scheduler, distinct, config, 1, **step)
     _sync(device)
     row["train_step_s"] = round(time.perf_counter() - start, 4)
     row["train_step_rollout_tokens_per_s"] = metrics["rollout_tokens_per_s"]
@@ -116,6 +125,9 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--samples-per-prompt", type=int, default=8, help="M: rollouts per distinct prompt")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="static cache + compiled decoding for our sampler (default: on CUDA only)")
     parser.add_argument("--vocab", type=int, default=49152, help="BPE vocabulary of the random model")
     parser.add_argument("--small", action="store_true", help="a tiny shape and short runs, to check the script on a CPU")
     args = parser.parse_args()
@@ -131,11 +143,13 @@ def main() -> None:
         results["shapes"][name] = measure(shape, args, device, dtype)
         Path(args.out).write_text(json.dumps(results, indent=2))  # keep what finished if a later shape fails
     print(f"device {results['device']}, {results['dtype']}, batch {args.batch}, {args.prompt_len} prompt + {args.new_tokens} new tokens")
-    print(f"{'shape':<14} {'HF sdpa tok/s':>14} {'ours tok/s':>11} {'ratio':>6} {'step s':>8} {'peak MB':>8}")
+    print(f"{'shape':<14} {'HF sdpa tok/s':>14} {'bridge tok/s':>13} {'ours tok/s':>11} {'ratio':>6} "
+          f"{'compiled':>9} {'step s':>8} {'peak MB':>8}")
     for name, r in results["shapes"].items():
         peak = "-" if r["train_step_peak_mb"] is None else f"{r['train_step_peak_mb']:.0f}"
-        print(f"{name:<14} {r['hf_generate_sdpa_tokens_per_s']:>14.0f} {r['safesteer_rollouts_tokens_per_s']:>11.0f} "
-              f"{r['rollout_speedup_vs_hf']:>6.2f} {r['train_step_s']:>8.2f} {peak:>8}")
+        print(f"{name:<14} {r['hf_generate_sdpa_tokens_per_s']:>14.0f} {r['bridge_generate_tokens_per_s']:>13.0f} "
+              f"{r['safesteer_rollouts_tokens_per_s']:>11.0f} {r['rollout_speedup_vs_hf']:>6.2f} "
+              f"{str(r['sampler_compiled']):>9} {r['train_step_s']:>8.2f} {peak:>8}")
     print(f"wrote {args.out}")
 
 
