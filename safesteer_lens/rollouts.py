@@ -16,10 +16,15 @@ Hugging Face *twin* of the student:
   up to a bucket so that steps with different prompt lengths reuse the compiled graphs. If
   compilation fails, the sampler warns once and goes on with the dynamic cache.
 
-Sampling itself is Hugging Face's, with the settings of :func:`safesteer_lens.generation.generate`
-(temperature, no top-k or top-p, stop at the end-of-turn token, the same masks), so both paths
-sample from the same distribution; ``tests/test_rollouts.py`` checks greedy tokens are equal
-and sampled token frequencies agree.
+Each row draws its randomness from its own stream, seeded by ``(seed, row index)``: the
+sampler adds Gumbel noise from that stream to the tempered logits and decodes greedily, which
+is an exact sample from ``softmax(logits / temperature)`` (the Gumbel-max trick). So a row's
+tokens do not depend on which other rows share its batch: the same rollouts come out whether
+a step samples in one process or is split over several (:mod:`safesteer_lens.parallel`).
+Everything else is Hugging Face ``generate`` with the settings of
+:func:`safesteer_lens.generation.generate` (no top-k or top-p, stop at the end-of-turn token,
+the same masks); ``tests/test_rollouts.py`` checks that greedy tokens are equal and that
+sampled token frequencies agree with the plain path and with the model's probabilities.
 """
 
 from __future__ import annotations
@@ -36,6 +41,32 @@ from safesteer_lens.generation import Completions, split_output
 from safesteer_lens.models import ChatModel
 
 CACHE_BUCKET = 64
+
+
+def row_seed(seed: int, row: int) -> int:
+    """The seed of one row's noise stream (distinct rows and seeds give distinct streams)."""
+    return (seed * 1_000_003 + row * 7_919 + 12_345) % 2**63
+
+
+class RowSeededGumbel:
+    """A logits processor that makes greedy decoding sample, row by row, from its own stream.
+
+    ``argmax(logits / T + g)`` with ``g`` standard Gumbel noise is distributed as
+    ``softmax(logits / T)``. Drawing ``g`` for row ``i`` from a generator seeded with
+    ``seeds[i]`` makes that row's sample independent of the batch it is decoded in.
+    """
+
+    def __init__(self, seeds: Sequence[int], temperature: float, device: torch.device):
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        uniform = torch.stack([
+            torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.generators
+        ])
+        tiny = torch.finfo(uniform.dtype).tiny
+        gumbel = -torch.log(-torch.log(uniform.clamp(tiny, 1 - 1e-7)))
+        return scores.float() / self.temperature + gumbel
 
 
 def sampling_twin(model: ChatModel, attn_implementation: str = "sdpa") -> Any:
@@ -98,8 +129,9 @@ class RolloutSampler:
         max_new_tokens: int = 64,
         do_sample: bool = True,
         temperature: float = 1.0,
-        seed: int | None = None,
+        seed: int = 0,
         system: str | None = None,
+        first_row: int = 0,
     ) -> Completions:
         """Sample ``samples_per_prompt`` replies to each prompt, all in one batch.
 
@@ -110,8 +142,10 @@ class RolloutSampler:
             max_new_tokens: Upper bound on reply length.
             do_sample: Sample (True) or greedy (False).
             temperature: Sampling temperature (ignored when greedy).
-            seed: Seeds torch's global generator before sampling.
+            seed: With ``first_row``, seeds every row's noise stream (see :func:`row_seed`).
             system: Optional system message.
+            first_row: Index of this call's first row in a larger batch that was split (over
+                processes, say): row ``i`` here samples as row ``first_row + i`` would.
 
         Returns:
             :class:`~safesteer_lens.generation.Completions`, laid out like
@@ -123,17 +157,22 @@ class RolloutSampler:
             raise SafeSteerError(f"samples_per_prompt must be at least 1, got {samples_per_prompt}")
         if do_sample and temperature <= 0:
             raise SafeSteerError(f"temperature must be positive when sampling, got {temperature}")
-        if seed is not None:
-            torch.manual_seed(seed)
+        from transformers import LogitsProcessorList
+
         batch = self.model.tokenize(list(prompts), system=system)
         m = samples_per_prompt
         input_ids = batch.input_ids.repeat_interleave(m, 0)
         attention_mask = batch.attention_mask.repeat_interleave(m, 0)
+        processors = LogitsProcessorList()
+        if do_sample:
+            seeds = [row_seed(seed, first_row + i) for i in range(input_ids.shape[0])]
+            processors.append(RowSeededGumbel(seeds, temperature, input_ids.device))
         settings: dict[str, Any] = dict(
             max_new_tokens=max_new_tokens,
             eos_token_id=self.model.eot_token_ids,
             pad_token_id=self.model.tokenizer.pad_token_id,
-            **({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {"do_sample": False}),
+            do_sample=False,  # greedy over Gumbel-perturbed logits is sampling
+            logits_processor=processors,
         )
         if self.compile:
             try:
@@ -150,8 +189,8 @@ class RolloutSampler:
                     stacklevel=2,
                 )
                 self.compile = False
-                if seed is not None:
-                    torch.manual_seed(seed)
+                if do_sample:
+                    processors[0] = RowSeededGumbel(seeds, temperature, input_ids.device)  # fresh streams
         cache = self._prefill(batch.input_ids, batch.attention_mask, m)
         out = self.twin.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, **settings)
         return split_output(self.model, input_ids, attention_mask, out)

@@ -80,6 +80,17 @@ def test_sampling_is_repeatable_for_a_seed(sampler):
     assert not torch.equal(a.completion_ids, c.completion_ids)
 
 
+def test_a_rows_sample_does_not_depend_on_the_rest_of_its_batch(sampler):
+    whole = sampler.sample(PROMPTS, 2, max_new_tokens=6, seed=9)
+    first = sampler.sample(PROMPTS[:1], 2, max_new_tokens=6, seed=9)
+    rest = sampler.sample(PROMPTS[1:], 2, max_new_tokens=6, seed=9, first_row=2)
+    assert first.texts + rest.texts == whole.texts
+    for part, offset in ((first, 0), (rest, 2)):
+        for i in range(len(part)):
+            row = whole.completion_ids[offset + i][whole.completion_mask[offset + i]]
+            assert torch.equal(part.completion_ids[i][part.completion_mask[i]], row)
+
+
 def test_sampled_token_frequencies_match_the_plain_path_and_the_model(sharp, sampler):
     # Frequencies are compared on the most likely tokens plus an "other" bin. A wrong
     # position id, mask or repeated cache moves them by far more than the tolerance
