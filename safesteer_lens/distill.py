@@ -40,6 +40,7 @@ from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.generation import Completions, completion_position_logits, generate
 from safesteer_lens.losses import LOSSES, distillation_loss, localized_reverse_kl_terms, safety_mass, sequence_mean
 from safesteer_lens.models import ChatModel, load_model
+from safesteer_lens.parallel import World, current_world, rank_device
 from safesteer_lens.refusal import refusal_rate
 from safesteer_lens.rollouts import RolloutSampler
 from safesteer_lens.steering import add_hooks
@@ -334,6 +335,10 @@ def train(
     run_dir = Path(run_dir)
     config = config or PRESETS["demo"]
     config.validate()
+    world = current_world()
+    world.shard(config.prompts_per_step, "prompts")  # fail early if a step does not split
+    if config.n_prompts % config.prompts_per_step:
+        world.shard(config.n_prompts % config.prompts_per_step, "prompts in the last step of an epoch")
     direction = load_direction(run_dir)
     tokens = load_safety_tokens(run_dir)
     teacher = teacher or load_model(direction.model)
@@ -342,7 +347,7 @@ def train(
             f"safety token id {max(tokens.ids)} does not exist in {teacher.name}'s vocabulary of "
             f"{teacher.d_vocab}; rerun `safesteer tokens --run {run_dir}` for this model"
         )
-    student = load_model(teacher.name, device=device or teacher.device, dtype=teacher.dtype)
+    student = load_model(teacher.name, device=rank_device(device, world) or teacher.device, dtype=teacher.dtype)
     optimizer, scheduler = build_optimizer(student, config)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     metrics_path = run_dir / METRICS
@@ -357,41 +362,46 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         start_step = state["step"]
         metrics = [m for m in _read_metrics(metrics_path) if m["step"] < start_step]
-    _write_metrics(metrics_path, metrics)
+    if world.is_main:
+        _write_metrics(metrics_path, metrics)
 
     prompts = prompt_texts(load_builtin_prompts("harmful", "train"))[: config.n_prompts]
     safety_ids = torch.tensor(tokens.ids, device=student.device)
     teacher_hooks = add_hooks(teacher, direction.vector, direction.layer, direction.coeff)
     end_step = config.total_steps if max_steps is None else min(config.total_steps, start_step + max_steps)
     sampler = RolloutSampler(student) if config.rollouts == "fast" else None
-    bar = tqdm(range(start_step, end_step), desc=f"train ({config.loss})", disable=not progress, initial=start_step, total=config.total_steps)
+    bar = tqdm(range(start_step, end_step), desc=f"train ({config.loss})", disable=not (progress and world.is_main),
+               initial=start_step, total=config.total_steps)
     last_saved = start_step if start_step else None
     for step in bar:
         try:
             row = train_step(
                 student, teacher, teacher_hooks, direction, safety_ids, optimizer, scheduler, prompts, config, step,
-                sampler=sampler,
+                sampler=sampler, world=world,
             )
         except NonFiniteLoss as exc:
             kept = f"checkpoint.pt holds step {last_saved}" if last_saved is not None else "no checkpoint was written yet"
             raise NonFiniteLoss(f"{exc}; {kept}; lower the learning rate and rerun (with --resume to continue)") from exc
         metrics.append(row)
-        with metrics_path.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        if world.is_main:
+            with metrics_path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{row['loss']:.4f}", refusal=f"{row['rollout_refusal']:.2f}")
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.total_steps:
             if not all(torch.isfinite(p).all() for p in params):
                 kept = f"checkpoint.pt holds step {last_saved}" if last_saved is not None else "no checkpoint was written yet"
                 raise NonFiniteLoss(f"the weights became NaN or infinite at step {step}; {kept}; lower the learning rate")
-            _save_checkpoint(run_dir, {
-                "step": step + 1, "student": student.hf_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "config": asdict(config),
-            })
+            if world.is_main:
+                _save_checkpoint(run_dir, {
+                    "step": step + 1, "student": student.hf_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "config": asdict(config),
+                })
             last_saved = step + 1
     for p in params:
         p.requires_grad_(False)
-    if export and end_step == config.total_steps:
+    if export and end_step == config.total_steps and world.is_main:
         export_student(student, run_dir / STUDENT_DIR)
+    world.barrier()  # every rank returns once rank 0's files are complete
     return TrainResult(student, metrics, run_dir)
 
 
@@ -407,36 +417,96 @@ def train_step(
     config: TrainConfig,
     step: int,
     sampler: RolloutSampler | None = None,
+    world: World = World(),
 ) -> dict[str, Any]:
     """One optimizer step: rollouts, teacher scoring, loss, backward, clip, AdamW; returns metrics.
 
     ``sampler`` is the student's :class:`RolloutSampler`, built once by :func:`train`; with
-    ``config.rollouts == "fast"`` and none given, one is built for this step.
+    ``config.rollouts == "fast"`` and none given, one is built for this step. Under several
+    processes (``world``), this rank handles its share of the step's prompts and the metrics
+    are those of the whole step.
     """
     t0 = time.perf_counter()
+    rollouts = sample_rollouts(student, prompts, config, step, sampler, world)
+    t1 = time.perf_counter()
+    stats = accumulate_gradients(student, teacher, teacher_hooks, direction, safety_ids, rollouts, config, step, world)
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    t2 = time.perf_counter()
+    return {
+        "step": step,
+        "lr": scheduler.get_last_lr()[0],
+        **{k: round(stats[k], 6) for k in ("loss", "kl_s", "kl_full", "s_mass_student", "s_mass_teacher")},
+        "grad_norm": round(float(grad_norm), 6),
+        "rollout_refusal": stats["refusals"] / stats["rows"],
+        "projection": round(stats["projection_sum"] / stats["projection_count"], 6),
+        "completion_tokens": int(stats["completion_tokens"]),
+        "rollout_tokens_per_s": round(stats["completion_tokens"] / (t1 - t0), 1),
+        "update_tokens_per_s": round(stats["tokens"] / (t2 - t1), 1),
+        "seconds": round(t2 - t0, 2),
+        "example": rollouts.texts[0][:160],
+    }
+
+
+def sample_rollouts(
+    student: ChatModel,
+    prompts: list[str],
+    config: TrainConfig,
+    step: int,
+    sampler: RolloutSampler | None = None,
+    world: World = World(),
+) -> Completions:
+    """This rank's rollouts for ``step``: ``samples_per_prompt`` replies to each of its prompts.
+
+    With the fast sampler every row is seeded by its index in the whole step, so the rollouts
+    do not depend on how many processes share the step.
+    """
     step_prompts = _step_prompts(prompts, config, step)
+    start, stop = world.shard(len(step_prompts), "prompts")
     seed = config.seed * 1_000_003 + step
     try:
         if config.rollouts == "fast":
             sampler = sampler or RolloutSampler(student)
-            rollouts = sampler.sample(
-                step_prompts, config.samples_per_prompt, max_new_tokens=config.max_new_tokens,
-                temperature=config.temperature, seed=seed,
+            return sampler.sample(
+                step_prompts[start:stop], config.samples_per_prompt, max_new_tokens=config.max_new_tokens,
+                temperature=config.temperature, seed=seed, first_row=start * config.samples_per_prompt,
             )
-        else:
-            rollouts = generate(
-                student, [p for p in step_prompts for _ in range(config.samples_per_prompt)],
-                max_new_tokens=config.max_new_tokens, do_sample=True, temperature=config.temperature,
-                seed=seed, batch_size=config.sequences_per_step,
-            )
+        if world.size > 1:
+            raise SafeSteerError("rollouts='plain' runs in one process only; use the default fast rollouts under torchrun")
+        return generate(
+            student, [p for p in step_prompts for _ in range(config.samples_per_prompt)],
+            max_new_tokens=config.max_new_tokens, do_sample=True, temperature=config.temperature,
+            seed=seed, batch_size=config.sequences_per_step,
+        )
     except RuntimeError as exc:  # torch.multinomial on NaN/inf probabilities
         if "inf" in str(exc) or "nan" in str(exc):
             raise NonFiniteLoss(f"the student's probabilities became NaN or infinite at step {step} (while sampling)") from exc
         raise
-    t1 = time.perf_counter()
-    n = len(rollouts.texts)
-    sums = {"loss": 0.0, "kl_s": 0.0, "kl_full": 0.0, "s_mass_student": 0.0, "s_mass_teacher": 0.0}
-    projections: list[Tensor] = []
+
+
+def accumulate_gradients(
+    student: ChatModel,
+    teacher: ChatModel,
+    teacher_hooks: list,
+    direction: Direction,
+    safety_ids: Tensor,
+    rollouts: Completions,
+    config: TrainConfig,
+    step: int,
+    world: World = World(),
+) -> dict[str, float]:
+    """Backpropagate the step's loss into the student's ``.grad`` and return the step's sums.
+
+    Each micro-batch's loss is weighted by its share of the step's rollouts over *all* ranks,
+    so after the gradients are summed over ranks they equal a single process's. A non-finite
+    loss on any rank stops every rank before the update (no rank is left waiting).
+    """
+    n_global = world.sum([len(rollouts.texts)])[0]  # the last step of an epoch may be short
+    sums = dict.fromkeys(("loss", "kl_s", "kl_full", "s_mass_student", "s_mass_teacher", "projection_sum",
+                          "projection_count", "nonfinite"), 0.0)
+    bad_loss = 0.0
     mask_all = rollouts.completion_mask
     for start, stop, t_logits in teacher_micro_batches(teacher, teacher_hooks, rollouts, config, student.device):
         mask = mask_all[start:stop]
@@ -446,38 +516,32 @@ def train_step(
         )
         loss = distillation_loss(config.loss, s_logits, t_logits, mask, safety_ids, beta=config.jsd_beta)
         if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"the loss became {loss.item()} at step {step}; training stopped before the update")
-        weight = (stop - start) / n
+            sums["nonfinite"], bad_loss = 1.0, loss.item()
+            break
+        weight = (stop - start) / n_global
         (loss * weight).backward()
         with torch.no_grad():
             sums["loss"] += loss.item() * weight
             sums["kl_s"] += sequence_mean(localized_reverse_kl_terms(s_logits, t_logits, safety_ids), mask).item() * weight
             sums["kl_full"] += distillation_loss("full-reverse", s_logits, t_logits, mask).item() * weight
-            ps = safety_mass(s_logits, safety_ids)
-            pt = safety_mass(t_logits, safety_ids)
-            sums["s_mass_student"] += sequence_mean(ps, mask).item() * weight
-            sums["s_mass_teacher"] += sequence_mean(pt, mask).item() * weight
-        proj = captured[-1][:, -mask.shape[1] :]  # the completion positions (last pass, last columns)
-        projections.append(proj[mask.cpu()])
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    t2 = time.perf_counter()
-    completion_tokens = int(mask_all.sum())
-    return {
-        "step": step,
-        "lr": scheduler.get_last_lr()[0],
-        **{k: round(v, 6) for k, v in sums.items()},
-        "grad_norm": round(float(grad_norm), 6),
-        "rollout_refusal": refusal_rate(rollouts.texts),
-        "projection": round(float(torch.cat(projections).mean()), 6),
-        "completion_tokens": completion_tokens,
-        "rollout_tokens_per_s": round(completion_tokens / (t1 - t0), 1),
-        "update_tokens_per_s": round(int(rollouts.attention_mask.sum()) / (t2 - t1), 1),
-        "seconds": round(t2 - t0, 2),
-        "example": rollouts.texts[0][:160],
-    }
+            sums["s_mass_student"] += sequence_mean(safety_mass(s_logits, safety_ids), mask).item() * weight
+            sums["s_mass_teacher"] += sequence_mean(safety_mass(t_logits, safety_ids), mask).item() * weight
+        proj = captured[-1][:, -mask.shape[1] :][mask.cpu()]  # the completion positions (last pass)
+        sums["projection_sum"] += float(proj.sum())
+        sums["projection_count"] += proj.numel()
+    sums["refusals"] = refusal_rate(rollouts.texts) * len(rollouts.texts)
+    sums["rows"] = float(len(rollouts.texts))
+    sums["completion_tokens"] = float(mask_all.sum())
+    sums["tokens"] = float(rollouts.attention_mask.sum())
+    keys = list(sums)
+    totals = dict(zip(keys, world.sum([sums[k] for k in keys])))
+    if totals["nonfinite"]:
+        for p in student.hf_model.parameters():
+            p.grad = None
+        value = bad_loss if sums["nonfinite"] else float("nan")
+        raise NonFiniteLoss(f"the loss became {value} at step {step}; training stopped before the update")
+    world.all_reduce_gradients(student.hf_model.parameters())
+    return totals
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
