@@ -136,15 +136,25 @@ def cmd_train(args: argparse.Namespace) -> None:
         }.items()
         if value is not None
     }
+    from safesteer_lens.parallel import current_world, rank_device, shutdown
+
     config = preset(args.preset, **overrides)
     config.validate()
     direction = load_direction(args.run)
-    teacher = load_model(args.model or direction.model, device=args.teacher_device or args.device, dtype=args.dtype)
-    result = train(args.run, config, teacher=teacher, resume=args.resume, device=args.device)
+    world = current_world()  # under torchrun: joins the process group; one process: World()
+    device = rank_device(args.device, world)
+    try:
+        teacher = load_model(args.model or direction.model, device=args.teacher_device or device, dtype=args.dtype)
+        result = train(args.run, config, teacher=teacher, resume=args.resume, device=device)
+    finally:
+        shutdown()
+    if not world.is_main:
+        return
     last = result.metrics[-1] if result.metrics else {}
     print(f"trained {len(result.metrics)} steps ({config.loss}); last step: loss {last.get('loss')}, "
           f"rollout refusal {last.get('rollout_refusal')}, projection {last.get('projection')}")
-    print(f"wrote {args.run}/metrics.jsonl, checkpoint.pt and student/")
+    ranks = f" on {world.size} processes" if world.size > 1 else ""
+    print(f"wrote {args.run}/metrics.jsonl, checkpoint.pt and student/{ranks}")
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -229,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     direction.set_defaults(func=cmd_direction)
 
     tokens = sub.add_parser("tokens", help="stage 2: choose the safety tokens S (reads the direction)")
-    tokens.add_argument("--run", required=True, help="run directory holding direction.safetensors/.json")
+    tokens.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory holding direction.safetensors/.json")
     tokens.add_argument("--model", default=None, help="default: the model named in direction.json")
     tokens.add_argument("--device", default=None)
     tokens.add_argument("--dtype", default=None)
@@ -245,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokens.set_defaults(func=cmd_tokens)
 
     train = sub.add_parser("train", help="stage 3: distil the steered teacher into a student on S")
-    train.add_argument("--run", required=True, help="run directory with the direction and safety tokens")
+    train.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory with the direction and safety tokens")
     train.add_argument("--loss", choices=["safesteer", "full-reverse", "forward", "jsd", "renorm"], default=None,
                        help="default: safesteer (reverse KL over S)")
     train.add_argument("--preset", choices=["demo", "paper"], default="demo")
@@ -274,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     evaluate = sub.add_parser("evaluate", help="refusal / over-refusal / KL / perplexity table")
-    evaluate.add_argument("--run", required=True, help="run directory (for the teacher)")
+    evaluate.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory (for the teacher)")
     evaluate.add_argument("--model", default=None)
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument("--dtype", default=None)

@@ -1,0 +1,61 @@
+"""Run by tests/test_parallel.py under torchrun: one training piece per process.
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/parallel_worker.py MODE RUN_DIR OUT CONFIG_JSON
+
+MODE ``grads``: this rank's rollouts and gradients for step 0; rank 0 saves the loss and the
+summed gradients to OUT. MODE ``train``: ``train(RUN_DIR, max_steps=2)``; rank 0 saves the
+metrics to OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from safesteer_lens.directions import load_direction
+from safesteer_lens.distill import TrainConfig, accumulate_gradients, build_optimizer, sample_rollouts, train
+from safesteer_lens.data import load_builtin_prompts, prompt_texts
+from safesteer_lens.models import load_model
+from safesteer_lens.parallel import current_world, shutdown
+from safesteer_lens.steering import add_hooks
+from safesteer_lens.tokens import load_safety_tokens
+
+
+def step_gradients(run_dir: str, config: TrainConfig) -> dict:
+    """Loss and summed gradients of step 0 (what every process of the world agrees on)."""
+    world = current_world()
+    direction = load_direction(run_dir)
+    teacher = load_model(direction.model, device="cpu")
+    student = load_model(direction.model, device="cpu")
+    build_optimizer(student, config)
+    prompts = prompt_texts(load_builtin_prompts("harmful", "train"))[: config.n_prompts]
+    hooks = add_hooks(teacher, direction.vector, direction.layer, direction.coeff)
+    ids = torch.tensor(load_safety_tokens(run_dir).ids)
+    rollouts = sample_rollouts(student, prompts, config, 0, world=world)
+    stats = accumulate_gradients(student, teacher, hooks, direction, ids, rollouts, config, 0, world)
+    grads = {n: p.grad.clone() for n, p in student.hf_model.named_parameters()}
+    return {"rank": world.rank, "stats": stats, "grads": grads, "texts": rollouts.texts}
+
+
+def main() -> None:
+    mode, run_dir, out, config_json = sys.argv[1:5]
+    config = TrainConfig(**json.loads(config_json))
+    if mode == "grads":
+        result = step_gradients(run_dir, config)
+    else:
+        result = {"rank": current_world().rank,
+                  "metrics": train(run_dir, config, progress=False, export=False, max_steps=2).metrics}
+    if result["rank"] == 0:
+        torch.save(result, out)
+    else:
+        torch.save({"texts": result.get("texts")}, f"{out}.rank{result['rank']}")
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
