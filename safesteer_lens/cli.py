@@ -159,9 +159,16 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     """The whole job: direction -> teacher -> tokens -> training -> evaluation -> report."""
+    from safesteer_lens.parallel import current_world, shutdown
     from safesteer_lens.pipeline import run_pipeline
 
-    table = run_pipeline(args.out, args.model, args.preset, rerun=args.rerun or ())
+    world = current_world()  # under torchrun: joins the process group; one process: World()
+    try:
+        table = run_pipeline(args.out, args.model, args.preset, rerun=args.rerun or ())
+    finally:
+        shutdown()
+    if not world.is_main:
+        return
     _print_table(table)
     print(f"report: {args.out}/report.md and {args.out}/report.html")
 

@@ -89,6 +89,12 @@ class World:
         dist.all_reduce(total)
         return total.tolist()
 
+    def main_says(self, flag: bool) -> bool:
+        """Rank 0's ``flag``, on every rank (for decisions that only rank 0 can make)."""
+        if self.size == 1:
+            return flag
+        return self.sum([float(flag) if self.is_main else 0.0])[0] > 0
+
     def barrier(self) -> None:
         """Wait for every rank (a no-op in one process)."""
         if self.size > 1:

@@ -31,6 +31,7 @@ from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.evaluate import EvalConfig, Subject, evaluate_models
 from safesteer_lens.models import DEFAULT_MODEL, ChatModel, load_model
 from safesteer_lens.pages import write_direction_report, write_tokens_report
+from safesteer_lens.parallel import current_world, rank_device
 from safesteer_lens.steering import add_hooks
 from safesteer_lens.tokens import TokenConfig, select_safety_tokens
 
@@ -110,14 +111,18 @@ def run_pipeline(
         config = PIPELINE_PRESETS[preset]
     config.train.validate()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    say = print if progress else (lambda *a, **k: None)
-    base = model or load_model(model_name)
+    world = current_world()  # under torchrun: rank 0 runs stages 1, 2, 5, 6; every rank trains
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    say = print if progress and world.is_main else (lambda *a, **k: None)
+    base = model or load_model(model_name, device=rank_device(None, world))
 
     # ---- stage 1: direction and teacher
     key = _hash([base.name, asdict(config.direction)])
     stamp = out / "direction.stamp.json"
-    if "direction" in rerun or not _stamp_ok(stamp, key) or not (out / "direction.json").exists():
+    if not world.is_main:
+        pass
+    elif "direction" in rerun or not _stamp_ok(stamp, key) or not (out / "direction.json").exists():
         say("[1/6] direction: finding the refusal direction and the teacher's coefficient")
         direction = find_direction(base, config.direction, progress=progress)
         direction.save(out)
@@ -126,12 +131,14 @@ def run_pipeline(
         rerun = (*rerun, "tokens")
     else:
         say("[1/6] direction: current, skipped")
-    direction = load_direction(out)
+    direction = load_direction(out) if world.is_main else None
 
     # ---- stage 2: safety tokens
     key = _hash([key, asdict(config.tokens)])
     stamp = out / "tokens.stamp.json"
-    if "tokens" in rerun or not _stamp_ok(stamp, key):
+    if not world.is_main:
+        pass
+    elif "tokens" in rerun or not _stamp_ok(stamp, key):
         say("[2/6] tokens: choosing the safety tokens S")
         tokens = select_safety_tokens(base, direction, config.tokens, progress=progress)
         tokens.save(out)
@@ -141,6 +148,8 @@ def run_pipeline(
     else:
         say("[2/6] tokens: current, skipped")
     tokens_key = key
+    world.barrier()  # the other ranks wait here for stages 1 and 2
+    direction = load_direction(out)
 
     # ---- stage 3: SafeSteer student, and the full-vocabulary ablation with the same budget
     students: dict[str, Path] = {}
@@ -151,20 +160,24 @@ def run_pipeline(
         train_config = replace(config.train, loss=loss)
         key = _hash([tokens_key, asdict(train_config)])
         stamp = run_dir / "train.json"
-        if stage in rerun or not _stamp_ok(stamp, key) or not (run_dir / STUDENT_DIR).exists():
+        stale = stage in rerun or not _stamp_ok(stamp, key) or not (run_dir / STUDENT_DIR).exists()
+        if world.main_says(stale):
             say(f"[{number}/6] {stage}: training a student with the {loss} loss")
-            if run_dir != out:
-                run_dir.mkdir(exist_ok=True)
-                for name in ("direction.json", "direction.safetensors", "safety_tokens.json"):
-                    shutil.copy2(out / name, run_dir / name)
-            for stale in ("metrics.jsonl", "checkpoint.pt"):
-                (run_dir / stale).unlink(missing_ok=True)
+            if world.is_main:
+                _prepare_train_dir(out, run_dir)
+            world.barrier()
             train(run_dir, train_config, teacher=base, progress=progress)
-            _write_stamp(stamp, key, loss=loss)
+            if world.is_main:
+                _write_stamp(stamp, key, loss=loss)
             rerun = (*rerun, "evaluate")
         else:
             say(f"[{number}/6] {stage}: current, skipped")
         students[loss] = run_dir / STUDENT_DIR
+    if not world.is_main:  # evaluation and the report are rank 0's
+        world.barrier()
+        import pandas
+
+        return pandas.read_csv(out / "results.csv", index_col="model")
 
     # ---- evaluation
     key = _hash([[json.loads((p.parent / "train.json").read_text())["key"] for p in students.values()], asdict(config.evaluate)])
@@ -193,4 +206,15 @@ def run_pipeline(
 
     say("[6/6] report: report.md, report.html and figures/")
     write_report(out, base, table, config)
+    world.barrier()
     return table
+
+
+def _prepare_train_dir(out: Path, run_dir: Path) -> None:
+    """Give a training directory the stage-1/2 artifacts and clear a stale run's progress."""
+    if run_dir != out:
+        run_dir.mkdir(exist_ok=True)
+        for name in ("direction.json", "direction.safetensors", "safety_tokens.json"):
+            shutil.copy2(out / name, run_dir / name)
+    for stale in ("metrics.jsonl", "checkpoint.pt"):
+        (run_dir / stale).unlink(missing_ok=True)

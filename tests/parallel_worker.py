@@ -4,7 +4,8 @@
 
 MODE ``grads``: this rank's rollouts and gradients for step 0; rank 0 saves the loss and the
 summed gradients to OUT. MODE ``train``: ``train(RUN_DIR, max_steps=2)``; rank 0 saves the
-metrics to OUT.
+metrics to OUT. MODE ``pipeline``: ``run_pipeline`` on the tiny model named by OUT's
+``model`` key (CONFIG_JSON), with tiny settings; every rank saves its table's index to OUT.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from safesteer_lens.distill import TrainConfig, accumulate_gradients, build_opti
 from safesteer_lens.data import load_builtin_prompts, prompt_texts
 from safesteer_lens.models import load_model
 from safesteer_lens.parallel import current_world, shutdown
+from safesteer_lens.pipeline import run_pipeline
 from safesteer_lens.steering import add_hooks
 from safesteer_lens.tokens import load_safety_tokens
 
@@ -42,8 +44,32 @@ def step_gradients(run_dir: str, config: TrainConfig) -> dict:
     return {"rank": world.rank, "stats": stats, "grads": grads, "texts": rollouts.texts}
 
 
+def tiny_pipeline():
+    """Pipeline settings small enough for a tiny model in seconds (as in test_pipeline.py)."""
+    from safesteer_lens.directions import DirectionConfig
+    from safesteer_lens.evaluate import EvalConfig
+    from safesteer_lens.pipeline import PipelineConfig
+    from safesteer_lens.tokens import TokenConfig
+
+    return PipelineConfig(
+        direction=DirectionConfig(method="diff-means", layers=[1, 2], n_train=4, n_val=2, n_test=2, coeffs=(1.0, 2.0),
+                                  max_new_tokens=4),
+        tokens=TokenConfig(horizon=3, samples_per_prompt=2, n_prompts=3, top_k_votes=20, set_size=10, prob_floor=0.0),
+        train=TrainConfig(n_prompts=4, samples_per_prompt=2, max_new_tokens=4, sequences_per_step=4, micro_batch=2,
+                          lr=1e-3),
+        evaluate=EvalConfig(n_harmful=2, n_harmless=2, max_new_tokens=4, n_kl_prompts=2, n_general=2, n_examples=2),
+    )
+
+
 def main() -> None:
     mode, run_dir, out, config_json = sys.argv[1:5]
+    if mode == "pipeline":
+        settings = json.loads(config_json)
+        table = run_pipeline(run_dir, settings["model"], config=tiny_pipeline(), progress=True)
+        rank = current_world().rank
+        torch.save({"index": list(table.index)}, f"{out}.rank{rank}")
+        shutdown()
+        return
     config = TrainConfig(**json.loads(config_json))
     if mode == "grads":
         result = step_gradients(run_dir, config)

@@ -109,6 +109,18 @@ def test_the_safesteer_command_trains_under_torchrun(run_dir):
     assert (run_dir / "student" / "config.json").exists()
 
 
+def test_the_pipeline_runs_under_torchrun_with_rank_0_doing_the_single_process_stages(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    done = _torchrun(str(WORKER), "pipeline", str(out), str(tmp_path / "table"), json.dumps({"model": str(tiny_dir)}))
+    assert done.stdout.count("[1/6] direction") == 1 and done.stdout.count("[3/6] train") == 1
+    for rank in (0, 1):
+        assert "SafeSteer student" in torch.load(tmp_path / f"table.rank{rank}", weights_only=False)["index"]
+    for name in ("direction.json", "safety_tokens.json", "student/config.json", "ablation-full-reverse/student/config.json",
+                 "results.csv", "report.md"):
+        assert (out / name).exists(), name
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # 4 prompts, 2 per step, written once
+
+
 def test_a_step_that_does_not_split_over_the_ranks_is_a_clear_error():
     with pytest.raises(SafeSteerError, match="cannot be split evenly over 3 processes"):
         World(rank=0, size=3).shard(4, "prompts")
