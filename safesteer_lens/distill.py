@@ -104,7 +104,7 @@ class TrainConfig:
 
     @property
     def total_steps(self) -> int:
-        return math.ceil(self.n_prompts * self.epochs / self.prompts_per_step)
+        return math.ceil(self.n_prompts / self.prompts_per_step) * self.epochs  # each epoch ends on a short step
 
     def validate(self) -> None:
         """Reject settings that cannot work, before any compute."""
@@ -285,7 +285,7 @@ def _save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
         Path(tmp).unlink(missing_ok=True)
         last = "none"
         if (run_dir / CHECKPOINT).exists():
-            last = f"step {torch.load(run_dir / CHECKPOINT, weights_only=False)['step']}"
+            last = f"step {torch.load(run_dir / CHECKPOINT, map_location='cpu', weights_only=False)['step']}"
         raise SafeSteerError(
             f"could not write a checkpoint at step {state['step']} ({exc.strerror or exc}); "
             f"the last good checkpoint is {last}; free disk space and rerun with --resume"
@@ -336,6 +336,8 @@ def train(
     config = config or PRESETS["demo"]
     config.validate()
     world = current_world()
+    if world.size > 1 and config.rollouts != "fast":
+        raise SafeSteerError("rollouts='plain' runs in one process only; use the default fast rollouts under torchrun")
     world.shard(config.prompts_per_step, "prompts")  # fail early if a step does not split
     if config.n_prompts % config.prompts_per_step:
         world.shard(config.n_prompts % config.prompts_per_step, "prompts in the last step of an epoch")
@@ -354,7 +356,7 @@ def train(
     metrics: list[dict[str, Any]] = []
     start_step = 0
     if resume and (run_dir / CHECKPOINT).exists():
-        state = torch.load(run_dir / CHECKPOINT, weights_only=False)
+        state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
         if state["config"] != asdict(config):
             raise SafeSteerError("checkpoint.pt was written with other settings; resume with the same preset and flags")
         student.hf_model.load_state_dict(state["student"])
@@ -366,6 +368,8 @@ def train(
         _write_metrics(metrics_path, metrics)
 
     prompts = prompt_texts(load_builtin_prompts("harmful", "train"))[: config.n_prompts]
+    if len(prompts) < config.n_prompts:
+        raise SafeSteerError(f"n_prompts is {config.n_prompts} but the built-in train split has {len(prompts)}; use at most {len(prompts)}")
     safety_ids = torch.tensor(tokens.ids, device=student.device)
     teacher_hooks = add_hooks(teacher, direction.vector, direction.layer, direction.coeff)
     end_step = config.total_steps if max_steps is None else min(config.total_steps, start_step + max_steps)
@@ -431,6 +435,9 @@ def train_step(
     t1 = time.perf_counter()
     stats = accumulate_gradients(student, teacher, teacher_hooks, direction, safety_ids, rollouts, config, step, world)
     grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm)
+    if not torch.isfinite(grad_norm):  # identical on every rank: the gradients were summed
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(f"the gradients became {float(grad_norm)} at step {step}; training stopped before the update")
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

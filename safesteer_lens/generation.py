@@ -10,8 +10,9 @@ the prompt pass and each KV-cached decode step (where activations are ``[batch, 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -112,24 +113,56 @@ def generate(
         raise SafeSteerError(f"temperature must be positive when sampling, got {temperature}")
     if seed is not None:
         torch.manual_seed(seed)
-    eot = model.eot_token_ids
     pad_id = model.tokenizer.pad_token_id
+    settings = policy_generation_config(model, max_new_tokens, do_sample, temperature)
+    settings.use_cache = use_cache
     chunks: list[Completions] = []
     for start in range(0, len(prompts), batch_size):
         batch = model.tokenize(list(prompts[start : start + batch_size]), system=system)
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-        with torch.no_grad(), model.bridge.hooks(fwd_hooks=list(fwd_hooks)):
-            out = model.hf_model.generate(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=eot,
-                pad_token_id=pad_id,
-                use_cache=use_cache,
-                **(sampling if do_sample else {"do_sample": False}),
-            )
+        with torch.no_grad(), model.bridge.hooks(fwd_hooks=list(fwd_hooks)), decoding_with(model.hf_model, settings):
+            out = model.hf_model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         chunks.append(split_output(model, batch.input_ids, batch.attention_mask, out))
     return _concat(chunks, pad_id)
+
+
+def policy_generation_config(
+    model: ChatModel, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0
+) -> Any:
+    """Decoding settings that read the model's own distribution and nothing else.
+
+    A fresh ``GenerationConfig`` rather than the model's: shipped configs carry decoding
+    preferences (Qwen2.5-Instruct's ``repetition_penalty=1.05``, top-k/top-p, beam counts,
+    cache types) that ``generate`` would apply on top of the logits. Refusal measurements and
+    on-policy rollouts both need the policy itself: greedy, or plain temperature sampling.
+    Use it through :func:`decoding_with`.
+    """
+    from transformers import GenerationConfig
+
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {"do_sample": False}
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        num_beams=1,
+        eos_token_id=model.eot_token_ids,
+        pad_token_id=model.tokenizer.pad_token_id,
+        bos_token_id=model.hf_model.generation_config.bos_token_id,
+        **sampling,
+    )
+
+
+@contextmanager
+def decoding_with(hf_model: Any, config: Any) -> Iterator[None]:
+    """Make ``config`` the model's generation config for the block.
+
+    Passing a config to ``generate`` is not enough: ``generate`` fills every field left at
+    None from the model's own config, and neutral values (no repetition penalty, no banned
+    words) are None. With the model's config swapped out there is nothing to inherit.
+    """
+    saved = hf_model.generation_config
+    hf_model.generation_config = config
+    try:
+        yield
+    finally:
+        hf_model.generation_config = saved
 
 
 def split_output(

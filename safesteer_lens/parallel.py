@@ -9,7 +9,8 @@ environment variables)::
 CPU). Then each rank, every optimizer step:
 
 * samples its contiguous share of the step's prompts. Rollouts are seeded per row
-  (:mod:`safesteer_lens.rollouts`), so they are the ones a single process would sample;
+  (:mod:`safesteer_lens.rollouts`), so they are the ones a single process would sample, up to
+  floating point;
 * scores and backpropagates its rows, weighting each micro-batch by its share of the *global*
   rows, so summed gradients are the single-process gradients;
 * sums the gradients over ranks once (:meth:`World.all_reduce_gradients`), after which every
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Iterable, Sequence
 
 import torch
@@ -84,8 +86,7 @@ class World:
         """Sum a few numbers (metrics, flags) over the ranks."""
         if self.size == 1:
             return list(values)
-        device = torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
-        total = torch.tensor(list(values), dtype=torch.float64, device=device)
+        total = torch.tensor(list(values), dtype=torch.float64)  # gloo carries CPU tensors
         dist.all_reduce(total)
         return total.tolist()
 
@@ -116,12 +117,18 @@ def current_world() -> World:
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # gloo for CPU tensors (metrics, or a CPU run on a GPU machine), NCCL for CUDA ones;
+        # a long timeout, because ranks wait while rank 0 alone runs a whole pipeline stage
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(hours=6))
     return World(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def rank_device(device: str | None, world: World) -> str | None:
-    """The device a rank trains on: as given, or its own GPU when several ranks share a machine."""
+    """The device a rank trains on: as given, or its own GPU when several ranks share a machine.
+
+    An explicit ``cuda:N`` is taken as given, so every rank would use that one card.
+    """
     if device is None and world.size > 1 and torch.cuda.is_available():
         return f"cuda:{world.local_rank}"
     return device

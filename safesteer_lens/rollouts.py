@@ -19,12 +19,14 @@ Hugging Face *twin* of the student:
 Each row draws its randomness from its own stream, seeded by ``(seed, row index)``: the
 sampler adds Gumbel noise from that stream to the tempered logits and decodes greedily, which
 is an exact sample from ``softmax(logits / temperature)`` (the Gumbel-max trick). So a row's
-tokens do not depend on which other rows share its batch: the same rollouts come out whether
-a step samples in one process or is split over several (:mod:`safesteer_lens.parallel`).
-Everything else is Hugging Face ``generate`` with the settings of
-:func:`safesteer_lens.generation.generate` (no top-k or top-p, stop at the end-of-turn token,
-the same masks); ``tests/test_rollouts.py`` checks that greedy tokens are equal and that
-sampled token frequencies agree with the plain path and with the model's probabilities.
+tokens do not depend on which other rows share its batch: a step split over several processes
+(:mod:`safesteer_lens.parallel`) samples the rollouts one process would, up to floating point
+(a different batch shape can round a logit differently, and a near-tie can then flip).
+Everything else is Hugging Face ``generate`` with the policy's own distribution (no top-k,
+top-p or repetition penalty from the model's shipped config; stop at the end-of-turn token;
+the masks of :func:`safesteer_lens.generation.generate`). ``tests/test_rollouts.py`` checks
+that greedy tokens are equal and that sampled token frequencies agree with the plain path and
+with the model's probabilities.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import Any, Sequence
 import torch
 
 from safesteer_lens.errors import SafeSteerError
-from safesteer_lens.generation import Completions, split_output
+from safesteer_lens.generation import Completions, policy_generation_config, split_output
 from safesteer_lens.models import ChatModel
 
 CACHE_BUCKET = 64
@@ -46,6 +48,12 @@ CACHE_BUCKET = 64
 def row_seed(seed: int, row: int) -> int:
     """The seed of one row's noise stream (distinct rows and seeds give distinct streams)."""
     return (seed * 1_000_003 + row * 7_919 + 12_345) % 2**63
+
+
+def _all_full_attention(config: Any) -> bool:
+    """Whether every layer attends to the whole sequence (the static-cache path assumes it)."""
+    layer_types = getattr(config, "layer_types", None) or []
+    return getattr(config, "sliding_window", None) is None and all(t == "full_attention" for t in layer_types)
 
 
 class RowSeededGumbel:
@@ -86,7 +94,11 @@ def sampling_twin(model: ChatModel, attn_implementation: str = "sdpa") -> Any:
         twin = AutoModelForCausalLM.from_config(
             model.hf_model.config, attn_implementation=attn_implementation
         )
-    twin.load_state_dict(model.hf_state_dict(copy=False), strict=False, assign=True)
+    shared = model.hf_state_dict(copy=False)
+    trainable = {name: t.requires_grad for name, t in shared.items()}
+    twin.load_state_dict(shared, strict=False, assign=True)
+    for name, tensor in shared.items():  # assign=True re-flags the student's own parameters
+        tensor.requires_grad_(trainable[name])
     if getattr(twin.config, "tie_word_embeddings", False):
         twin.tie_weights()
     wrapped = {k.replace("._original_component", ""): b for k, b in model.hf_model.named_buffers()}
@@ -99,6 +111,12 @@ def sampling_twin(model: ChatModel, attn_implementation: str = "sdpa") -> Any:
                     "counterpart; train with rollout_engine='plain'"
                 )
             twin.get_submodule(owner)._buffers[attr] = wrapped[name]
+    meta = [name for name, p in twin.named_parameters() if p.is_meta]
+    if meta:
+        raise SafeSteerError(
+            f"cannot build a sampling twin of {model.name!r}: {meta[0]} was not shared; "
+            "train with rollouts='plain'"
+        )
     twin.generation_config = copy.deepcopy(model.hf_model.generation_config)
     return twin.eval()
 
@@ -118,7 +136,8 @@ class RolloutSampler:
     def __init__(self, model: ChatModel, compile: bool | None = None, attn_implementation: str = "sdpa"):
         self.model = model
         self.twin = sampling_twin(model, attn_implementation)
-        self.compile = model.device.type == "cuda" if compile is None else compile
+        self.compile = (model.device.type == "cuda" and _all_full_attention(self.twin.config)) if compile is None else compile
+        self._static_caches: dict[tuple[int, int], Any] = {}
 
     @torch.no_grad()
     def sample(
@@ -167,13 +186,9 @@ class RolloutSampler:
         if do_sample:
             seeds = [row_seed(seed, first_row + i) for i in range(input_ids.shape[0])]
             processors.append(RowSeededGumbel(seeds, temperature, input_ids.device))
-        settings: dict[str, Any] = dict(
-            max_new_tokens=max_new_tokens,
-            eos_token_id=self.model.eot_token_ids,
-            pad_token_id=self.model.tokenizer.pad_token_id,
-            do_sample=False,  # greedy over Gumbel-perturbed logits is sampling
-            logits_processor=processors,
-        )
+        settings: dict[str, Any] = dict(logits_processor=processors)
+        # greedy decoding of Gumbel-perturbed logits is sampling; nothing from the shipped config
+        self.twin.generation_config = policy_generation_config(self.model, max_new_tokens)
         if self.compile:
             try:
                 cache = self._prefill(batch.input_ids, batch.attention_mask, m, static_length=input_ids.shape[1] + max_new_tokens)
@@ -198,8 +213,9 @@ class RolloutSampler:
     def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, m: int, static_length: int | None = None) -> Any:
         """KV cache of every prompt token but the last, computed once per prompt, repeated M times.
 
-        Position ids follow ``generate``'s rule for left padding (count of real tokens so far),
-        so the decode steps continue exactly where a full-prompt prefill would.
+        Position ids of real tokens follow ``generate``'s rule for left padding (count of real
+        tokens so far), so the decode steps continue exactly where a full-prompt prefill would;
+        padding gets position 1, which nothing reads (it is masked).
         """
         positions = (attention_mask.cumsum(1) - 1).masked_fill(attention_mask == 0, 1)
         out = self.twin(
@@ -212,8 +228,14 @@ class RolloutSampler:
             return dynamic
         from transformers import StaticCache
 
-        length = CACHE_BUCKET * math.ceil(static_length / CACHE_BUCKET)
-        static = StaticCache(config=self.twin.config, max_cache_len=length)
+        # One cache per (rows, length), reused: the compiled decode step's CUDA graphs are
+        # recorded against the cache's tensors, and a new cache would mean new recordings.
+        key = (input_ids.shape[0] * m, CACHE_BUCKET * math.ceil(static_length / CACHE_BUCKET))
+        static = self._static_caches.get(key)
+        if static is None:
+            static = self._static_caches[key] = StaticCache(config=self.twin.config, max_cache_len=key[1])
+        else:
+            static.reset()
         filled = torch.arange(input_ids.shape[1] - 1, device=input_ids.device)
         for index, layer in enumerate(dynamic.layers):
             static.update(

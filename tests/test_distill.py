@@ -83,7 +83,7 @@ def test_missing_artifacts_and_bad_vocab_are_clear_errors(tiny, run_dir, tmp_pat
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, run_dir):
     config = tiny_config(lr=1e30, max_grad_norm=1e30, checkpoint_every=1)
-    with pytest.raises(SafeSteerError, match="at step 1; checkpoint.pt holds step 1"):
+    with pytest.raises(SafeSteerError, match="at step 1; training stopped before the update; checkpoint.pt holds step 1"):
         train(run_dir, config, teacher=tiny, progress=False)
     saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert saved["step"] == 1
@@ -104,6 +104,16 @@ def test_full_disk_leaves_previous_checkpoint_as_latest(tiny, run_dir, monkeypat
     monkeypatch.setattr(torch, "save", real_save)
     assert (run_dir / "checkpoint.pt").read_bytes() == before
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".checkpoint-")]
+
+
+def test_every_epoch_counts_its_short_last_step():
+    config = TrainConfig(n_prompts=10, samples_per_prompt=2, sequences_per_step=8, epochs=2)  # 4 prompts a step
+    assert config.total_steps == 6  # 4 + 4 + 2, twice
+
+
+def test_more_prompts_than_the_train_split_is_a_clear_error(tiny, run_dir):
+    with pytest.raises(SafeSteerError, match="use at most"):
+        train(run_dir, tiny_config(n_prompts=100_000), teacher=tiny, progress=False)
 
 
 def test_bad_settings_are_rejected():

@@ -74,3 +74,14 @@ def test_completion_position_logits_equal_the_full_forward_slice(tiny):
         part = completion_position_logits(tiny, out.sequences, out.attention_mask, n)
     assert part.shape[1] == n
     assert torch.allclose(part, full[:, out.prompt_ids.shape[1] - 1 : -1], atol=1e-5)
+
+
+def test_shipped_decoding_preferences_do_not_change_what_is_generated(tiny_dir):
+    from safesteer_lens.models import load_model
+
+    model = load_model(str(tiny_dir))
+    before = generate(model, ["Tell me a story", "Hi"], max_new_tokens=8)
+    model.hf_model.generation_config.repetition_penalty = 50.0  # like Qwen's shipped 1.05, but loud
+    model.hf_model.generation_config.num_beams = 4
+    after = generate(model, ["Tell me a story", "Hi"], max_new_tokens=8)
+    assert torch.equal(before.completion_ids, after.completion_ids)

@@ -36,7 +36,9 @@ def sampler(sharp):
 
 
 def test_twin_shares_the_students_storage(tiny):
+    assert not any(p.requires_grad for p in tiny.hf_model.parameters())
     twin = sampling_twin(tiny)
+    assert not any(p.requires_grad for p in tiny.hf_model.parameters())  # still frozen
     embed = tiny.hf_model.get_input_embeddings().weight
     assert twin.get_input_embeddings().weight.data_ptr() == embed.data_ptr()
     assert twin.config._attn_implementation == "sdpa"
