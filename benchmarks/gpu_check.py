@@ -9,7 +9,8 @@ sequences (``--batch / M`` distinct prompts, M samples each, as in training) of
   uses), for context;
 * rollout tokens/s of the trainer's sampler, :class:`safesteer_lens.rollouts.RolloutSampler`
   (sdpa twin, one prefill per prompt, static cache + compiled decoding on CUDA);
-* the time and peak memory of one training step (:func:`safesteer_lens.distill.train_step`).
+* the time and peak memory of one training step (:func:`safesteer_lens.distill.train_step`)
+  with a float32 student, as ``safesteer train`` runs it by default.
 
 Ends with a table and writes every number to the JSON file named on the command line::
 
@@ -95,6 +96,12 @@ def measure(shape: dict, args: argparse.Namespace, device: torch.device, dtype: 
     row["sampler_compiled"] = sampler.compile  # False if compilation failed and it fell back
     del plain
 
+    # the training step as `safesteer train` runs it: a float32 student (TrainConfig.student_dtype)
+    # with its own sampler, scored against the teacher in the device's dtype
+    del sampler, student
+    student = load_model(str(directory), device=device, dtype=torch.float32)
+    sampler = RolloutSampler(student, compile=args.compile)
+    row["train_student_dtype"] = "float32"
     config = preset("demo", samples_per_prompt=m, sequences_per_step=len(expanded), micro_batch=len(expanded),
                     max_new_tokens=args.new_tokens, n_prompts=len(distinct))
     optimizer, scheduler = build_optimizer(student, config)

@@ -39,7 +39,7 @@ from safesteer_lens.directions import Direction, load_direction
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.generation import Completions, completion_position_logits, generate
 from safesteer_lens.losses import LOSSES, distillation_loss, localized_reverse_kl_terms, safety_mass, sequence_mean
-from safesteer_lens.models import ChatModel, load_model
+from safesteer_lens.models import DTYPES, ChatModel, load_model
 from safesteer_lens.parallel import World, current_world, rank_device
 from safesteer_lens.refusal import refusal_rate
 from safesteer_lens.rollouts import RolloutSampler
@@ -75,6 +75,10 @@ class TrainConfig:
         jsd_beta: Teacher weight of the generalised JSD.
         checkpoint_every: Steps between checkpoints.
         seed: Seeds prompt order and rollouts.
+        student_dtype: The student's weights, gradients and AdamW states. float32 by default
+            even where the teacher loads in bfloat16 (CUDA): at lr 1e-5 an AdamW update is
+            far below bfloat16's resolution for most weights and would round away. The
+            frozen teacher keeps its own dtype.
         rollouts: ``fast`` samples with :class:`~safesteer_lens.rollouts.RolloutSampler` (an
             sdpa twin of the student, one prefill per prompt, compiled decoding on CUDA);
             ``plain`` generates through the bridge like every other stage. Both sample the
@@ -96,6 +100,7 @@ class TrainConfig:
     jsd_beta: float = 0.5
     checkpoint_every: int = 5
     seed: int = 0
+    student_dtype: str = "float32"
     rollouts: str = "fast"
 
     @property
@@ -118,6 +123,8 @@ class TrainConfig:
                 f"sequences_per_step ({self.sequences_per_step}) must be a multiple of "
                 f"samples_per_prompt ({self.samples_per_prompt})"
             )
+        if self.student_dtype not in DTYPES:
+            raise SafeSteerError(f"unknown student_dtype {self.student_dtype!r}: use one of {', '.join(DTYPES)}")
         if self.rollouts not in ROLLOUT_ENGINES:
             raise SafeSteerError(f"unknown rollouts {self.rollouts!r}: use one of {', '.join(ROLLOUT_ENGINES)}")
         if not self.lr > 0:
@@ -349,7 +356,7 @@ def train(
             f"safety token id {max(tokens.ids)} does not exist in {teacher.name}'s vocabulary of "
             f"{teacher.d_vocab}; rerun `safesteer tokens --run {run_dir}` for this model"
         )
-    student = load_model(teacher.name, device=rank_device(device, world) or teacher.device, dtype=teacher.dtype)
+    student = load_model(teacher.name, device=rank_device(device, world) or teacher.device, dtype=config.student_dtype)
     optimizer, scheduler = build_optimizer(student, config)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     metrics_path = run_dir / METRICS

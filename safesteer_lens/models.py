@@ -286,7 +286,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise SafeSteerError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from exc
 
 
-_DTYPES = {
+DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -302,9 +302,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in _DTYPES:
-        raise SafeSteerError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise SafeSteerError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def embedded_model_path(name: str = DEFAULT_MODEL) -> Path:

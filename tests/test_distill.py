@@ -106,6 +106,20 @@ def test_full_disk_leaves_previous_checkpoint_as_latest(tiny, run_dir, monkeypat
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".checkpoint-")]
 
 
+def test_a_bfloat16_teacher_trains_a_float32_student(tiny_dir, run_dir):
+    # the CUDA default: the teacher loads in bfloat16, the student keeps float32 weights
+    from safesteer_lens.models import load_model
+
+    teacher = load_model(str(tiny_dir), dtype="bfloat16")
+    result = train(run_dir, tiny_config(n_prompts=2), teacher=teacher, progress=False, export=False)
+    assert result.student.dtype == torch.float32
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in result.metrics)
+    assert train(run_dir, tiny_config(n_prompts=2, student_dtype="bfloat16"), teacher=teacher, progress=False,
+                 export=False).student.dtype == torch.bfloat16
+    with pytest.raises(SafeSteerError, match="unknown student_dtype"):
+        tiny_config(student_dtype="fp8").validate()
+
+
 def test_every_epoch_counts_its_short_last_step():
     config = TrainConfig(n_prompts=10, samples_per_prompt=2, sequences_per_step=8, epochs=2)  # 4 prompts a step
     assert config.total_steps == 6  # 4 + 4 + 2, twice
