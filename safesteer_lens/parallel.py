@@ -1,9 +1,10 @@
 """Data parallelism for `safesteer train` over processes, through ``torch.distributed``.
 
 Launch the ordinary command under ``torchrun`` (``accelerate launch`` sets the same
-environment variables)::
+environment variables; use ``--run-dir``, because torchrun reads ``--run`` as its own
+``--run-path``)::
 
-    torchrun --nproc-per-node 2 $(which safesteer) train --run runs/demo
+    torchrun --standalone --nproc-per-node 2 $(which safesteer) train --run-dir runs/demo
 
 :func:`current_world` sees ``WORLD_SIZE`` and joins the process group (NCCL on CUDA, gloo on
 CPU). Then each rank, every optimizer step:
