@@ -9,7 +9,7 @@ gathered on the safety tokens S. Ours is :func:`safesteer_lens.distill.train_ste
 Each loop runs in its own subprocess (so peak RSS belongs to one loop), one after the other in
 a single invocation::
 
-    python benchmarks/bench_train.py [--model M] [--steps 5] [--run RUN_DIR]
+    python benchmarks/bench_train.py [--model M] [--steps 8] [--run RUN_DIR]
 
 ``RUN_DIR`` must hold ``direction.*`` and ``safety_tokens.json`` (default ``runs/demo``, made
 by ``make demo``). The last line is ``speedup=<reference step time / our step time>``.
@@ -147,7 +147,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the model named in RUN/direction.json")
     parser.add_argument("--run", default="runs/demo", help="run directory with direction and safety tokens")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per loop (after one warm-up step)")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per loop (after one warm-up step)")
     parser.add_argument("--json", default=None, help="also write the numbers here")
     parser.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
     args = parser.parse_args()
