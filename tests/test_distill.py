@@ -7,22 +7,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from safesteer_lens.cli import main
-from safesteer_lens.directions import Direction
 from safesteer_lens.distill import TrainConfig, train
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.generation import generate
 from safesteer_lens.tokens import SafetyTokens
 
 TIMING = ("rollout_tokens_per_s", "update_tokens_per_s", "seconds")
-
-
-@pytest.fixture()
-def run_dir(tiny, tiny_dir, tmp_path):
-    torch.manual_seed(0)
-    Direction(torch.randn(tiny.d_model) * 4, str(tiny_dir), "diff-means", 2, -1, 1.0).save(tmp_path)
-    ids = list(range(20, 60))
-    SafetyTokens([{"id": i, "text": tiny.tokenizer.decode([i]), "votes": 1, "mean_delta": 0.0} for i in ids]).save(tmp_path)
-    return tmp_path
 
 
 def tiny_config(**overrides):

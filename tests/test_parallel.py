@@ -11,25 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from safesteer_lens.directions import Direction
 from safesteer_lens.distill import TrainConfig, train
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.parallel import World
-from safesteer_lens.tokens import SafetyTokens
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 TIMING = ("rollout_tokens_per_s", "update_tokens_per_s", "seconds")
 CONFIG = TrainConfig(n_prompts=8, samples_per_prompt=2, max_new_tokens=5, sequences_per_step=8, micro_batch=2,
                      lr=3e-3, checkpoint_every=1, warmup_fraction=0.0)
-
-
-@pytest.fixture()
-def run_dir(tiny, tiny_dir, tmp_path):
-    torch.manual_seed(0)
-    Direction(torch.randn(tiny.d_model) * 4, str(tiny_dir), "diff-means", 2, -1, 1.0).save(tmp_path)
-    ids = list(range(20, 60))
-    SafetyTokens([{"id": i, "text": tiny.tokenizer.decode([i]), "votes": 1, "mean_delta": 0.0} for i in ids]).save(tmp_path)
-    return tmp_path
 
 
 def _torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
