@@ -107,10 +107,7 @@ def generate(
     Returns:
         :class:`Completions` for all prompts, in order.
     """
-    if max_new_tokens < 1:
-        raise SafeSteerError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if do_sample and temperature <= 0:
-        raise SafeSteerError(f"temperature must be positive when sampling, got {temperature}")
+    check_decoding(max_new_tokens, do_sample, temperature)
     if seed is not None:
         torch.manual_seed(seed)
     pad_id = model.tokenizer.pad_token_id
@@ -123,6 +120,14 @@ def generate(
             out = model.hf_model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         chunks.append(split_output(model, batch.input_ids, batch.attention_mask, out))
     return _concat(chunks, pad_id)
+
+
+def check_decoding(max_new_tokens: int, do_sample: bool, temperature: float) -> None:
+    """Reject decoding settings that cannot work, before any compute."""
+    if max_new_tokens < 1:
+        raise SafeSteerError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if do_sample and temperature <= 0:
+        raise SafeSteerError(f"temperature must be positive when sampling, got {temperature}")
 
 
 def policy_generation_config(

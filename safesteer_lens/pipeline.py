@@ -117,37 +117,10 @@ def run_pipeline(
     say = print if progress and world.is_main else (lambda *a, **k: None)
     base = model or load_model(model_name, device=rank_device(None, world))
 
-    # ---- stage 1: direction and teacher
-    key = _hash([base.name, asdict(config.direction)])
-    stamp = out / "direction.stamp.json"
-    if not world.is_main:
-        pass
-    elif "direction" in rerun or not _stamp_ok(stamp, key) or not (out / "direction.json").exists():
-        say("[1/6] direction: finding the refusal direction and the teacher's coefficient")
-        direction = find_direction(base, config.direction, progress=progress)
-        direction.save(out)
-        write_direction_report(direction, out)
-        _write_stamp(stamp, key)
-        rerun = (*rerun, "tokens")
-    else:
-        say("[1/6] direction: current, skipped")
-    direction = load_direction(out) if world.is_main else None
-
-    # ---- stage 2: safety tokens
-    key = _hash([key, asdict(config.tokens)])
-    stamp = out / "tokens.stamp.json"
-    if not world.is_main:
-        pass
-    elif "tokens" in rerun or not _stamp_ok(stamp, key):
-        say("[2/6] tokens: choosing the safety tokens S")
-        tokens = select_safety_tokens(base, direction, config.tokens, progress=progress)
-        tokens.save(out)
-        write_tokens_report(base, direction, tokens, out, compare_horizon=1)
-        _write_stamp(stamp, key)
-        rerun = (*rerun, "train", "ablation")
-    else:
-        say("[2/6] tokens: current, skipped")
-    tokens_key = key
+    direction_key = _hash([base.name, asdict(config.direction)])
+    tokens_key = _hash([direction_key, asdict(config.tokens)])
+    if world.is_main:
+        rerun = _direction_and_tokens(out, base, config, direction_key, tokens_key, rerun, say, progress)
     world.barrier()  # the other ranks wait here for stages 1 and 2
     direction = load_direction(out)
 
@@ -208,6 +181,44 @@ def run_pipeline(
     write_report(out, base, table, config)
     world.barrier()
     return table
+
+
+def _direction_and_tokens(
+    out: Path,
+    base: ChatModel,
+    config: PipelineConfig,
+    direction_key: str,
+    tokens_key: str,
+    rerun: Sequence[str],
+    say: Any,
+    progress: bool,
+) -> Sequence[str]:
+    """Stages 1 and 2 (rank 0's alone); returns ``rerun`` with the stages they made stale."""
+    # ---- stage 1: direction and teacher
+    stamp = out / "direction.stamp.json"
+    if "direction" in rerun or not _stamp_ok(stamp, direction_key) or not (out / "direction.json").exists():
+        say("[1/6] direction: finding the refusal direction and the teacher's coefficient")
+        direction = find_direction(base, config.direction, progress=progress)
+        direction.save(out)
+        write_direction_report(direction, out)
+        _write_stamp(stamp, direction_key)
+        rerun = (*rerun, "tokens")
+    else:
+        say("[1/6] direction: current, skipped")
+    direction = load_direction(out)
+
+    # ---- stage 2: safety tokens
+    stamp = out / "tokens.stamp.json"
+    if "tokens" in rerun or not _stamp_ok(stamp, tokens_key):
+        say("[2/6] tokens: choosing the safety tokens S")
+        tokens = select_safety_tokens(base, direction, config.tokens, progress=progress)
+        tokens.save(out)
+        write_tokens_report(base, direction, tokens, out, compare_horizon=1)
+        _write_stamp(stamp, tokens_key)
+        rerun = (*rerun, "train", "ablation")
+    else:
+        say("[2/6] tokens: current, skipped")
+    return rerun
 
 
 def _prepare_train_dir(out: Path, run_dir: Path) -> None:

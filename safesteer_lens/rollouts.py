@@ -39,7 +39,7 @@ from typing import Any, Sequence
 import torch
 
 from safesteer_lens.errors import SafeSteerError
-from safesteer_lens.generation import Completions, policy_generation_config, split_output
+from safesteer_lens.generation import Completions, check_decoding, policy_generation_config, split_output
 from safesteer_lens.models import ChatModel
 
 CACHE_BUCKET = 64
@@ -170,12 +170,9 @@ class RolloutSampler:
             :class:`~safesteer_lens.generation.Completions`, laid out like
             ``generate(model, [p for p in prompts for _ in range(M)])``.
         """
-        if max_new_tokens < 1:
-            raise SafeSteerError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        check_decoding(max_new_tokens, do_sample, temperature)
         if samples_per_prompt < 1:
             raise SafeSteerError(f"samples_per_prompt must be at least 1, got {samples_per_prompt}")
-        if do_sample and temperature <= 0:
-            raise SafeSteerError(f"temperature must be positive when sampling, got {temperature}")
         from transformers import LogitsProcessorList
 
         batch = self.model.tokenize(list(prompts), system=system)
@@ -186,7 +183,6 @@ class RolloutSampler:
         if do_sample:
             seeds = [row_seed(seed, first_row + i) for i in range(input_ids.shape[0])]
             processors.append(RowSeededGumbel(seeds, temperature, input_ids.device))
-        settings: dict[str, Any] = dict(logits_processor=processors)
         # greedy decoding of Gumbel-perturbed logits is sampling; nothing from the shipped config
         self.twin.generation_config = policy_generation_config(self.model, max_new_tokens)
         if self.compile:
@@ -194,7 +190,7 @@ class RolloutSampler:
                 cache = self._prefill(batch.input_ids, batch.attention_mask, m, static_length=input_ids.shape[1] + max_new_tokens)
                 out = self.twin.generate(
                     input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
-                    compile_config=self._compile_config(), **settings,
+                    compile_config=self._compile_config(), logits_processor=processors,
                 )
                 return split_output(self.model, input_ids, attention_mask, out)
             except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager decoding
@@ -207,7 +203,9 @@ class RolloutSampler:
                 if do_sample:
                     processors[0] = RowSeededGumbel(seeds, temperature, input_ids.device)  # fresh streams
         cache = self._prefill(batch.input_ids, batch.attention_mask, m)
-        out = self.twin.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, **settings)
+        out = self.twin.generate(
+            input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, logits_processor=processors
+        )
         return split_output(self.model, input_ids, attention_mask, out)
 
     def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, m: int, static_length: int | None = None) -> Any:
