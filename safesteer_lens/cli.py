@@ -125,7 +125,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     """Stage 3: localized on-policy distillation of the student from the steered teacher."""
     from safesteer_lens.directions import load_direction
     from safesteer_lens.distill import preset, train
-    from safesteer_lens.models import load_model
+    from safesteer_lens.models import load_model, resolve_device
 
     overrides = {
         key: value
@@ -137,6 +137,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         if value is not None
     }
     from safesteer_lens.parallel import current_world, rank_device, shutdown
+    from safesteer_lens.sharding import check_sharding, load_sharded
 
     config = preset(args.preset, **overrides)
     config.validate()
@@ -144,8 +145,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     world = current_world()  # under torchrun: joins the process group; one process: World()
     device = rank_device(args.device, world)
     try:
-        teacher = load_model(args.model or direction.model, device=args.teacher_device or device, dtype=args.dtype)
-        result = train(args.run, config, teacher=teacher, resume=args.resume, device=device)
+        check_sharding(args.shard, world)
+        name = args.model or direction.model
+        if args.shard == "all":
+            teacher = load_sharded(name, world, args.teacher_device or device or resolve_device(None), args.dtype)
+        else:
+            teacher = load_model(name, device=args.teacher_device or device, dtype=args.dtype)
+        result = train(args.run, config, teacher=teacher, resume=args.resume, device=device, shard=args.shard)
     finally:
         shutdown()
     if not world.is_main:
@@ -164,7 +170,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     world = current_world()  # under torchrun: joins the process group; one process: World()
     try:
-        table = run_pipeline(args.out, args.model, args.preset, rerun=args.rerun or ())
+        table = run_pipeline(args.out, args.model, args.preset, rerun=args.rerun or (), shard=args.shard)
     finally:
         shutdown()
     if not world.is_main:
@@ -209,6 +215,12 @@ def _print_table(table: "object") -> None:
 
     with pandas.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
         print(table)
+
+
+SHARD_HELP = (
+    "under torchrun: none (data parallel, whole models), student (FSDP-shard the student's weights, "
+    "gradients and AdamW states), all (shard the teacher too)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fast (default): sdpa twin, one prefill per prompt, compiled on CUDA; plain: through the bridge")
     train.add_argument("--resume", action="store_true", help="continue from checkpoint.pt")
     train.add_argument("--teacher-device", default=None, help="put the frozen teacher on another device (e.g. cuda:1)")
+    train.add_argument("--shard", choices=["none", "student", "all"], default="none", help=SHARD_HELP)
     train.set_defaults(func=cmd_train)
 
     run = sub.add_parser("run", help="the whole job, stage by stage, skipping stages that are current")
@@ -288,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--preset", choices=["demo", "paper"], default="demo")
     run.add_argument("--rerun", nargs="*", choices=["direction", "tokens", "train", "ablation", "evaluate", "report"],
                      help="redo these stages (and what depends on them)")
+    run.add_argument("--shard", choices=["none", "student", "all"], default="none", help=SHARD_HELP)
     run.set_defaults(func=cmd_run)
 
     evaluate = sub.add_parser("evaluate", help="refusal / over-refusal / KL / perplexity table")

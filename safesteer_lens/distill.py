@@ -39,15 +39,17 @@ from safesteer_lens.directions import Direction, load_direction
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.generation import Completions, completion_position_logits, generate
 from safesteer_lens.losses import LOSSES, distillation_loss, localized_reverse_kl_terms, safety_mass, sequence_mean
-from safesteer_lens.models import DTYPES, ChatModel, load_model
+from safesteer_lens.models import DTYPES, ChatModel, load_model, resolve_device
 from safesteer_lens.parallel import World, current_world, rank_device
 from safesteer_lens.refusal import refusal_rate
 from safesteer_lens.rollouts import RolloutSampler
+from safesteer_lens.sharding import check_sharding, full_state, is_sharded, load_full_state, load_sharded, local, set_gradient_sync, to_float
 from safesteer_lens.steering import add_hooks
 from safesteer_lens.tokens import load_safety_tokens
 
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = 2  # weights under Hugging Face names, optimizer state under parameter paths
 STUDENT_DIR = "student"
 ROLLOUT_ENGINES = ("fast", "plain")
 TEACHER_LOGITS_BUDGET = 256 * 2**20  # bytes of float32 teacher logits held at once
@@ -256,16 +258,38 @@ def _step_prompts(prompts: list[str], config: TrainConfig, step: int) -> list[st
     return [prompts[i] for i in chosen]
 
 
-def export_student(student: ChatModel, out_dir: str | Path) -> Path:
+def _training_teacher(
+    teacher: ChatModel | None, name: str, shard: str, world: World, device: str | torch.device
+) -> ChatModel:
+    """The frozen teacher for :func:`train`: as given, loaded, or loaded and sharded (``shard="all"``)."""
+    if shard != "all":
+        return teacher or load_model(name, device=device)
+    if teacher is not None:
+        if not is_sharded(teacher):
+            raise SafeSteerError(
+                "shard='all' shards the teacher too: pass teacher=None (train loads and shards it) "
+                "or a teacher loaded with safesteer_lens.sharding.load_sharded"
+            )
+        return teacher
+    return load_sharded(name, world, device)
+
+
+def export_student(student: ChatModel, out_dir: str | Path, weights: dict[str, Tensor] | None = None) -> Path:
     """Save the student as a Hugging Face directory that plain ``transformers`` loads.
 
     Written under a temporary name and renamed, so a half-written export never looks done.
+
+    Args:
+        student: The trained model.
+        out_dir: The directory to (re)create.
+        weights: Whole weights under Hugging Face names, for a sharded student
+            (:func:`~safesteer_lens.sharding.full_state`); default: the student's own.
     """
     from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir)
     clean = AutoModelForCausalLM.from_config(student.hf_model.config)
-    clean.load_state_dict(student.hf_state_dict(), strict=False)
+    clean.load_state_dict(student.hf_state_dict() if weights is None else weights, strict=False)
     if getattr(student.hf_model.config, "tie_word_embeddings", False):
         clean.tie_weights()
     clean.generation_config = student.hf_model.generation_config
@@ -322,6 +346,7 @@ def train(
     export: bool = True,
     progress: bool = True,
     device: str | None = None,
+    shard: str = "none",
 ) -> TrainResult:
     """Train a student by localized on-policy distillation from the steered teacher.
 
@@ -338,11 +363,17 @@ def train(
         progress: Show a progress bar.
         device: Where the student trains (default: the teacher's device). A teacher on a
             second device scores rollouts there; its logits are moved to the student.
+        shard: Under torchrun: ``"none"`` (data parallel, whole models on every rank),
+            ``"student"`` (the student's weights, gradients and AdamW states sharded with
+            FSDP2; a whole teacher on every rank) or ``"all"`` (the teacher sharded too; leave
+            ``teacher`` None, or pass one sharded with
+            :func:`~safesteer_lens.sharding.load_sharded`). See :mod:`safesteer_lens.sharding`.
     """
     run_dir = Path(run_dir)
     config = config or PRESETS["demo"]
     config.validate()
     world = current_world()
+    check_sharding(shard, world)
     if world.size > 1 and config.rollouts != "fast":
         raise SafeSteerError("rollouts='plain' runs in one process only; use the default fast rollouts under torchrun")
     world.shard(config.prompts_per_step, "prompts")  # fail early if a step does not split
@@ -350,13 +381,17 @@ def train(
         world.shard(config.n_prompts % config.prompts_per_step, "prompts in the last step of an epoch")
     direction = load_direction(run_dir)
     tokens = load_safety_tokens(run_dir)
-    teacher = teacher or load_model(direction.model)
+    target = rank_device(device, world) or (teacher.device if teacher is not None else resolve_device(None))
+    teacher = _training_teacher(teacher, direction.model, shard, world, target)
     if max(tokens.ids) >= teacher.d_vocab:
         raise SafeSteerError(
             f"safety token id {max(tokens.ids)} does not exist in {teacher.name}'s vocabulary of "
             f"{teacher.d_vocab}; rerun `safesteer tokens --run {run_dir}` for this model"
         )
-    student = load_model(teacher.name, device=rank_device(device, world) or teacher.device, dtype=config.student_dtype)
+    if shard == "none":
+        student = load_model(teacher.name, device=target, dtype=config.student_dtype)
+    else:
+        student = load_sharded(teacher.name, world, target, config.student_dtype)
     optimizer, scheduler = build_optimizer(student, config)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     metrics_path = run_dir / METRICS
@@ -364,10 +399,11 @@ def train(
     start_step = 0
     if resume and (run_dir / CHECKPOINT).exists():
         state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise SafeSteerError("checkpoint.pt was written by an older safesteer-lens; rerun this stage without --resume")
         if state["config"] != asdict(config):
             raise SafeSteerError("checkpoint.pt was written with other settings; resume with the same preset and flags")
-        student.hf_model.load_state_dict(state["student"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_full_state(student, state["student"], optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step = state["step"]
         metrics = [m for m in _read_metrics(metrics_path) if m["step"] < start_step]
@@ -399,19 +435,23 @@ def train(
                 handle.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{row['loss']:.4f}", refusal=f"{row['rollout_refusal']:.2f}")
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.total_steps:
-            if not all(torch.isfinite(p).all() for p in params):
+            if world.sum([sum(float(not torch.isfinite(local(p)).all()) for p in params)])[0]:
                 kept = f"checkpoint.pt holds step {last_saved}" if last_saved is not None else "no checkpoint was written yet"
                 raise NonFiniteLoss(f"the weights became NaN or infinite at step {step}; {kept}; lower the learning rate")
+            if world.is_main or is_sharded(student):  # gathering shards takes every rank
+                weights, optim = full_state(student, optimizer)
             if world.is_main:
                 _save_checkpoint(run_dir, {
-                    "step": step + 1, "student": student.hf_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "format": CHECKPOINT_FORMAT, "step": step + 1, "student": weights, "optimizer": optim,
                     "scheduler": scheduler.state_dict(), "config": asdict(config),
                 })
             last_saved = step + 1
     for p in params:
         p.requires_grad_(False)
-    if export and end_step == config.total_steps and world.is_main:
-        export_student(student, run_dir / STUDENT_DIR)
+    if export and end_step == config.total_steps:
+        weights = full_state(student)[0] if is_sharded(student) else None
+        if world.is_main:
+            export_student(student, run_dir / STUDENT_DIR, weights)
     world.barrier()  # every rank returns once rank 0's files are complete
     return TrainResult(student, metrics, run_dir)
 
@@ -441,10 +481,11 @@ def train_step(
     rollouts = sample_rollouts(student, prompts, config, step, sampler, world)
     t1 = time.perf_counter()
     stats = accumulate_gradients(student, teacher, teacher_hooks, direction, safety_ids, rollouts, config, step, world)
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm)
-    if not torch.isfinite(grad_norm):  # identical on every rank: the gradients were summed
+    # the norm of the whole (summed) gradient, so the same on every rank, sharded or not
+    grad_norm = to_float(torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm))
+    if not math.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLoss(f"the gradients became {float(grad_norm)} at step {step}; training stopped before the update")
+        raise NonFiniteLoss(f"the gradients became {grad_norm} at step {step}; training stopped before the update")
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -453,7 +494,7 @@ def train_step(
         "step": step,
         "lr": scheduler.get_last_lr()[0],
         **{k: round(stats[k], 6) for k in ("loss", "kl_s", "kl_full", "s_mass_student", "s_mass_teacher")},
-        "grad_norm": round(float(grad_norm), 6),
+        "grad_norm": round(grad_norm, 6),
         "rollout_refusal": stats["refusals"] / stats["rows"],
         "projection": round(stats["projection_sum"] / stats["projection_count"], 6),
         "completion_tokens": int(stats["completion_tokens"]),
@@ -475,7 +516,8 @@ def sample_rollouts(
     """This rank's rollouts for ``step``: ``samples_per_prompt`` replies to each of its prompts.
 
     With the fast sampler every row is seeded by its index in the whole step, so the rollouts
-    do not depend on how many processes share the step.
+    do not depend on how many processes share the step. A sharded student's rollouts are padded
+    to the widest rank's, so every rank runs the same forwards when scoring them.
     """
     step_prompts = _step_prompts(prompts, config, step)
     start, stop = world.shard(len(step_prompts), "prompts")
@@ -483,10 +525,14 @@ def sample_rollouts(
     try:
         if config.rollouts == "fast":
             sampler = sampler or RolloutSampler(student)
-            return sampler.sample(
+            rollouts = sampler.sample(
                 step_prompts[start:stop], config.samples_per_prompt, max_new_tokens=config.max_new_tokens,
                 temperature=config.temperature, seed=seed, first_row=start * config.samples_per_prompt,
             )
+            if sampler.sharded:
+                width = world.max([rollouts.completion_ids.shape[1]])[0]
+                rollouts = rollouts.widened(int(width), student.tokenizer.pad_token_id)
+            return rollouts
         if world.size > 1:
             raise SafeSteerError("rollouts='plain' runs in one process only; use the default fast rollouts under torchrun")
         return generate(
@@ -515,12 +561,15 @@ def accumulate_gradients(
 
     Each micro-batch's loss is weighted by its share of the step's rollouts over *all* ranks,
     so after the gradients are summed over ranks they equal a single process's. A non-finite
-    loss on any rank stops every rank before the update (no rank is left waiting).
+    loss on any rank stops every rank before the update, all at the same micro-batch (no rank
+    is left waiting in a collective). A sharded student reduces its gradients over the ranks
+    once, in the last micro-batch's backward; a whole one sums them after the loop.
     """
     n_global = world.sum([len(rollouts.texts)])[0]  # the last step of an epoch may be short
     sums = dict.fromkeys(("loss", "kl_s", "kl_full", "s_mass_student", "s_mass_teacher", "projection_sum",
-                          "projection_count", "nonfinite"), 0.0)
-    bad_loss = 0.0
+                          "projection_count"), 0.0)
+    bad_loss = None
+    sharded = is_sharded(student)
     mask_all = rollouts.completion_mask
     for start, stop, t_logits in teacher_micro_batches(teacher, teacher_hooks, rollouts, config, student.device):
         mask = mask_all[start:stop]
@@ -529,10 +578,12 @@ def accumulate_gradients(
             student, rollouts, [_projection_hook(direction, captured)], start, stop, config.samples_per_prompt
         )
         loss = distillation_loss(config.loss, s_logits, t_logits, mask, safety_ids, beta=config.jsd_beta)
-        if not torch.isfinite(loss):
-            sums["nonfinite"], bad_loss = 1.0, loss.item()
+        if world.sum([float(not torch.isfinite(loss))])[0]:
+            bad_loss = loss.item()
             break
         weight = (stop - start) / n_global
+        if sharded:
+            set_gradient_sync(student, stop == len(rollouts))
         (loss * weight).backward()
         with torch.no_grad():
             sums["loss"] += loss.item() * weight
@@ -547,14 +598,15 @@ def accumulate_gradients(
     sums["rows"] = float(len(rollouts.texts))
     sums["completion_tokens"] = float(mask_all.sum())
     sums["tokens"] = float(rollouts.attention_mask.sum())
-    keys = list(sums)
-    totals = dict(zip(keys, world.sum([sums[k] for k in keys])))
-    if totals["nonfinite"]:
+    if bad_loss is not None:
         for p in student.hf_model.parameters():
             p.grad = None
-        value = bad_loss if sums["nonfinite"] else float("nan")
+        value = bad_loss if not math.isfinite(bad_loss) else "NaN or infinite on another process"
         raise NonFiniteLoss(f"the loss became {value} at step {step}; training stopped before the update")
-    world.all_reduce_gradients(student.hf_model.parameters())
+    keys = list(sums)
+    totals = dict(zip(keys, world.sum([sums[k] for k in keys])))
+    if not sharded:
+        world.all_reduce_gradients(student.hf_model.parameters())
     return totals
 
 

@@ -91,6 +91,14 @@ class World:
         dist.all_reduce(total)
         return total.tolist()
 
+    def max(self, values: Sequence[float]) -> list[float]:
+        """The largest of a few numbers (widths, counts) over the ranks."""
+        if self.size == 1:
+            return list(values)
+        top = torch.tensor(list(values), dtype=torch.float64)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        return top.tolist()
+
     def main_says(self, flag: bool) -> bool:
         """Rank 0's ``flag``, on every rank (for decisions that only rank 0 can make)."""
         if self.size == 1:

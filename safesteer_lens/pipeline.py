@@ -32,6 +32,7 @@ from safesteer_lens.evaluate import EvalConfig, Subject, evaluate_models
 from safesteer_lens.models import DEFAULT_MODEL, ChatModel, load_model
 from safesteer_lens.pages import write_direction_report, write_tokens_report
 from safesteer_lens.parallel import current_world, rank_device
+from safesteer_lens.sharding import check_sharding
 from safesteer_lens.steering import add_hooks
 from safesteer_lens.tokens import TokenConfig, select_safety_tokens
 
@@ -90,6 +91,7 @@ def run_pipeline(
     config: PipelineConfig | None = None,
     model: ChatModel | None = None,
     progress: bool = True,
+    shard: str = "none",
 ) -> "Any":
     """Run every stage that is missing or stale; return the evaluation table.
 
@@ -101,6 +103,9 @@ def run_pipeline(
         config: Full settings instead of a preset.
         model: An already loaded base model (skips loading).
         progress: Show progress bars and stage messages.
+        shard: Under torchrun, how training shards the models (``train``'s ``shard``). The
+            other stages run on rank 0 with the whole base model, which must fit one device
+            for inference; with ``"all"`` training loads its own sharded teacher.
     """
     unknown = set(rerun) - set(STAGES)
     if unknown:
@@ -112,6 +117,7 @@ def run_pipeline(
     config.train.validate()
     out = Path(out)
     world = current_world()  # under torchrun: rank 0 runs stages 1, 2, 5, 6; every rank trains
+    check_sharding(shard, world)
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
     say = print if progress and world.is_main else (lambda *a, **k: None)
@@ -139,7 +145,7 @@ def run_pipeline(
             if world.is_main:
                 _prepare_train_dir(out, run_dir)
             world.barrier()
-            train(run_dir, train_config, teacher=base, progress=progress)
+            train(run_dir, train_config, teacher=None if shard == "all" else base, progress=progress, shard=shard)
             if world.is_main:
                 _write_stamp(stamp, key, loss=loss)
             rerun = (*rerun, "evaluate")

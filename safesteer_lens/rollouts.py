@@ -16,6 +16,11 @@ Hugging Face *twin* of the student:
   up to a bucket so that steps with different prompt lengths reuse the compiled graphs. If
   compilation fails, the sampler warns once and goes on with the dynamic cache.
 
+A sharded student (:mod:`safesteer_lens.sharding`) has no whole parameter tensors to share, so
+it samples through its own Hugging Face model instead (the bridge's eager attention, FSDP
+gathering each layer as it runs), with the same shared prefill and per-row noise. Its ranks
+decode in lock-step, because each forward is a collective, until every rank's rows are done.
+
 Each row draws its randomness from its own stream, seeded by ``(seed, row index)``: the
 sampler adds Gumbel noise from that stream to the tempered logits and decodes greedily, which
 is an exact sample from ``softmax(logits / temperature)`` (the Gumbel-max trick). So a row's
@@ -39,8 +44,9 @@ from typing import Any, Sequence
 import torch
 
 from safesteer_lens.errors import SafeSteerError
-from safesteer_lens.generation import Completions, check_decoding, policy_generation_config, split_output
+from safesteer_lens.generation import Completions, check_decoding, decoding_with, policy_generation_config, split_output
 from safesteer_lens.models import ChatModel
+from safesteer_lens.sharding import is_sharded
 
 CACHE_BUCKET = 64
 
@@ -135,8 +141,14 @@ class RolloutSampler:
 
     def __init__(self, model: ChatModel, compile: bool | None = None, attn_implementation: str = "sdpa"):
         self.model = model
-        self.twin = sampling_twin(model, attn_implementation)
-        self.compile = (model.device.type == "cuda" and _all_full_attention(self.twin.config)) if compile is None else compile
+        self.sharded = is_sharded(model)
+        if self.sharded:
+            if compile:
+                raise SafeSteerError("a sharded student samples without compilation; use compile=None")
+            self.twin, self.compile = model.hf_model, False
+        else:
+            self.twin = sampling_twin(model, attn_implementation)
+            self.compile = (model.device.type == "cuda" and _all_full_attention(self.twin.config)) if compile is None else compile
         self._static_caches: dict[tuple[int, int], Any] = {}
 
     @torch.no_grad()
@@ -179,33 +191,33 @@ class RolloutSampler:
         m = samples_per_prompt
         input_ids = batch.input_ids.repeat_interleave(m, 0)
         attention_mask = batch.attention_mask.repeat_interleave(m, 0)
-        processors = LogitsProcessorList()
-        if do_sample:
-            seeds = [row_seed(seed, first_row + i) for i in range(input_ids.shape[0])]
-            processors.append(RowSeededGumbel(seeds, temperature, input_ids.device))
+        seeds = [row_seed(seed, first_row + i) for i in range(input_ids.shape[0])]
+
+        def processors() -> LogitsProcessorList:  # fresh noise streams for each attempt
+            return LogitsProcessorList([RowSeededGumbel(seeds, temperature, input_ids.device)] if do_sample else [])
+
         # greedy decoding of Gumbel-perturbed logits is sampling; nothing from the shipped config
-        self.twin.generation_config = policy_generation_config(self.model, max_new_tokens)
-        if self.compile:
-            try:
-                cache = self._prefill(batch.input_ids, batch.attention_mask, m, static_length=input_ids.shape[1] + max_new_tokens)
-                out = self.twin.generate(
-                    input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
-                    compile_config=self._compile_config(), logits_processor=processors,
-                )
-                return split_output(self.model, input_ids, attention_mask, out)
-            except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager decoding
-                warnings.warn(
-                    f"compiled decoding failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                    "sampling with the dynamic cache from now on",
-                    stacklevel=2,
-                )
-                self.compile = False
-                if do_sample:
-                    processors[0] = RowSeededGumbel(seeds, temperature, input_ids.device)  # fresh streams
-        cache = self._prefill(batch.input_ids, batch.attention_mask, m)
-        out = self.twin.generate(
-            input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, logits_processor=processors
-        )
+        with decoding_with(self.twin, policy_generation_config(self.model, max_new_tokens)):
+            if self.compile:
+                try:
+                    cache = self._prefill(batch.input_ids, batch.attention_mask, m, static_length=input_ids.shape[1] + max_new_tokens)
+                    out = self.twin.generate(
+                        input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                        compile_config=self._compile_config(), logits_processor=processors(),
+                    )
+                    return split_output(self.model, input_ids, attention_mask, out)
+                except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager decoding
+                    warnings.warn(
+                        f"compiled decoding failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                        "sampling with the dynamic cache from now on",
+                        stacklevel=2,
+                    )
+                    self.compile = False
+            cache = self._prefill(batch.input_ids, batch.attention_mask, m)
+            out = self.twin.generate(
+                input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, logits_processor=processors(),
+                synced_gpus=self.sharded,  # a sharded forward is a collective: ranks decode in lock-step
+            )
         return split_output(self.model, input_ids, attention_mask, out)
 
     def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, m: int, static_length: int | None = None) -> Any:

@@ -1,10 +1,10 @@
 """Run by tests/test_parallel.py under torchrun: one training piece per process.
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/parallel_worker.py MODE RUN_DIR OUT CONFIG_JSON
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/parallel_worker.py MODE RUN_DIR OUT CONFIG_JSON [SHARD]
 
 MODE ``grads``: this rank's rollouts and gradients for step 0; rank 0 saves the loss and the
-summed gradients to OUT. MODE ``train``: ``train(RUN_DIR, max_steps=2)``; rank 0 saves the
-metrics to OUT. MODE ``pipeline``: ``run_pipeline`` on the tiny model named by OUT's
+summed gradients to OUT. MODE ``train``: ``train(RUN_DIR, max_steps=2, resume=True)``; rank 0 saves the
+metrics to OUT. SHARD (default ``none``) is ``train``'s ``shard`` mode. MODE ``pipeline``: ``run_pipeline`` on the tiny model named by OUT's
 ``model`` key (CONFIG_JSON), with tiny settings; every rank saves its table's index to OUT.
 """
 
@@ -24,23 +24,29 @@ from safesteer_lens.data import load_builtin_prompts, prompt_texts
 from safesteer_lens.models import load_model
 from safesteer_lens.parallel import current_world, shutdown
 from safesteer_lens.pipeline import run_pipeline
+from safesteer_lens.sharding import shard_model
 from safesteer_lens.steering import add_hooks
 from safesteer_lens.tokens import load_safety_tokens
 
 
-def step_gradients(run_dir: str, config: TrainConfig) -> dict:
+def step_gradients(run_dir: str, config: TrainConfig, shard: str = "none") -> dict:
     """Loss and summed gradients of step 0 (what every process of the world agrees on)."""
     world = current_world()
     direction = load_direction(run_dir)
     teacher = load_model(direction.model, device="cpu")
     student = load_model(direction.model, device="cpu")
+    if shard != "none":
+        shard_model(student, world, "cpu")
+    if shard == "all":
+        shard_model(teacher, world, "cpu")
     build_optimizer(student, config)
     prompts = prompt_texts(load_builtin_prompts("harmful", "train"))[: config.n_prompts]
     hooks = add_hooks(teacher, direction.vector, direction.layer, direction.coeff)
     ids = torch.tensor(load_safety_tokens(run_dir).ids)
     rollouts = sample_rollouts(student, prompts, config, 0, world=world)
     stats = accumulate_gradients(student, teacher, hooks, direction, ids, rollouts, config, 0, world)
-    grads = {n: p.grad.clone() for n, p in student.hf_model.named_parameters()}
+    # a sharded gradient is gathered whole (every rank takes part)
+    grads = {n: (p.grad.full_tensor() if shard != "none" else p.grad).clone() for n, p in student.hf_model.named_parameters()}
     return {"rank": world.rank, "stats": stats, "grads": grads, "texts": rollouts.texts}
 
 
@@ -63,6 +69,7 @@ def tiny_pipeline():
 
 def main() -> None:
     mode, run_dir, out, config_json = sys.argv[1:5]
+    shard = sys.argv[5] if len(sys.argv) > 5 else "none"
     if mode == "pipeline":
         settings = json.loads(config_json)
         table = run_pipeline(run_dir, settings["model"], config=tiny_pipeline(), progress=True)
@@ -72,10 +79,11 @@ def main() -> None:
         return
     config = TrainConfig(**json.loads(config_json))
     if mode == "grads":
-        result = step_gradients(run_dir, config)
+        result = step_gradients(run_dir, config, shard)
     else:
         result = {"rank": current_world().rank,
-                  "metrics": train(run_dir, config, progress=False, export=False, max_steps=2).metrics}
+                  "metrics": train(run_dir, config, progress=False, export=False, max_steps=2, resume=True,
+                                   shard=shard).metrics}
     if result["rank"] == 0:
         torch.save(result, out)
     else:

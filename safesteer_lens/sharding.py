@@ -1,0 +1,178 @@
+"""Sharded training (FSDP2): the student's weights, gradients and AdamW states split over ranks.
+
+Data parallelism (:mod:`safesteer_lens.parallel`) keeps a whole float32 student, its gradients
+and AdamW's two states on every rank: 16 bytes per parameter, 128 GB for an 8B model. With
+``shard="student"`` :func:`shard_model` hands the student to PyTorch's ``fully_shard`` (FSDP2),
+so each of N ranks holds 16/N bytes per parameter and gathers one decoder layer at a time for
+its forward and backward passes. ``shard="all"`` shards the frozen teacher the same way, for
+models whose teacher does not fit one card either; the steering hook still fires, because FSDP
+shards parameters, not the residual stream the hook reads and writes.
+
+Three things differ from a plain module and are handled here:
+
+* The TransformerLens bridge wraps every Hugging Face module and exposes its parameters under a
+  second (alias) path. ``fully_shard`` on the whole model would see the decoder layers' already
+  sharded parameters through those aliases and fail, so each layer's original module is sharded
+  first and the root is then sharded with those parameters ignored.
+* FSDP averages gradients over ranks; SafeSteer weights each micro-batch by its share of the
+  *global* rows, so the gradients must be summed (divide factor 1).
+* Every forward is a collective: all ranks must run the same number of forwards and backwards.
+  Rollouts therefore decode in lock-step (``synced_gpus``) and are padded to one width.
+
+Checkpoints and the exported student are built from full (unsharded) state dicts on rank 0, in
+the same format as a single process writes, so a sharded run resumes unsharded and vice versa.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from safesteer_lens.errors import SafeSteerError
+from safesteer_lens.models import ChatModel
+from safesteer_lens.parallel import World
+
+SHARDING = ("none", "student", "all")
+
+
+def check_sharding(shard: str, world: World) -> None:
+    """Reject a sharding mode that is unknown or cannot work in this world, before any load."""
+    if shard not in SHARDING:
+        raise SafeSteerError(f"unknown shard mode {shard!r}: use one of {', '.join(SHARDING)}")
+    if shard != "none" and world.size == 1:
+        raise SafeSteerError(
+            f"--shard {shard} splits the models over processes, and this is one process; "
+            "launch with `torchrun --nproc-per-node N` (N >= 2) or use --shard none"
+        )
+
+
+def is_sharded(model: ChatModel) -> bool:
+    """Whether ``model``'s parameters are FSDP shards (``DTensor``) rather than whole tensors."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.hf_model.parameters())
+
+
+def shard_model(model: ChatModel, world: World, device: torch.device | str) -> ChatModel:
+    """Shard ``model`` in place over the ranks of ``world`` with ``fully_shard`` (FSDP2).
+
+    Every rank must call this with the same model. Parameters on another device (load on CPU
+    to keep the whole model off the card) move to ``device`` as shards.
+
+    Args:
+        model: A model loaded by :func:`~safesteer_lens.models.load_model`, not yet sharded.
+        world: The processes to shard over (the whole process group).
+        device: This rank's device; its type picks the mesh (``cuda`` with NCCL, ``cpu`` with gloo).
+
+    Returns:
+        The same model, now sharded: forwards gather one layer at a time on every rank.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.tensor import DTensor
+
+    if is_sharded(model):
+        raise SafeSteerError(f"{model.name} is already sharded; shard each model once")
+    mesh = init_device_mesh(torch.device(device).type, (world.size,))
+    hf_model = model.hf_model
+    layers = getattr(getattr(hf_model, "model", None), "layers", None)
+    if layers is None:
+        raise SafeSteerError(
+            f"cannot shard {model.name}: it has no model.layers list of decoder layers; "
+            "train it with --shard none"
+        )
+    for layer in layers:
+        # the bridge's BlockBridge wraps the Hugging Face decoder layer; shard the layer itself
+        fully_shard(getattr(layer, "original_component", layer), mesh=mesh)
+    done = {p for p in hf_model.parameters() if isinstance(p, DTensor)}
+    fully_shard(hf_model, mesh=mesh, ignored_params=done)
+    for module in hf_model.modules():
+        if isinstance(module, FSDPModule):
+            # a plain sum over ranks (the loss weights are global); SUM also works on gloo,
+            # where the pre-multiplied sum FSDP would otherwise use does not exist
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def load_sharded(name: str, world: World, device: torch.device | str, dtype: str | torch.dtype | None = None) -> ChatModel:
+    """Load a model on CPU and shard it onto ``device``: no rank ever holds it whole on the card.
+
+    Args:
+        name: Embedded name, directory, .gguf or hub id (as for ``load_model``).
+        world: The processes to shard over.
+        device: This rank's device.
+        dtype: Weight dtype; default: the one ``load_model`` picks for ``device`` (bfloat16 on CUDA).
+    """
+    from safesteer_lens.models import load_model, resolve_dtype
+
+    dtype = resolve_dtype(dtype, torch.device(device))
+    return shard_model(load_model(name, device="cpu", dtype=dtype), world, device)
+
+
+def set_gradient_sync(model: ChatModel, sync: bool) -> None:
+    """Reduce-scatter gradients after the next backward (True) or keep accumulating locally."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.hf_model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_requires_gradient_sync(sync, recurse=False)
+
+
+def local(tensor: Tensor) -> Tensor:
+    """This rank's part of a sharded tensor; a whole tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def to_float(value: Tensor) -> float:
+    """A scalar that may be a replicated ``DTensor`` (a grad norm over shards) as a float."""
+    from torch.distributed.tensor import DTensor
+
+    return float(value.full_tensor() if isinstance(value, DTensor) else value)
+
+
+def full_state(model: ChatModel, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Whole weights (Hugging Face names) and optimizer state, on CPU, on rank 0.
+
+    A collective when the model is sharded: every rank calls it, and ranks other than 0 get
+    empty dicts. The weights are under the names a fresh ``transformers`` model uses (as
+    :meth:`~safesteer_lens.models.ChatModel.hf_state_dict` gives), the optimizer state under the
+    model's parameter paths, so a checkpoint does not depend on how the run was sharded.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    sharded = is_sharded(model)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=sharded)
+    state = get_model_state_dict(model.hf_model, options=options)
+    names = _plain_names(model)
+    weights = {names[k]: v.detach().clone() for k, v in state.items() if k in names}
+    optim = get_optimizer_state_dict(model.hf_model, optimizer, options=options) if optimizer is not None else {}
+    return weights, optim
+
+
+def load_full_state(
+    model: ChatModel, weights: dict[str, Tensor], optimizer: torch.optim.Optimizer | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+) -> None:
+    """Load what :func:`full_state` returned into a sharded or whole model (every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    paths = {plain: path for path, plain in _plain_names(model).items()}
+    missing = set(paths) - set(weights)
+    if missing:
+        raise SafeSteerError(
+            f"the checkpoint has no weights for {sorted(missing)[:3]}; it was written for another model"
+        )
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model.hf_model, {paths[k]: v for k, v in weights.items() if k in paths}, options=options)
+    if optimizer is not None and optimizer_state is not None:
+        set_optimizer_state_dict(model.hf_model, optimizer, optimizer_state, options=options)
+
+
+def _plain_names(model: ChatModel) -> dict[str, str]:
+    """Parameter path in the bridge-wrapped model -> Hugging Face name, one path per tensor."""
+    return {path: path.replace("._original_component", "") for path, _ in model.hf_model.named_parameters()}

@@ -1,0 +1,98 @@
+"""FSDP2 sharding, checked on CPU with 2 gloo processes against the single-process run."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torchrun import CONFIG, assert_same_metrics, assert_same_step, launch, torchrun
+
+from safesteer_lens.cli import main
+from safesteer_lens.distill import CHECKPOINT, train
+from safesteer_lens.errors import SafeSteerError
+from safesteer_lens.parallel import World
+from safesteer_lens.sharding import check_sharding, full_state, is_sharded, load_full_state
+
+
+@pytest.mark.parametrize("shard", ["student", "all"])
+def test_sharded_runs_give_the_single_process_rollouts_loss_and_gradients(run_dir, tmp_path, shard):
+    # with "all" the teacher is sharded too, and its steering hook must still shape the loss
+    from parallel_worker import step_gradients
+
+    single = step_gradients(str(run_dir), CONFIG)
+    out = tmp_path / "grads.pt"
+    launch("grads", run_dir, out, CONFIG, shard)
+    assert_same_step(single, torch.load(out, weights_only=False), torch.load(f"{out}.rank1", weights_only=False))
+
+
+def test_a_run_moves_between_one_process_and_sharded_processes(run_dir, tmp_path):
+    reference_dir = tmp_path / "reference"
+    shutil.copytree(run_dir, reference_dir)
+    reference = train(reference_dir, CONFIG, progress=False, export=False).metrics  # 4 steps
+
+    train(run_dir, CONFIG, progress=False, export=False, max_steps=1)  # step 0: one process
+    launch("train", run_dir, tmp_path / "metrics.pt", CONFIG, "all")  # steps 1-2: resumed, sharded
+    assert torch.load(run_dir / CHECKPOINT, weights_only=False)["step"] == 3
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3  # rank 0 alone appended
+    assert_same_metrics(torch.load(tmp_path / "metrics.pt", weights_only=False)["metrics"], reference[:3])
+
+    resumed = train(run_dir, CONFIG, progress=False, export=False, resume=True).metrics  # step 3: one process
+    assert_same_metrics(resumed, reference)
+
+
+def test_the_safesteer_command_trains_sharded_and_exports_the_whole_student(run_dir, tmp_path):
+    flags = ["--n-prompts", "4", "--samples", "2", "--max-new-tokens", "4", "--sequences-per-step", "4"]
+    single_dir = tmp_path / "single"
+    shutil.copytree(run_dir, single_dir)
+    assert main(["train", "--run", str(single_dir), *flags]) == 0
+    script = Path(sys.executable).with_name("safesteer")
+    torchrun(str(script), "train", "--run-dir", str(run_dir), "--shard", "all", *flags)
+
+    from safetensors.torch import load_file
+
+    sharded = load_file(run_dir / "student" / "model.safetensors")
+    single = load_file(single_dir / "student" / "model.safetensors")
+    base = load_file(_base_weights(run_dir))
+    assert sharded.keys() == single.keys()
+    moved = max((single[k] - base[k]).abs().max().item() for k in single)
+    assert moved > 1e-4  # training changed the weights, so equal exports mean something
+    for key, value in single.items():
+        assert torch.allclose(sharded[key], value, atol=1e-5, rtol=0), key
+
+
+def _base_weights(run_dir: Path) -> Path:
+    import json
+
+    return Path(json.loads((run_dir / "direction.json").read_text())["model"]) / "model.safetensors"
+
+
+def test_full_state_round_trips_a_whole_model(tiny_dir):
+    from safesteer_lens.models import load_model
+
+    a = load_model(str(tiny_dir), device="cpu")
+    b = load_model(str(tiny_dir), device="cpu")
+    with torch.no_grad():
+        for p in a.hf_model.parameters():
+            p.add_(0.5)
+    weights, _ = full_state(a)
+    assert "model.layers.0.self_attn.q_proj.weight" in weights  # Hugging Face names
+    assert not is_sharded(a)
+    load_full_state(b, weights)
+    for (name, pa), pb in zip(a.hf_model.named_parameters(), b.hf_model.parameters()):
+        assert torch.equal(pa, pb), name
+    with pytest.raises(SafeSteerError, match="no weights for"):
+        load_full_state(b, {k: v for k, v in weights.items() if "layers.0." not in k})
+
+
+def test_sharding_needs_several_processes_and_a_known_mode(run_dir, capsys):
+    with pytest.raises(SafeSteerError, match="unknown shard mode 'zero3'"):
+        check_sharding("zero3", World(0, 2))
+    check_sharding("all", World(0, 2))
+    with pytest.raises(SafeSteerError, match="launch with `torchrun"):
+        train(run_dir, CONFIG, progress=False, shard="student")
+    assert main(["train", "--run", str(run_dir), "--shard", "all"]) == 2
+    assert "torchrun" in capsys.readouterr().err
+    assert not (run_dir / "metrics.jsonl").exists()
