@@ -4,7 +4,9 @@
 
 MODE ``grads``: this rank's rollouts and gradients for step 0; rank 0 saves the loss and the
 summed gradients to OUT. MODE ``train``: ``train(RUN_DIR, max_steps=2, resume=True)``; rank 0 saves the
-metrics to OUT. SHARD (default ``none``) is ``train``'s ``shard`` mode. MODE ``pipeline``: ``run_pipeline`` on the tiny model named by OUT's
+metrics to OUT. MODE ``sample``: a sharded student samples 2 prompts per rank, rank r
+with ``max_new_tokens = 3 + 3r`` (the ranks finish at different times); every rank saves
+its tokens to OUT.rankR. SHARD (default ``none``) is ``train``'s ``shard`` mode. MODE ``pipeline``: ``run_pipeline`` on the tiny model named by OUT's
 ``model`` key (CONFIG_JSON), with tiny settings; every rank saves its table's index to OUT.
 """
 
@@ -50,6 +52,26 @@ def step_gradients(run_dir: str, config: TrainConfig, shard: str = "none") -> di
     return {"rank": world.rank, "stats": stats, "grads": grads, "texts": rollouts.texts}
 
 
+def sample_settings(rank: int) -> dict:
+    """What rank ``rank`` samples in MODE ``sample`` (a single process can repeat it)."""
+    prompts = prompt_texts(load_builtin_prompts("harmful", "train"))[2 * rank : 2 * rank + 2]
+    return {"prompts": prompts, "samples_per_prompt": 2, "max_new_tokens": 3 + 3 * rank, "seed": 5, "first_row": 4 * rank}
+
+
+def sharded_samples(run_dir: str) -> dict:
+    """This rank's sampled and greedy tokens from a sharded student."""
+    from safesteer_lens.rollouts import RolloutSampler
+
+    world = current_world()
+    student = load_model(load_direction(run_dir).model, device="cpu")
+    sampler = RolloutSampler(shard_model(student, world, "cpu"))
+    settings = sample_settings(world.rank)
+    sampled = sampler.sample(settings.pop("prompts"), **settings)
+    settings = sample_settings(world.rank)
+    greedy = sampler.sample(settings.pop("prompts"), **settings, do_sample=False)
+    return {"sampled": sampled.completion_ids, "greedy": greedy.completion_ids, "rank": world.rank}
+
+
 def tiny_pipeline():
     """Pipeline settings small enough for a tiny model in seconds (as in test_pipeline.py)."""
     from safesteer_lens.directions import DirectionConfig
@@ -75,6 +97,11 @@ def main() -> None:
         table = run_pipeline(run_dir, settings["model"], config=tiny_pipeline(), progress=True)
         rank = current_world().rank
         torch.save({"index": list(table.index)}, f"{out}.rank{rank}")
+        shutdown()
+        return
+    if mode == "sample":
+        result = sharded_samples(run_dir)
+        torch.save(result, f"{out}.rank{result['rank']}")
         shutdown()
         return
     config = TrainConfig(**json.loads(config_json))

@@ -28,6 +28,25 @@ def test_sharded_runs_give_the_single_process_rollouts_loss_and_gradients(run_di
     assert_same_step(single, torch.load(out, weights_only=False), torch.load(f"{out}.rank1", weights_only=False))
 
 
+def test_sharded_ranks_that_finish_at_different_times_sample_what_one_process_would(run_dir, tmp_path):
+    # rank 0 stops after 3 tokens, rank 1 after 6: rank 0 must keep joining rank 1's layer
+    # gathers until both are done (a hang here means the ranks stopped decoding in lock-step)
+    from parallel_worker import sample_settings
+
+    from safesteer_lens.models import load_model
+    from safesteer_lens.rollouts import RolloutSampler
+
+    launch("sample", run_dir, tmp_path / "samples", CONFIG, "student")
+    sampler = RolloutSampler(load_model(str(Path(_base_weights(run_dir)).parent), device="cpu"))
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"samples.rank{rank}", weights_only=False)
+        for kind in ("sampled", "greedy"):
+            settings = sample_settings(rank)
+            want = sampler.sample(settings.pop("prompts"), **settings, do_sample=kind == "sampled")
+            assert torch.equal(got[kind], want.completion_ids), (rank, kind)
+        assert got["sampled"].shape[1] == 3 + 3 * rank
+
+
 def test_a_run_moves_between_one_process_and_sharded_processes(run_dir, tmp_path):
     reference_dir = tmp_path / "reference"
     shutil.copytree(run_dir, reference_dir)
