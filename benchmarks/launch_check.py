@@ -10,8 +10,10 @@ for a few steps. On a GPU machine each process takes its own card (``cuda:LOCAL_
 time, the per-step seconds from ``metrics.jsonl`` and whether rank 0 exported the student, and
 writes them to the JSON file named on the command line::
 
-    python benchmarks/launch_check.py out.json [--processes 1] [--steps 3]
+    python benchmarks/launch_check.py out.json [--processes 1] [--steps 3] [--shard none|student|all]
     python benchmarks/launch_check.py out.json --small --processes 2   # a quick check on a CPU
+
+``--shard`` needs 2 or more processes, so 2 or more cards (NCCL cannot put two ranks on one).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8, help="rollouts per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--small", action="store_true", help="a tiny model and short rollouts, for a CPU")
+    parser.add_argument("--shard", choices=["none", "student", "all"], default="none", help="train's --shard")
     args = parser.parse_args()
     if args.small:
         args.samples, args.max_new_tokens = 2, 8
@@ -69,7 +72,7 @@ def main() -> None:
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.processes}",
         script, "train", "--run-dir", str(run_dir), "--n-prompts", str(prompts_per_step * args.steps),
         "--samples", str(args.samples), "--sequences-per-step", str(prompts_per_step * args.samples),
-        "--max-new-tokens", str(args.max_new_tokens),
+        "--max-new-tokens", str(args.max_new_tokens), "--shard", args.shard,
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     start = time.perf_counter()
@@ -80,6 +83,7 @@ def main() -> None:
     result = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "processes": args.processes,
+        "shard": args.shard,
         "returncode": done.returncode,
         "wall_s": round(wall, 1),
         "steps": len(metrics),
@@ -90,7 +94,7 @@ def main() -> None:
         "stderr_tail": done.stderr[-3000:] if done.returncode else "",
     }
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"{result['device']}: {args.processes} process(es), exit {done.returncode}, {len(metrics)} steps, "
+    print(f"{result['device']}: {args.processes} process(es), shard {args.shard}, exit {done.returncode}, {len(metrics)} steps, "
           f"{wall:.1f} s wall; step seconds {result['step_seconds']}; student exported: {result['student_exported']}")
     if done.returncode:
         print(done.stderr[-3000:], file=sys.stderr)

@@ -398,7 +398,8 @@ def train(
     metrics: list[dict[str, Any]] = []
     start_step = 0
     if resume and (run_dir / CHECKPOINT).exists():
-        state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
+        # mmap: each rank reads only the pages it uses, not every rank a whole copy
+        state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False, mmap=True)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise SafeSteerError("checkpoint.pt was written by an older safesteer-lens; rerun this stage without --resume")
         if state["config"] != asdict(config):

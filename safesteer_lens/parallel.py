@@ -17,7 +17,9 @@ CPU). Then each rank, every optimizer step:
 * sums the gradients over ranks once (:meth:`World.all_reduce_gradients`), after which every
   rank applies the same AdamW update and the weights stay identical without a broadcast.
 
-Only rank 0 writes metrics, checkpoints and the exported student.
+Only rank 0 writes metrics, checkpoints and the exported student. Every rank here holds whole
+models; for models that do not fit one card, ``--shard`` splits them with FSDP2
+(:mod:`safesteer_lens.sharding`), which then reduces the gradients itself.
 
 Why not ``DistributedDataParallel``: the student's forward runs through the TransformerLens
 bridge twice per micro-batch (the prompt once, then the completions on its repeated KV cache),
