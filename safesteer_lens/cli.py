@@ -151,7 +151,8 @@ def cmd_train(args: argparse.Namespace) -> None:
             teacher = load_sharded(name, world, args.teacher_device or device or resolve_device(None), args.dtype)
         else:
             teacher = load_model(name, device=args.teacher_device or device, dtype=args.dtype)
-        result = train(args.run, config, teacher=teacher, resume=args.resume, device=device, shard=args.shard)
+        result = train(args.run, config, teacher=teacher, resume=args.resume, device=device, shard=args.shard,
+                       low_memory_rollouts=args.low_memory_rollouts)
     finally:
         shutdown()
     if not world.is_main:
@@ -170,7 +171,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     world = current_world()  # under torchrun: joins the process group; one process: World()
     try:
-        table = run_pipeline(args.out, args.model, args.preset, rerun=args.rerun or (), shard=args.shard)
+        table = run_pipeline(args.out, args.model, args.preset, rerun=args.rerun or (), shard=args.shard,
+                             low_memory_rollouts=args.low_memory_rollouts)
     finally:
         shutdown()
     if not world.is_main:
@@ -220,6 +222,10 @@ def _print_table(table: "object") -> None:
 SHARD_HELP = (
     "under torchrun: none (data parallel, whole models), student (FSDP-shard the student's weights, "
     "gradients and AdamW states), all (shard the teacher too)"
+)
+LOW_MEMORY_HELP = (
+    "with --shard: gather each layer at every sampled token instead of holding the whole student "
+    "while sampling (several times slower, 4 bytes per parameter less)"
 )
 
 
@@ -293,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from checkpoint.pt")
     train.add_argument("--teacher-device", default=None, help="put the frozen teacher on another device (e.g. cuda:1)")
     train.add_argument("--shard", choices=["none", "student", "all"], default="none", help=SHARD_HELP)
+    train.add_argument("--low-memory-rollouts", action="store_true", help=LOW_MEMORY_HELP)
     train.set_defaults(func=cmd_train)
 
     run = sub.add_parser("run", help="the whole job, stage by stage, skipping stages that are current")
@@ -302,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rerun", nargs="*", choices=["direction", "tokens", "train", "ablation", "evaluate", "report"],
                      help="redo these stages (and what depends on them)")
     run.add_argument("--shard", choices=["none", "student", "all"], default="none", help=SHARD_HELP)
+    run.add_argument("--low-memory-rollouts", action="store_true", help=LOW_MEMORY_HELP)
     run.set_defaults(func=cmd_run)
 
     evaluate = sub.add_parser("evaluate", help="refusal / over-refusal / KL / perplexity table")

@@ -347,6 +347,7 @@ def train(
     progress: bool = True,
     device: str | None = None,
     shard: str = "none",
+    low_memory_rollouts: bool = False,
 ) -> TrainResult:
     """Train a student by localized on-policy distillation from the steered teacher.
 
@@ -368,6 +369,8 @@ def train(
             FSDP2; a whole teacher on every rank) or ``"all"`` (the teacher sharded too; leave
             ``teacher`` None, or pass one sharded with
             :func:`~safesteer_lens.sharding.load_sharded`). See :mod:`safesteer_lens.sharding`.
+        low_memory_rollouts: With a sharded student, gather each layer at every decoded token
+            rather than holding the whole student while sampling (slower, less memory).
     """
     run_dir = Path(run_dir)
     config = config or PRESETS["demo"]
@@ -417,7 +420,7 @@ def train(
     safety_ids = torch.tensor(tokens.ids, device=student.device)
     teacher_hooks = add_hooks(teacher, direction.vector, direction.layer, direction.coeff)
     end_step = config.total_steps if max_steps is None else min(config.total_steps, start_step + max_steps)
-    sampler = RolloutSampler(student) if config.rollouts == "fast" else None
+    sampler = RolloutSampler(student, low_memory=low_memory_rollouts) if config.rollouts == "fast" else None
     bar = tqdm(range(start_step, end_step), desc=f"train ({config.loss})", disable=not (progress and world.is_main),
                initial=start_step, total=config.total_steps)
     last_saved = start_step if start_step else None

@@ -92,6 +92,7 @@ def run_pipeline(
     model: ChatModel | None = None,
     progress: bool = True,
     shard: str = "none",
+    low_memory_rollouts: bool = False,
 ) -> "Any":
     """Run every stage that is missing or stale; return the evaluation table.
 
@@ -106,6 +107,7 @@ def run_pipeline(
         shard: Under torchrun, how training shards the models (``train``'s ``shard``). The
             other stages run on rank 0 with the whole base model, which must fit one device
             for inference; with ``"all"`` training loads its own sharded teacher.
+        low_memory_rollouts: ``train``'s option of the same name.
     """
     unknown = set(rerun) - set(STAGES)
     if unknown:
@@ -145,7 +147,8 @@ def run_pipeline(
             if world.is_main:
                 _prepare_train_dir(out, run_dir)
             world.barrier()
-            train(run_dir, train_config, teacher=None if shard == "all" else base, progress=progress, shard=shard)
+            train(run_dir, train_config, teacher=None if shard == "all" else base, progress=progress, shard=shard,
+                  low_memory_rollouts=low_memory_rollouts)
             if world.is_main:
                 _write_stamp(stamp, key, loss=loss)
             rerun = (*rerun, "evaluate")

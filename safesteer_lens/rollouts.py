@@ -17,9 +17,12 @@ Hugging Face *twin* of the student:
   compilation fails, the sampler warns once and goes on with the dynamic cache.
 
 A sharded student (:mod:`safesteer_lens.sharding`) has no whole parameter tensors to share, so
-it samples through its own Hugging Face model instead (the bridge's eager attention, FSDP
-gathering each layer as it runs), with the same shared prefill and per-row noise. Its ranks
-decode in lock-step, because each forward is a collective, until every rank's rows are done.
+it samples through its own Hugging Face model instead (the bridge's eager attention), with the
+same shared prefill and per-row noise. By default its layers stay gathered for the whole call
+(:func:`~safesteer_lens.sharding.gathered`), which is several times faster than gathering
+each layer at every token; ``low_memory=True`` gathers per token and never holds the whole
+model. Its ranks decode in lock-step, because each forward is a collective, until every
+rank's rows are done.
 
 Each row draws its randomness from its own stream, seeded by ``(seed, row index)``: the
 sampler adds Gumbel noise from that stream to the tempered logits and decodes greedily, which
@@ -39,6 +42,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from contextlib import nullcontext
 from typing import Any, Sequence
 
 import torch
@@ -46,7 +50,7 @@ import torch
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.generation import Completions, check_decoding, decoding_with, policy_generation_config, split_output
 from safesteer_lens.models import ChatModel
-from safesteer_lens.sharding import is_sharded
+from safesteer_lens.sharding import gathered, is_sharded
 
 CACHE_BUCKET = 64
 
@@ -137,11 +141,17 @@ class RolloutSampler:
         compile: Static KV cache with a compiled decode step. None (default) means on CUDA
             only; True forces it on any device (on CPU this is slower and meant for tests).
         attn_implementation: Attention kernel of the twin.
+        low_memory: For a sharded student: gather each layer at every decoded token instead of
+            holding the whole model while sampling (slower; for models whose whole float32
+            copy does not fit next to the shards).
     """
 
-    def __init__(self, model: ChatModel, compile: bool | None = None, attn_implementation: str = "sdpa"):
+    def __init__(
+        self, model: ChatModel, compile: bool | None = None, attn_implementation: str = "sdpa", low_memory: bool = False
+    ):
         self.model = model
         self.sharded = is_sharded(model)
+        self.low_memory = low_memory
         if self.sharded:
             if compile:
                 raise SafeSteerError("a sharded student samples without compilation; use compile=None")
@@ -197,7 +207,8 @@ class RolloutSampler:
             return LogitsProcessorList([RowSeededGumbel(seeds, temperature, input_ids.device)] if do_sample else [])
 
         # greedy decoding of Gumbel-perturbed logits is sampling; nothing from the shipped config
-        with decoding_with(self.twin, policy_generation_config(self.model, max_new_tokens)):
+        keep_whole = gathered(self.model) if self.sharded and not self.low_memory else nullcontext()
+        with decoding_with(self.twin, policy_generation_config(self.model, max_new_tokens)), keep_whole:
             if self.compile:
                 try:
                     cache = self._prefill(batch.input_ids, batch.attention_mask, m, static_length=input_ids.shape[1] + max_new_tokens)

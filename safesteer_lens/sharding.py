@@ -25,7 +25,8 @@ the same format as a single process writes, so a sharded run resumes unsharded a
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -119,6 +120,28 @@ def set_gradient_sync(model: ChatModel, sync: bool) -> None:
     for module in model.hf_model.modules():
         if isinstance(module, FSDPModule):
             module.set_requires_gradient_sync(sync, recurse=False)
+
+
+@contextmanager
+def gathered(model: ChatModel) -> Iterator[None]:
+    """Keep each layer whole after its first forward in the block, then shard it again.
+
+    Decoding runs one forward per token. Sharded as usual, every one of them gathers every
+    layer from all ranks; kept whole, only the first does. Sampling 16 tokens at the 135M shape
+    on 2 CPU processes took 2.7-2.9 s this way against 10.7-16.2 s gathering per token. The
+    price is the whole model in memory while the block runs (4 bytes per parameter in float32).
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in model.hf_model.modules() if isinstance(m, FSDPModule)]
+    for module in modules:
+        module.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.reshard()
+            module.set_reshard_after_forward(True, recurse=False)
 
 
 def local(tensor: Tensor) -> Tensor:

@@ -59,17 +59,22 @@ def sample_settings(rank: int) -> dict:
 
 
 def sharded_samples(run_dir: str) -> dict:
-    """This rank's sampled and greedy tokens from a sharded student."""
+    """This rank's sampled and greedy tokens from a sharded student, layers kept whole or not."""
     from safesteer_lens.rollouts import RolloutSampler
+    from safesteer_lens.sharding import local
 
     world = current_world()
-    student = load_model(load_direction(run_dir).model, device="cpu")
-    sampler = RolloutSampler(shard_model(student, world, "cpu"))
-    settings = sample_settings(world.rank)
-    sampled = sampler.sample(settings.pop("prompts"), **settings)
-    settings = sample_settings(world.rank)
-    greedy = sampler.sample(settings.pop("prompts"), **settings, do_sample=False)
-    return {"sampled": sampled.completion_ids, "greedy": greedy.completion_ids, "rank": world.rank}
+    student = shard_model(load_model(load_direction(run_dir).model, device="cpu"), world, "cpu")
+    shapes = [local(p).shape for p in student.hf_model.parameters()]
+    out = {"rank": world.rank}
+    for low_memory in (False, True):
+        sampler = RolloutSampler(student, low_memory=low_memory)
+        for kind in ("sampled", "greedy"):
+            settings = sample_settings(world.rank)
+            rows = sampler.sample(settings.pop("prompts"), **settings, do_sample=kind == "sampled")
+            out[kind, low_memory] = rows.completion_ids
+    out["sharded_after"] = [local(p).shape for p in student.hf_model.parameters()] == shapes
+    return out
 
 
 def tiny_pipeline():

@@ -43,8 +43,10 @@ def test_sharded_ranks_that_finish_at_different_times_sample_what_one_process_wo
         for kind in ("sampled", "greedy"):
             settings = sample_settings(rank)
             want = sampler.sample(settings.pop("prompts"), **settings, do_sample=kind == "sampled")
-            assert torch.equal(got[kind], want.completion_ids), (rank, kind)
-        assert got["sampled"].shape[1] == 3 + 3 * rank
+            for low_memory in (False, True):  # layers kept whole while sampling, or gathered per token
+                assert torch.equal(got[kind, low_memory], want.completion_ids), (rank, kind, low_memory)
+        assert got["sampled", False].shape[1] == 3 + 3 * rank
+        assert got["sharded_after"]  # the layers kept whole for sampling were sharded again
 
 
 def test_a_run_moves_between_one_process_and_sharded_processes(run_dir, tmp_path):
