@@ -47,7 +47,7 @@ def _peak_mb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
 
 
-def measure(shape: dict, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
+def measure(shape: dict, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, workdir: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     from safesteer_lens.directions import Direction
@@ -58,7 +58,7 @@ def measure(shape: dict, args: argparse.Namespace, device: torch.device, dtype: 
     from safesteer_lens.steering import add_hooks
     from safesteer_lens.tiny import build_tiny_llama
 
-    directory = build_tiny_llama(tempfile.mkdtemp(prefix="gpu-check-"), vocab_size=args.vocab, **shape)
+    directory = build_tiny_llama(workdir / "model", vocab_size=args.vocab, **shape)
     words = "please explain in detail how the following everyday thing works and why " * 16
     base = " ".join(words.split()[: args.prompt_len - 1])
     m = args.samples_per_prompt
@@ -147,7 +147,8 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "dtype": str(dtype), "shapes": {}}
     for name, shape in shapes.items():
-        results["shapes"][name] = measure(shape, args, device, dtype)
+        with tempfile.TemporaryDirectory(prefix="gpu-check-") as workdir:  # the random model: GBs at 0.5B
+            results["shapes"][name] = measure(shape, args, device, dtype, Path(workdir))
         Path(args.out).write_text(json.dumps(results, indent=2))  # keep what finished if a later shape fails
     print(f"device {results['device']}, {results['dtype']}, batch {args.batch}, {args.prompt_len} prompt + {args.new_tokens} new tokens")
     print(f"{'shape':<14} {'HF sdpa tok/s':>14} {'bridge tok/s':>13} {'ours tok/s':>11} {'ratio':>6} "

@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--small", action="store_true", help="a tiny model and short rollouts, for a CPU")
     parser.add_argument("--shard", choices=["none", "student", "all"], default="none", help="train's --shard")
+    parser.add_argument("--keep", action="store_true", help="keep the model and run directory (GBs at the 135M shape)")
     args = parser.parse_args()
     if args.small:
         args.samples, args.max_new_tokens = 2, 8
@@ -94,6 +95,10 @@ def main() -> None:
         "stderr_tail": done.stderr[-3000:] if done.returncode else "",
     }
     Path(args.out).write_text(json.dumps(result, indent=2))
+    if args.keep:
+        print(f"kept {root}")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
     print(f"{result['device']}: {args.processes} process(es), shard {args.shard}, exit {done.returncode}, {len(metrics)} steps, "
           f"{wall:.1f} s wall; step seconds {result['step_seconds']}; student exported: {result['student_exported']}")
     if done.returncode:

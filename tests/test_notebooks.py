@@ -24,6 +24,7 @@ def test_notebook_runs_without_errors(path, monkeypatch, tmp_path):
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), "commit notebooks without outputs"
     monkeypatch.setenv("SAFESTEER_FAST", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebooks' run directories (GBs) go where pytest prunes
     client = NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError naming the failing cell
     assert any(cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")
