@@ -13,7 +13,8 @@ writes them to the JSON file named on the command line::
     python benchmarks/launch_check.py out.json [--processes 1] [--steps 3] [--shard none|student|all]
     python benchmarks/launch_check.py out.json --small --processes 2   # a quick check on a CPU
 
-``--shard`` needs 2 or more processes, so 2 or more cards (NCCL cannot put two ranks on one).
+``--shard`` needs 2 or more processes: on a GPU machine 2 or more cards (NCCL cannot put two
+ranks on one card), on a CPU any 2 processes (gloo).
 """
 
 from __future__ import annotations

@@ -146,6 +146,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     device = rank_device(args.device, world)
     try:
         check_sharding(args.shard, world)
+        if args.shard == "all" and args.teacher_device:
+            raise SafeSteerError("--shard all spreads the teacher over every rank's device; drop --teacher-device")
         name = args.model or direction.model
         if args.shard == "all":
             teacher = load_sharded(name, world, args.teacher_device or device or resolve_device(None), args.dtype)

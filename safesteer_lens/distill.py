@@ -43,7 +43,7 @@ from safesteer_lens.models import DTYPES, ChatModel, load_model, resolve_device
 from safesteer_lens.parallel import World, current_world, rank_device
 from safesteer_lens.refusal import refusal_rate
 from safesteer_lens.rollouts import RolloutSampler
-from safesteer_lens.sharding import check_sharding, full_state, is_sharded, load_full_state, load_sharded, local, set_gradient_sync, to_float
+from safesteer_lens.sharding import check_sharding, full_state, is_sharded, load_full_state, load_sharded, local, to_float
 from safesteer_lens.steering import add_hooks
 from safesteer_lens.tokens import load_safety_tokens
 
@@ -171,7 +171,8 @@ def completion_logits(
     run once per group and its KV cache repeated for the group's completions: the same logits
     and the same gradients (the repeat is differentiable), with ``group_size`` times less
     prompt compute. Rows that do not form whole groups of identical prompts take the plain
-    full-sequence path.
+    full-sequence path. (Under sharding the choice must agree over ranks, since it sets the
+    number of forwards; it does, as every rank's rows are whole groups of ``group_size``.)
     """
     stop = len(rollouts.texts) if stop is None else stop
     n_completion = rollouts.completion_ids.shape[1]
@@ -215,7 +216,8 @@ def build_optimizer(student: ChatModel, config: TrainConfig) -> tuple[torch.opti
 
 
 def teacher_micro_batches(
-    teacher: ChatModel, hooks: list, rollouts: Completions, config: TrainConfig, device: torch.device
+    teacher: ChatModel, hooks: list, rollouts: Completions, config: TrainConfig, device: torch.device,
+    world: World = World(),
 ) -> Iterator[tuple[int, int, Float[Tensor, "micro time vocab"]]]:
     """The teacher's float32 logits for each micro-batch, as ``(start, stop, logits)``.
 
@@ -225,7 +227,10 @@ def teacher_micro_batches(
     rollouts scored in 0.86-0.96 s against 1.21 s for 2x8 on 2 CPU cores).
     """
     n = len(rollouts.texts)
-    per_micro_batch = config.micro_batch * rollouts.completion_ids.shape[1] * teacher.d_vocab * 4
+    # sized by the widest rank's rollouts, so every rank runs as many teacher forwards (each is
+    # a collective when the teacher is sharded)
+    width = int(world.max([rollouts.completion_ids.shape[1]])[0])
+    per_micro_batch = config.micro_batch * width * teacher.d_vocab * 4
     chunk = config.micro_batch * max(1, TEACHER_LOGITS_BUDGET // per_micro_batch)
     for chunk_start in range(0, n, chunk):
         chunk_stop = min(chunk_start + chunk, n)
@@ -263,7 +268,7 @@ def _training_teacher(
 ) -> ChatModel:
     """The frozen teacher for :func:`train`: as given, loaded, or loaded and sharded (``shard="all"``)."""
     if shard != "all":
-        return teacher or load_model(name, device=device)
+        return teacher or load_model(name)
     if teacher is not None:
         if not is_sharded(teacher):
             raise SafeSteerError(
@@ -271,7 +276,7 @@ def _training_teacher(
                 "or a teacher loaded with safesteer_lens.sharding.load_sharded"
             )
         return teacher
-    return load_sharded(name, world, device)
+    return load_sharded(name, world, device, frozen=True)
 
 
 def export_student(student: ChatModel, out_dir: str | Path, weights: dict[str, Tensor] | None = None) -> Path:
@@ -384,24 +389,24 @@ def train(
         world.shard(config.n_prompts % config.prompts_per_step, "prompts in the last step of an epoch")
     direction = load_direction(run_dir)
     tokens = load_safety_tokens(run_dir)
-    target = rank_device(device, world) or (teacher.device if teacher is not None else resolve_device(None))
-    teacher = _training_teacher(teacher, direction.model, shard, world, target)
+    train_device = rank_device(device, world) or (teacher.device if teacher is not None else resolve_device(None))
+    teacher = _training_teacher(teacher, direction.model, shard, world, train_device)
     if max(tokens.ids) >= teacher.d_vocab:
         raise SafeSteerError(
             f"safety token id {max(tokens.ids)} does not exist in {teacher.name}'s vocabulary of "
             f"{teacher.d_vocab}; rerun `safesteer tokens --run {run_dir}` for this model"
         )
     if shard == "none":
-        student = load_model(teacher.name, device=target, dtype=config.student_dtype)
+        student = load_model(teacher.name, device=train_device, dtype=config.student_dtype)
     else:
-        student = load_sharded(teacher.name, world, target, config.student_dtype)
+        student = load_sharded(teacher.name, world, train_device, config.student_dtype)
     optimizer, scheduler = build_optimizer(student, config)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     metrics_path = run_dir / METRICS
     metrics: list[dict[str, Any]] = []
     start_step = 0
     if resume and (run_dir / CHECKPOINT).exists():
-        # mmap: each rank reads only the pages it uses, not every rank a whole copy
+        # mmap: the ranks of a machine share one page cache of the file instead of each reading a copy
         state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False, mmap=True)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise SafeSteerError("checkpoint.pt was written by an older safesteer-lens; rerun this stage without --resume")
@@ -520,8 +525,7 @@ def sample_rollouts(
     """This rank's rollouts for ``step``: ``samples_per_prompt`` replies to each of its prompts.
 
     With the fast sampler every row is seeded by its index in the whole step, so the rollouts
-    do not depend on how many processes share the step. A sharded student's rollouts are padded
-    to the widest rank's, so every rank runs the same forwards when scoring them.
+    do not depend on how many processes share the step.
     """
     step_prompts = _step_prompts(prompts, config, step)
     start, stop = world.shard(len(step_prompts), "prompts")
@@ -533,9 +537,6 @@ def sample_rollouts(
                 step_prompts[start:stop], config.samples_per_prompt, max_new_tokens=config.max_new_tokens,
                 temperature=config.temperature, seed=seed, first_row=start * config.samples_per_prompt,
             )
-            if sampler.sharded:
-                width = world.max([rollouts.completion_ids.shape[1]])[0]
-                rollouts = rollouts.widened(int(width), student.tokenizer.pad_token_id)
             return rollouts
         if world.size > 1:
             raise SafeSteerError("rollouts='plain' runs in one process only; use the default fast rollouts under torchrun")
@@ -566,16 +567,15 @@ def accumulate_gradients(
     Each micro-batch's loss is weighted by its share of the step's rollouts over *all* ranks,
     so after the gradients are summed over ranks they equal a single process's. A non-finite
     loss on any rank stops every rank before the update, all at the same micro-batch (no rank
-    is left waiting in a collective). A sharded student reduces its gradients over the ranks
-    once, in the last micro-batch's backward; a whole one sums them after the loop.
+    is left waiting in a collective). A sharded student's gradients are summed over the ranks
+    by FSDP in each backward; a whole one's once, after the loop.
     """
     n_global = world.sum([len(rollouts.texts)])[0]  # the last step of an epoch may be short
     sums = dict.fromkeys(("loss", "kl_s", "kl_full", "s_mass_student", "s_mass_teacher", "projection_sum",
                           "projection_count"), 0.0)
     bad_loss = None
-    sharded = is_sharded(student)
     mask_all = rollouts.completion_mask
-    for start, stop, t_logits in teacher_micro_batches(teacher, teacher_hooks, rollouts, config, student.device):
+    for start, stop, t_logits in teacher_micro_batches(teacher, teacher_hooks, rollouts, config, student.device, world):
         mask = mask_all[start:stop]
         captured: list[Tensor] = []
         s_logits = completion_logits(
@@ -586,8 +586,8 @@ def accumulate_gradients(
             bad_loss = loss.item()
             break
         weight = (stop - start) / n_global
-        if sharded:
-            set_gradient_sync(student, stop == len(rollouts))
+        # a sharded student reduce-scatters in every backward: deferring it to the last
+        # micro-batch would hold a whole unsharded gradient on every rank in between
         (loss * weight).backward()
         with torch.no_grad():
             sums["loss"] += loss.item() * weight
@@ -609,7 +609,7 @@ def accumulate_gradients(
         raise NonFiniteLoss(f"the loss became {value} at step {step}; training stopped before the update")
     keys = list(sums)
     totals = dict(zip(keys, world.sum([sums[k] for k in keys])))
-    if not sharded:
+    if not is_sharded(student):
         world.all_reduce_gradients(student.hf_model.parameters())
     return totals
 

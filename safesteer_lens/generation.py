@@ -56,13 +56,6 @@ class Completions:
             self.completion_mask[rows], self.texts[rows],
         )
 
-    def widened(self, width: int, pad_id: int) -> "Completions":
-        """The same completions with ``completion_ids`` right-padded (masked out) to ``width``."""
-        return Completions(
-            self.prompt_ids, self.prompt_mask, _right_pad(self.completion_ids, width, pad_id),
-            _right_pad(self.completion_mask, width, False), self.texts,
-        )
-
     @property
     def sequences(self) -> Int[Tensor, "batch pos"]:
         """Prompt and completion concatenated (what a teacher-forced pass reads)."""

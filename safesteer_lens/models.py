@@ -112,6 +112,7 @@ class ChatModel:
                 "or set model.tokenizer.chat_template before use"
             )
         self._post_instruction_ids = self._find_post_instruction_ids()
+        self._hf_paths: dict[str, str] | None = None
 
     # ----------------------------------------------------------------- shape facts
     @property
@@ -243,29 +244,38 @@ class ChatModel:
     def hf_state_dict(self, copy: bool = True) -> dict[str, Tensor]:
         """The wrapped model's weights under their plain Hugging Face names.
 
-        The bridge nests every original module as ``_original_component`` and adds alias
-        entries for the same tensors; stripping the nesting and keeping the names a fresh model
-        expects gives a state dict that plain ``transformers`` loads.
-
         Args:
             copy: Detached clones (for export); False returns the live parameters themselves,
                 so a second module built from them shares their storage.
         """
-        from transformers import AutoModelForCausalLM
+        state = self.hf_model.state_dict(keep_vars=not copy)
+        return {name: state[path].detach().clone() if copy else state[path] for name, path in self.hf_paths().items()}
 
-        with torch.device("meta"):
-            expected = set(AutoModelForCausalLM.from_config(self.hf_model.config).state_dict())
-        out: dict[str, Tensor] = {}
-        for key, value in self.hf_model.state_dict(keep_vars=not copy).items():
-            name = key.replace("._original_component", "")
-            if name in expected and name not in out:
-                out[name] = value.detach().clone() if copy else value
-        missing = expected - set(out) - {"lm_head.weight"}
-        if missing:
-            raise SafeSteerError(
-                f"cannot map the bridge's weights back to Hugging Face names: {sorted(missing)[:3]}"
-            )
-        return out
+    def hf_paths(self) -> dict[str, str]:
+        """Plain Hugging Face name -> the path of the same tensor in the bridge-wrapped model.
+
+        The bridge nests every original module as ``_original_component`` and adds alias
+        entries for the same tensors; stripping the nesting and keeping the names a fresh model
+        expects maps each weight to the name plain ``transformers`` loads. Checkpoints and
+        exports, whole or sharded (:mod:`safesteer_lens.sharding`), all go through this table.
+        """
+        if self._hf_paths is None:
+            from transformers import AutoModelForCausalLM
+
+            with torch.device("meta"):
+                expected = set(AutoModelForCausalLM.from_config(self.hf_model.config).state_dict())
+            paths: dict[str, str] = {}
+            for path in self.hf_model.state_dict(keep_vars=True):
+                name = path.replace("._original_component", "")
+                if name in expected and name not in paths:
+                    paths[name] = path
+            missing = expected - set(paths) - {"lm_head.weight"}  # tied to the embedding in some models
+            if missing:
+                raise SafeSteerError(
+                    f"cannot map the bridge's weights back to Hugging Face names: {sorted(missing)[:3]}"
+                )
+            self._hf_paths = paths
+        return self._hf_paths
 
     def __repr__(self) -> str:
         return (

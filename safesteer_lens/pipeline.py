@@ -17,12 +17,15 @@ Run directory layout::
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
+
+import torch
 
 from safesteer_lens.directions import DirectionConfig, find_direction, load_direction
 from safesteer_lens.distill import PRESETS as TRAIN_PRESETS
@@ -123,14 +126,20 @@ def run_pipeline(
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
     say = print if progress and world.is_main else (lambda *a, **k: None)
-    base = model or load_model(model_name, device=rank_device(None, world))
+    # with shard="all" no rank holds the whole base model while training: rank 0 loads it for
+    # stages 1-2, lets it go, and loads it again for evaluation
+    hold_base = model is not None or shard != "all"
+    base = model or (load_model(model_name, device=rank_device(None, world)) if hold_base or world.is_main else None)
 
-    direction_key = _hash([base.name, asdict(config.direction)])
+    direction_key = _hash([model.name if model is not None else model_name, asdict(config.direction)])
     tokens_key = _hash([direction_key, asdict(config.tokens)])
     if world.is_main:
         rerun = _direction_and_tokens(out, base, config, direction_key, tokens_key, rerun, say, progress)
     world.barrier()  # the other ranks wait here for stages 1 and 2
     direction = load_direction(out)
+    if not hold_base:
+        base = None
+        _free_device_memory()
 
     # ---- stage 3: SafeSteer student, and the full-vocabulary ablation with the same budget
     students: dict[str, Path] = {}
@@ -162,6 +171,7 @@ def run_pipeline(
         return pandas.read_csv(out / "results.csv", index_col="model")
 
     # ---- evaluation
+    base = base or load_model(model_name, device=rank_device(None, world))
     key = _hash([[json.loads((p.parent / "train.json").read_text())["key"] for p in students.values()], asdict(config.evaluate)])
     stamp = out / "evaluate.json"
     if "evaluate" in rerun or not _stamp_ok(stamp, key) or not (out / "results.csv").exists():
@@ -228,6 +238,13 @@ def _direction_and_tokens(
     else:
         say("[2/6] tokens: current, skipped")
     return rerun
+
+
+def _free_device_memory() -> None:
+    """Collect models nothing refers to any more and give their device memory back."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _prepare_train_dir(out: Path, run_dir: Path) -> None:

@@ -17,7 +17,8 @@ Three things differ from a plain module and are handled here:
 * FSDP averages gradients over ranks; SafeSteer weights each micro-batch by its share of the
   *global* rows, so the gradients must be summed (divide factor 1).
 * Every forward is a collective: all ranks must run the same number of forwards and backwards.
-  Rollouts therefore decode in lock-step (``synced_gpus``) and are padded to one width.
+  Rollouts therefore decode in lock-step (``synced_gpus``), and the teacher's chunking is
+  agreed over ranks (:func:`~safesteer_lens.distill.teacher_micro_batches`).
 
 Checkpoints and the exported student are built from full (unsharded) state dicts on rank 0, in
 the same format as a single process writes, so a sharded run resumes unsharded and vice versa.
@@ -56,7 +57,7 @@ def is_sharded(model: ChatModel) -> bool:
     return any(isinstance(p, DTensor) for p in model.hf_model.parameters())
 
 
-def shard_model(model: ChatModel, world: World, device: torch.device | str) -> ChatModel:
+def shard_model(model: ChatModel, world: World, device: torch.device | str, frozen: bool = False) -> ChatModel:
     """Shard ``model`` in place over the ranks of ``world`` with ``fully_shard`` (FSDP2).
 
     Every rank must call this with the same model. Parameters on another device (load on CPU
@@ -66,6 +67,9 @@ def shard_model(model: ChatModel, world: World, device: torch.device | str) -> C
         model: A model loaded by :func:`~safesteer_lens.models.load_model`, not yet sharded.
         world: The processes to shard over (the whole process group).
         device: This rank's device; its type picks the mesh (``cuda`` with NCCL, ``cpu`` with gloo).
+        frozen: The model never runs a backward (the teacher). FSDP keeps the root's parameters
+            (embeddings, final norm, unembedding) whole after a forward, for the backward that
+            follows; a frozen model has none, so its root is sharded again after every forward.
 
     Returns:
         The same model, now sharded: forwards gather one layer at a time on every rank.
@@ -88,7 +92,7 @@ def shard_model(model: ChatModel, world: World, device: torch.device | str) -> C
         # the bridge's BlockBridge wraps the Hugging Face decoder layer; shard the layer itself
         fully_shard(getattr(layer, "original_component", layer), mesh=mesh)
     done = {p for p in hf_model.parameters() if isinstance(p, DTensor)}
-    fully_shard(hf_model, mesh=mesh, ignored_params=done)
+    fully_shard(hf_model, mesh=mesh, ignored_params=done, reshard_after_forward=True if frozen else None)
     for module in hf_model.modules():
         if isinstance(module, FSDPModule):
             # a plain sum over ranks (the loss weights are global); SUM also works on gloo,
@@ -98,28 +102,26 @@ def shard_model(model: ChatModel, world: World, device: torch.device | str) -> C
     return model
 
 
-def load_sharded(name: str, world: World, device: torch.device | str, dtype: str | torch.dtype | None = None) -> ChatModel:
-    """Load a model on CPU and shard it onto ``device``: no rank ever holds it whole on the card.
+def load_sharded(
+    name: str, world: World, device: torch.device | str, dtype: str | torch.dtype | None = None, frozen: bool = False
+) -> ChatModel:
+    """Load a model on CPU and shard it onto ``device``, one layer at a time.
+
+    ``fully_shard`` moves a layer to the card whole and then keeps this rank's shard, so the
+    card never holds more than one whole layer. Host memory does hold the whole model once per
+    rank while loading (N copies on a machine running N ranks).
 
     Args:
         name: Embedded name, directory, .gguf or hub id (as for ``load_model``).
         world: The processes to shard over.
         device: This rank's device.
         dtype: Weight dtype; default: the one ``load_model`` picks for ``device`` (bfloat16 on CUDA).
+        frozen: See :func:`shard_model` (True for the teacher).
     """
     from safesteer_lens.models import load_model, resolve_dtype
 
     dtype = resolve_dtype(dtype, torch.device(device))
-    return shard_model(load_model(name, device="cpu", dtype=dtype), world, device)
-
-
-def set_gradient_sync(model: ChatModel, sync: bool) -> None:
-    """Reduce-scatter gradients after the next backward (True) or keep accumulating locally."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.hf_model.modules():
-        if isinstance(module, FSDPModule):
-            module.set_requires_gradient_sync(sync, recurse=False)
+    return shard_model(load_model(name, device="cpu", dtype=dtype), world, device, frozen=frozen)
 
 
 @contextmanager
@@ -133,7 +135,8 @@ def gathered(model: ChatModel) -> Iterator[None]:
     """
     from torch.distributed.fsdp import FSDPModule
 
-    modules = [m for m in model.hf_model.modules() if isinstance(m, FSDPModule)]
+    # the decoder layers; the root (embeddings, norm, unembedding) keeps its own setting
+    modules = [m for m in model.hf_model.modules() if isinstance(m, FSDPModule) and m is not model.hf_model]
     for module in modules:
         module.set_reshard_after_forward(False, recurse=False)
     try:
@@ -161,18 +164,17 @@ def to_float(value: Tensor) -> float:
 def full_state(model: ChatModel, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Whole weights (Hugging Face names) and optimizer state, on CPU, on rank 0.
 
-    A collective when the model is sharded: every rank calls it, and ranks other than 0 get
-    empty dicts. The weights are under the names a fresh ``transformers`` model uses (as
-    :meth:`~safesteer_lens.models.ChatModel.hf_state_dict` gives), the optimizer state under the
-    model's parameter paths, so a checkpoint does not depend on how the run was sharded.
+    Every rank calls it when the model is sharded (gathering the shards is a collective); ranks
+    other than 0 get empty dicts. The weights are named as a fresh ``transformers`` model names
+    them (:meth:`~safesteer_lens.models.ChatModel.hf_paths`) and the optimizer state is keyed by
+    parameter path, not by position, so a checkpoint does not depend on how the run was sharded.
+    A whole model's CPU tensors come back as they are, not copied: save them, do not edit them.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
-    sharded = is_sharded(model)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=sharded)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model.hf_model, options=options)
-    names = _plain_names(model)
-    weights = {names[k]: v.detach().clone() for k, v in state.items() if k in names}
+    weights = {name: state[path] for name, path in model.hf_paths().items() if path in state}
     optim = get_optimizer_state_dict(model.hf_model, optimizer, options=options) if optimizer is not None else {}
     return weights, optim
 
@@ -184,18 +186,13 @@ def load_full_state(
     """Load what :func:`full_state` returned into a sharded or whole model (every rank calls it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-    paths = {plain: path for path, plain in _plain_names(model).items()}
+    paths = model.hf_paths()
     missing = set(paths) - set(weights)
     if missing:
         raise SafeSteerError(
             f"the checkpoint has no weights for {sorted(missing)[:3]}; it was written for another model"
         )
     options = StateDictOptions(full_state_dict=True, strict=False)
-    set_model_state_dict(model.hf_model, {paths[k]: v for k, v in weights.items() if k in paths}, options=options)
+    set_model_state_dict(model.hf_model, {paths[name]: weights[name] for name in paths}, options=options)
     if optimizer is not None and optimizer_state is not None:
         set_optimizer_state_dict(model.hf_model, optimizer, optimizer_state, options=options)
-
-
-def _plain_names(model: ChatModel) -> dict[str, str]:
-    """Parameter path in the bridge-wrapped model -> Hugging Face name, one path per tensor."""
-    return {path: path.replace("._original_component", "") for path, _ in model.hf_model.named_parameters()}

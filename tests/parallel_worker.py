@@ -1,13 +1,20 @@
-"""Run by tests/test_parallel.py under torchrun: one training piece per process.
+"""Run under torchrun by tests/test_parallel.py and tests/test_sharding.py: one piece per process.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/parallel_worker.py MODE RUN_DIR OUT CONFIG_JSON [SHARD]
 
-MODE ``grads``: this rank's rollouts and gradients for step 0; rank 0 saves the loss and the
-summed gradients to OUT. MODE ``train``: ``train(RUN_DIR, max_steps=2, resume=True)``; rank 0 saves the
-metrics to OUT. MODE ``sample``: a sharded student samples 2 prompts per rank, rank r
-with ``max_new_tokens = 3 + 3r`` (the ranks finish at different times); every rank saves
-its tokens to OUT.rankR. SHARD (default ``none``) is ``train``'s ``shard`` mode. MODE ``pipeline``: ``run_pipeline`` on the tiny model named by OUT's
-``model`` key (CONFIG_JSON), with tiny settings; every rank saves its table's index to OUT.
+SHARD (default ``none``) is ``train``'s ``shard`` mode. MODE:
+
+* ``grads``: this rank's rollouts and gradients for step 0; rank 0 saves the loss and the
+  summed gradients to OUT.
+* ``train``: ``train(RUN_DIR, max_steps=2, resume=True)``; rank 0 saves the metrics to OUT.
+* ``sample``: a sharded student samples 2 prompts per rank, rank r with
+  ``max_new_tokens = 3 + 3r`` (the ranks finish at different times); each rank saves its
+  tokens to OUT.rankR.
+* ``teacher``: a sharded, steered teacher scores rollouts 3 tokens wide on rank 0 and 6 on
+  rank 1, in chunks sized from the width; each rank saves chunks, logits and its forward
+  count to OUT.rankR.
+* ``pipeline``: ``run_pipeline`` on the tiny model named by CONFIG_JSON's ``model`` key, with
+  tiny settings; each rank saves its table's index to OUT.rankR.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from safesteer_lens.data import load_builtin_prompts, prompt_texts
 from safesteer_lens.models import load_model
 from safesteer_lens.parallel import current_world, shutdown
 from safesteer_lens.pipeline import run_pipeline
-from safesteer_lens.sharding import shard_model
+from safesteer_lens.sharding import load_sharded, shard_model
 from safesteer_lens.steering import add_hooks
 from safesteer_lens.tokens import load_safety_tokens
 
@@ -65,7 +72,8 @@ def sharded_samples(run_dir: str) -> dict:
 
     world = current_world()
     student = shard_model(load_model(load_direction(run_dir).model, device="cpu"), world, "cpu")
-    shapes = [local(p).shape for p in student.hf_model.parameters()]
+    layers = student.hf_model.model.layers  # FSDP keeps the root (embeddings, unembedding) whole after a forward
+    shapes = [local(p).shape for p in layers.parameters()]
     out = {"rank": world.rank}
     for low_memory in (False, True):
         sampler = RolloutSampler(student, low_memory=low_memory)
@@ -73,8 +81,33 @@ def sharded_samples(run_dir: str) -> dict:
             settings = sample_settings(world.rank)
             rows = sampler.sample(settings.pop("prompts"), **settings, do_sample=kind == "sampled")
             out[kind, low_memory] = rows.completion_ids
-    out["sharded_after"] = [local(p).shape for p in student.hf_model.parameters()] == shapes
+    out["sharded_after"] = [local(p).shape for p in layers.parameters()] == shapes
     return out
+
+
+def teacher_rollouts(run_dir: str, rank: int):
+    """Rank ``rank``'s rollouts in MODE ``teacher``: 4 prompts x 2 samples, 3 + 3 * rank tokens."""
+    from safesteer_lens.rollouts import RolloutSampler
+
+    student = load_model(load_direction(run_dir).model, device="cpu")
+    prompts = prompt_texts(load_builtin_prompts("harmful", "train"))[4 * rank : 4 * rank + 4]
+    return RolloutSampler(student).sample(prompts, 2, max_new_tokens=3 + 3 * rank, seed=3, first_row=8 * rank)
+
+
+def teacher_chunks(run_dir: str, teacher, world) -> dict:
+    """The steered teacher's chunked logits for this rank's rollouts (chunks: 2 micro-batches at width 6)."""
+    from safesteer_lens import distill
+
+    direction = load_direction(run_dir)
+    forwards = []
+    hooks = add_hooks(teacher, direction.vector, direction.layer, direction.coeff)
+    hooks.append(("blocks.0.hook_resid_pre", lambda resid, hook: forwards.append(1)))
+    distill.TEACHER_LOGITS_BUDGET = 2 * (2 * 6 * teacher.d_vocab * 4)
+    config = TrainConfig(samples_per_prompt=2, micro_batch=2)
+    rollouts = teacher_rollouts(run_dir, world.rank)
+    chunks = list(distill.teacher_micro_batches(teacher, hooks, rollouts, config, torch.device("cpu"), world))
+    return {"bounds": [(a, b) for a, b, _ in chunks], "logits": torch.cat([t for _, _, t in chunks]),
+            "forwards": len(forwards), "rank": world.rank}
 
 
 def tiny_pipeline():
@@ -99,13 +132,17 @@ def main() -> None:
     shard = sys.argv[5] if len(sys.argv) > 5 else "none"
     if mode == "pipeline":
         settings = json.loads(config_json)
-        table = run_pipeline(run_dir, settings["model"], config=tiny_pipeline(), progress=True)
+        table = run_pipeline(run_dir, settings["model"], config=tiny_pipeline(), progress=True, shard=shard)
         rank = current_world().rank
         torch.save({"index": list(table.index)}, f"{out}.rank{rank}")
         shutdown()
         return
-    if mode == "sample":
-        result = sharded_samples(run_dir)
+    if mode in ("sample", "teacher"):
+        if mode == "sample":
+            result = sharded_samples(run_dir)
+        else:
+            world = current_world()
+            result = teacher_chunks(run_dir, load_sharded(load_direction(run_dir).model, world, "cpu", frozen=True), world)
         torch.save(result, f"{out}.rank{result['rank']}")
         shutdown()
         return

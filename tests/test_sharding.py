@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from torchrun import CONFIG, assert_same_metrics, assert_same_step, launch, torchrun
+from torchrun import CONFIG, WORKER, assert_same_metrics, assert_same_step, launch, torchrun
 
 from safesteer_lens.cli import main
 from safesteer_lens.distill import CHECKPOINT, train
@@ -46,7 +47,26 @@ def test_sharded_ranks_that_finish_at_different_times_sample_what_one_process_wo
             for low_memory in (False, True):  # layers kept whole while sampling, or gathered per token
                 assert torch.equal(got[kind, low_memory], want.completion_ids), (rank, kind, low_memory)
         assert got["sampled", False].shape[1] == 3 + 3 * rank
-        assert got["sharded_after"]  # the layers kept whole for sampling were sharded again
+        assert got["sharded_after"]  # the decoder layers kept whole for sampling were sharded again
+
+
+def test_a_sharded_teacher_scores_ranks_of_different_widths_in_the_same_number_of_forwards(run_dir, tmp_path):
+    # rank 0's rollouts are 3 tokens wide, rank 1's 6: sized by its own width rank 0 would score
+    # its 8 rows in 2 forwards and rank 1 in 4, and the sharded teacher's gathers would not pair up
+    from parallel_worker import teacher_chunks
+
+    from safesteer_lens.models import load_model
+
+    launch("teacher", run_dir, tmp_path / "teacher", CONFIG, "all")
+    whole = load_model(str(Path(_base_weights(run_dir)).parent), device="cpu")
+    got = [torch.load(tmp_path / f"teacher.rank{rank}", weights_only=False) for rank in (0, 1)]
+    assert got[0]["bounds"] == got[1]["bounds"] == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    assert got[0]["logits"].shape[1] == 3 and got[1]["logits"].shape[1] == 6
+    assert got[0]["forwards"] == got[1]["forwards"] == 4  # 2 chunks, each a prompt pass and a completion pass
+    alone = [teacher_chunks(str(run_dir), whole, World(rank, 1)) for rank in (0, 1)]  # own width decides
+    assert alone[0]["forwards"] == 2  # what rank 0 would have run without agreeing on the width
+    for rank in (0, 1):  # the same steered logits as the whole teacher's
+        assert torch.allclose(got[rank]["logits"], alone[rank]["logits"], atol=1e-5), rank
 
 
 def test_a_run_moves_between_one_process_and_sharded_processes(run_dir, tmp_path):
@@ -70,7 +90,7 @@ def test_the_safesteer_command_trains_sharded_and_exports_the_whole_student(run_
     shutil.copytree(run_dir, single_dir)
     assert main(["train", "--run", str(single_dir), *flags]) == 0
     script = Path(sys.executable).with_name("safesteer")
-    torchrun(str(script), "train", "--run-dir", str(run_dir), "--shard", "all", *flags)
+    torchrun(str(script), "train", "--run-dir", str(run_dir), "--shard", "student", *flags)
 
     from safetensors.torch import load_file
 
@@ -88,6 +108,16 @@ def _base_weights(run_dir: Path) -> Path:
     import json
 
     return Path(json.loads((run_dir / "direction.json").read_text())["model"]) / "model.safetensors"
+
+
+def test_the_pipeline_runs_with_student_and_teacher_sharded(tiny_dir, tmp_path):
+    # rank 0 lets the base model go before training and loads it again for evaluation
+    out = tmp_path / "run"
+    done = torchrun(str(WORKER), "pipeline", str(out), str(tmp_path / "table"), json.dumps({"model": str(tiny_dir)}), "all")
+    assert done.stdout.count("[3/6] train") == 1 and done.stdout.count("[6/6] report") == 1
+    for name in ("student/config.json", "ablation-full-reverse/student/config.json", "results.csv", "report.md"):
+        assert (out / name).exists(), name
+    assert "SafeSteer student" in torch.load(tmp_path / "table.rank1", weights_only=False)["index"]
 
 
 def test_full_state_round_trips_a_whole_model(tiny_dir):
