@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.models import DEFAULT_MODEL
+from safesteer_lens.sharding import SHARDING
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -150,7 +151,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise SafeSteerError("--shard all spreads the teacher over every rank's device; drop --teacher-device")
         name = args.model or direction.model
         if args.shard == "all":
-            teacher = load_sharded(name, world, args.teacher_device or device or resolve_device(None), args.dtype)
+            teacher = load_sharded(name, world, device or resolve_device(None), args.dtype, frozen=True)
         else:
             teacher = load_model(name, device=args.teacher_device or device, dtype=args.dtype)
         result = train(args.run, config, teacher=teacher, resume=args.resume, device=device, shard=args.shard,
@@ -300,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fast (default): sdpa twin, one prefill per prompt, compiled on CUDA; plain: through the bridge")
     train.add_argument("--resume", action="store_true", help="continue from checkpoint.pt")
     train.add_argument("--teacher-device", default=None, help="put the frozen teacher on another device (e.g. cuda:1)")
-    train.add_argument("--shard", choices=["none", "student", "all"], default="none", help=SHARD_HELP)
+    train.add_argument("--shard", choices=SHARDING, default="none", help=SHARD_HELP)
     train.add_argument("--low-memory-rollouts", action="store_true", help=LOW_MEMORY_HELP)
     train.set_defaults(func=cmd_train)
 
@@ -310,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--preset", choices=["demo", "paper"], default="demo")
     run.add_argument("--rerun", nargs="*", choices=["direction", "tokens", "train", "ablation", "evaluate", "report"],
                      help="redo these stages (and what depends on them)")
-    run.add_argument("--shard", choices=["none", "student", "all"], default="none", help=SHARD_HELP)
+    run.add_argument("--shard", choices=SHARDING, default="none", help=SHARD_HELP)
     run.add_argument("--low-memory-rollouts", action="store_true", help=LOW_MEMORY_HELP)
     run.set_defaults(func=cmd_run)
 

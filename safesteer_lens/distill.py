@@ -533,11 +533,10 @@ def sample_rollouts(
     try:
         if config.rollouts == "fast":
             sampler = sampler or RolloutSampler(student)
-            rollouts = sampler.sample(
+            return sampler.sample(
                 step_prompts[start:stop], config.samples_per_prompt, max_new_tokens=config.max_new_tokens,
                 temperature=config.temperature, seed=seed, first_row=start * config.samples_per_prompt,
             )
-            return rollouts
         if world.size > 1:
             raise SafeSteerError("rollouts='plain' runs in one process only; use the default fast rollouts under torchrun")
         return generate(
