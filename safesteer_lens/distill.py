@@ -224,7 +224,9 @@ def teacher_micro_batches(
     The teacher needs no gradients, so it keeps no activations and can score several
     micro-batches in one forward: as many as keep the chunk's logits under
     ``TEACHER_LOGITS_BUDGET``. One wide forward is cheaper than several narrow ones (1x16
-    rollouts scored in 0.86-0.96 s against 1.21 s for 2x8 on 2 CPU cores).
+    rollouts scored in 0.86-0.96 s against 1.21 s for 2x8 on 2 CPU cores). Under several
+    processes (``world``) the chunk size comes from the widest rank's rollouts, so every rank
+    runs the same number of teacher forwards.
     """
     n = len(rollouts.texts)
     # sized by the widest rank's rollouts, so every rank runs as many teacher forwards (each is
@@ -449,16 +451,17 @@ def train(
                 raise NonFiniteLoss(f"the weights became NaN or infinite at step {step}; {kept}; lower the learning rate")
             if world.is_main or is_sharded(student):  # gathering shards takes every rank
                 weights, optim = full_state(student, optimizer)
-            if world.is_main:
-                _save_checkpoint(run_dir, {
-                    "format": CHECKPOINT_FORMAT, "step": step + 1, "student": weights, "optimizer": optim,
-                    "scheduler": scheduler.state_dict(), "config": asdict(config),
-                })
+                if world.is_main:
+                    _save_checkpoint(run_dir, {
+                        "format": CHECKPOINT_FORMAT, "step": step + 1, "student": weights, "optimizer": optim,
+                        "scheduler": scheduler.state_dict(), "config": asdict(config),
+                    })
+                del weights, optim  # host copies of the whole student: not kept until the next checkpoint
             last_saved = step + 1
     for p in params:
         p.requires_grad_(False)
-    if export and end_step == config.total_steps:
-        weights = full_state(student)[0] if is_sharded(student) else None
+    if export and end_step == config.total_steps and (world.is_main or is_sharded(student)):
+        weights = full_state(student)[0]  # on the host, gathered if sharded
         if world.is_main:
             export_student(student, run_dir / STUDENT_DIR, weights)
     world.barrier()  # every rank returns once rank 0's files are complete

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from safesteer_lens.errors import SafeSteerError
@@ -169,13 +170,30 @@ def full_state(model: ChatModel, optimizer: torch.optim.Optimizer | None = None)
     them (:meth:`~safesteer_lens.models.ChatModel.hf_paths`) and the optimizer state is keyed by
     parameter path, not by position, so a checkpoint does not depend on how the run was sharded.
     A whole model's CPU tensors come back as they are, not copied: save them, do not edit them.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(model.hf_model, options=options)
-    weights = {name: state[path] for name, path in model.hf_paths().items() if path in state}
-    optim = get_optimizer_state_dict(model.hf_model, optimizer, options=options) if optimizer is not None else {}
+    The weights are walked name by name rather than through ``get_model_state_dict``: the
+    bridge lists each tensor under about 3.5 names, and that function would copy (or gather)
+    every one of them. Each tensor is gathered once, in the same order on every rank, and a
+    tied tensor (the unembedding) is the same CPU tensor under both of its names.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.tensor import DTensor
+
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    state = model.hf_model.state_dict(keep_vars=True)  # references only, no copies
+    done: dict[int, Tensor] = {}
+    weights: dict[str, Tensor] = {}
+    for name, path in model.hf_paths().items():
+        tensor = state[path]
+        if id(tensor) not in done:
+            whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # a collective when sharded
+            done[id(tensor)] = whole.detach().to("cpu") if rank0 else whole
+        if rank0:
+            weights[name] = done[id(tensor)]
+    optim: dict[str, Any] = {}
+    if optimizer is not None:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        optim = get_optimizer_state_dict(model.hf_model, optimizer, options=options)
     return weights, optim
 
 

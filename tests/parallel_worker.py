@@ -47,7 +47,7 @@ def step_gradients(run_dir: str, config: TrainConfig, shard: str = "none") -> di
     if shard != "none":
         shard_model(student, world, "cpu")
     if shard == "all":
-        shard_model(teacher, world, "cpu")
+        shard_model(teacher, world, "cpu", frozen=True)
     build_optimizer(student, config)
     prompts = prompt_texts(load_builtin_prompts("harmful", "train"))[: config.n_prompts]
     hooks = add_hooks(teacher, direction.vector, direction.layer, direction.coeff)
@@ -102,12 +102,19 @@ def teacher_chunks(run_dir: str, teacher, world) -> dict:
     forwards = []
     hooks = add_hooks(teacher, direction.vector, direction.layer, direction.coeff)
     hooks.append(("blocks.0.hook_resid_pre", lambda resid, hook: forwards.append(1)))
-    distill.TEACHER_LOGITS_BUDGET = 2 * (2 * 6 * teacher.d_vocab * 4)
     config = TrainConfig(samples_per_prompt=2, micro_batch=2)
     rollouts = teacher_rollouts(run_dir, world.rank)
-    chunks = list(distill.teacher_micro_batches(teacher, hooks, rollouts, config, torch.device("cpu"), world))
+    budget, distill.TEACHER_LOGITS_BUDGET = distill.TEACHER_LOGITS_BUDGET, 2 * (2 * 6 * teacher.d_vocab * 4)
+    try:
+        chunks = list(distill.teacher_micro_batches(teacher, hooks, rollouts, config, torch.device("cpu"), world))
+    finally:
+        distill.TEACHER_LOGITS_BUDGET = budget
+    from torch.distributed.tensor import DTensor
+
     return {"bounds": [(a, b) for a, b, _ in chunks], "logits": torch.cat([t for _, _, t in chunks]),
-            "forwards": len(forwards), "rank": world.rank}
+            "forwards": len(forwards), "rank": world.rank,
+            # a frozen teacher's root (embeddings, unembedding) is sharded again after each forward
+            "sharded_after": all(isinstance(p, DTensor) for p in teacher.hf_model.parameters())}
 
 
 def tiny_pipeline():

@@ -18,6 +18,11 @@ from safesteer_lens.parallel import World
 from safesteer_lens.sharding import check_sharding, full_state, is_sharded, load_full_state
 
 
+def _base_weights(run_dir: Path) -> Path:
+    """The tiny base model's weights file (the model named in the run's direction.json)."""
+    return Path(json.loads((run_dir / "direction.json").read_text())["model"]) / "model.safetensors"
+
+
 @pytest.mark.parametrize("shard", ["student", "all"])
 def test_sharded_runs_give_the_single_process_rollouts_loss_and_gradients(run_dir, tmp_path, shard):
     # with "all" the teacher is sharded too, and its steering hook must still shape the loss
@@ -65,6 +70,7 @@ def test_a_sharded_teacher_scores_ranks_of_different_widths_in_the_same_number_o
     assert got[0]["forwards"] == got[1]["forwards"] == 4  # 2 chunks, each a prompt pass and a completion pass
     alone = [teacher_chunks(str(run_dir), whole, World(rank, 1)) for rank in (0, 1)]  # own width decides
     assert alone[0]["forwards"] == 2  # what rank 0 would have run without agreeing on the width
+    assert got[0]["sharded_after"] and got[1]["sharded_after"]
     for rank in (0, 1):  # the same steered logits as the whole teacher's
         assert torch.allclose(got[rank]["logits"], alone[rank]["logits"], atol=1e-5), rank
 
@@ -75,7 +81,7 @@ def test_a_run_moves_between_one_process_and_sharded_processes(run_dir, tmp_path
     reference = train(reference_dir, CONFIG, progress=False, export=False).metrics  # 4 steps
 
     train(run_dir, CONFIG, progress=False, export=False, max_steps=1)  # step 0: one process
-    launch("train", run_dir, tmp_path / "metrics.pt", CONFIG, "all")  # steps 1-2: resumed, sharded
+    launch("train", run_dir, tmp_path / "metrics.pt", CONFIG, "student")  # steps 1-2: resumed, sharded
     assert torch.load(run_dir / CHECKPOINT, weights_only=False)["step"] == 3
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3  # rank 0 alone appended
     assert_same_metrics(torch.load(tmp_path / "metrics.pt", weights_only=False)["metrics"], reference[:3])
@@ -90,7 +96,7 @@ def test_the_safesteer_command_trains_sharded_and_exports_the_whole_student(run_
     shutil.copytree(run_dir, single_dir)
     assert main(["train", "--run", str(single_dir), *flags]) == 0
     script = Path(sys.executable).with_name("safesteer")
-    torchrun(str(script), "train", "--run-dir", str(run_dir), "--shard", "student", *flags)
+    torchrun(str(script), "train", "--run-dir", str(run_dir), "--shard", "all", *flags)
 
     from safetensors.torch import load_file
 
@@ -102,12 +108,6 @@ def test_the_safesteer_command_trains_sharded_and_exports_the_whole_student(run_
     assert moved > 1e-4  # training changed the weights, so equal exports mean something
     for key, value in single.items():
         assert torch.allclose(sharded[key], value, atol=1e-5, rtol=0), key
-
-
-def _base_weights(run_dir: Path) -> Path:
-    import json
-
-    return Path(json.loads((run_dir / "direction.json").read_text())["model"]) / "model.safetensors"
 
 
 def test_the_pipeline_runs_with_student_and_teacher_sharded(tiny_dir, tmp_path):
