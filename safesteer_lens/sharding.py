@@ -181,13 +181,13 @@ def full_state(model: ChatModel, optimizer: torch.optim.Optimizer | None = None)
 
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     state = model.hf_model.state_dict(keep_vars=True)  # references only, no copies
-    done: dict[int, Tensor] = {}
+    done: dict[int, Tensor | None] = {}  # rank 0: the CPU copy; other ranks keep nothing
     weights: dict[str, Tensor] = {}
     for name, path in model.hf_paths().items():
         tensor = state[path]
         if id(tensor) not in done:
             whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # a collective when sharded
-            done[id(tensor)] = whole.detach().to("cpu") if rank0 else whole
+            done[id(tensor)] = whole.detach().to("cpu") if rank0 else None
         if rank0:
             weights[name] = done[id(tensor)]
     optim: dict[str, Any] = {}
