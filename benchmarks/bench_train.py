@@ -6,10 +6,12 @@ the decoder layer, full ``log_softmax`` over the vocabulary for both models, and
 gathered on the safety tokens S. Ours is :func:`safesteer_lens.distill.train_step` exactly as
 ``safesteer train`` runs it (with its monitoring). Same model, prompts, settings and seeds.
 
-Each loop runs in its own subprocess (so peak RSS belongs to one loop), one after the other in
-a single invocation::
+Each loop runs in its own subprocesses (so peak RSS belongs to one loop), in a single
+invocation. The timed steps are split into rounds run in the order reference, ours, ours,
+reference, ... (each subprocess warms up with one untimed step first), so a machine that
+slows down or speeds up during the run weighs on both loops alike::
 
-    python benchmarks/bench_train.py [--model M] [--steps 8] [--run RUN_DIR]
+    python benchmarks/bench_train.py [--model M] [--steps 8] [--rounds 2] [--run RUN_DIR]
 
 ``RUN_DIR`` must hold ``direction.*`` and ``safety_tokens.json`` (default ``runs/demo``, made
 by ``make demo``). The last line is ``speedup=<reference step time / our step time>``.
@@ -60,7 +62,7 @@ def run_ours(args: argparse.Namespace) -> list[float]:
     ids = torch.tensor(tokens.ids)
     sampler = RolloutSampler(student)  # built once, as `train` does
     times = []
-    for step in range(args.steps + 1):  # step 0 warms up
+    for step in _steps(args):
         start = time.perf_counter()
         train_step(student, teacher, hooks, direction, ids, optimizer, scheduler, prompts, config, step, sampler=sampler)
         times.append(time.perf_counter() - start)
@@ -101,7 +103,7 @@ def run_reference(args: argparse.Namespace) -> list[float]:
     s_ids = torch.tensor(tokens.ids)
     eos = tokenizer.eos_token_id
     times = []
-    for step in range(args.steps + 1):
+    for step in _steps(args):
         start = time.perf_counter()
         chosen = _step_prompts(prompts, config, step)  # the same prompts as ours at this step
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
@@ -137,6 +139,11 @@ def run_reference(args: argparse.Namespace) -> list[float]:
     return times[1:]
 
 
+def _steps(args: argparse.Namespace) -> range:
+    """A child's step indices: one untimed warm-up step, then its timed steps."""
+    return range(args.first_step, args.first_step + args.steps + 1)
+
+
 def _child(args: argparse.Namespace) -> None:
     times = run_ours(args) if args.child == "ours" else run_reference(args)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -147,22 +154,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the model named in RUN/direction.json")
     parser.add_argument("--run", default="runs/demo", help="run directory with direction and safety tokens")
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per loop (after one warm-up step)")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per loop, over all rounds")
+    parser.add_argument("--rounds", type=int, default=2, help="subprocesses per loop, run alternately")
     parser.add_argument("--json", default=None, help="also write the numbers here")
     parser.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--first-step", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(args)
         return
     if not (Path(args.run) / "direction.json").exists():
         sys.exit(f"error: {args.run} has no direction.json; run `make demo` (or safesteer direction/tokens) first")
-    results = {}
-    for loop in ("reference", "ours"):
-        cmd = [sys.executable, __file__, "--child", loop, "--run", args.run, "--steps", str(args.steps)]
-        if args.model:
-            cmd += ["--model", args.model]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        results[loop] = json.loads(done.stdout.strip().splitlines()[-1])
+    if args.rounds < 1 or args.steps % args.rounds:
+        sys.exit(f"error: --steps ({args.steps}) must be a positive multiple of --rounds ({args.rounds})")
+    per_round = args.steps // args.rounds
+    results: dict = {loop: {"times": [], "peak_rss_mb": 0.0} for loop in ("reference", "ours")}
+    for r in range(args.rounds):
+        order = ("reference", "ours") if r % 2 == 0 else ("ours", "reference")  # ABBA...: drift cancels
+        for loop in order:
+            cmd = [sys.executable, __file__, "--child", loop, "--run", args.run, "--steps", str(per_round),
+                   "--first-step", str(r * per_round)]
+            if args.model:
+                cmd += ["--model", args.model]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            child = json.loads(done.stdout.strip().splitlines()[-1])
+            results[loop]["times"] += child["times"]
+            results[loop]["peak_rss_mb"] = max(results[loop]["peak_rss_mb"], child["peak_rss_mb"])
     ref = statistics.median(results["reference"]["times"])
     ours = statistics.median(results["ours"]["times"])
     print(f"{'loop':<10} {'median step s':>14} {'peak RSS MB':>12}")
