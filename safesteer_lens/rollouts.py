@@ -118,7 +118,7 @@ def sampling_twin(model: ChatModel, attn_implementation: str = "sdpa") -> Any:
             if name not in wrapped:
                 raise SafeSteerError(
                     f"cannot build a sampling twin of {model.name!r}: buffer {name} has no "
-                    "counterpart; train with rollout_engine='plain'"
+                    "counterpart; train with rollouts='plain'"
                 )
             twin.get_submodule(owner)._buffers[attr] = wrapped[name]
     meta = [name for name, p in twin.named_parameters() if p.is_meta]
