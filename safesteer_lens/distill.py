@@ -384,8 +384,7 @@ def train(
     config.validate()
     world = current_world()
     check_sharding(shard, world)
-    if world.size > 1 and config.rollouts != "fast":
-        raise SafeSteerError("rollouts='plain' runs in one process only; use the default fast rollouts under torchrun")
+    _check_rollout_engine(config, world)
     world.shard(config.prompts_per_step, "prompts")  # fail early if a step does not split
     if config.n_prompts % config.prompts_per_step:
         world.shard(config.n_prompts % config.prompts_per_step, "prompts in the last step of an epoch")
@@ -398,10 +397,11 @@ def train(
             f"safety token id {max(tokens.ids)} does not exist in {teacher.name}'s vocabulary of "
             f"{teacher.d_vocab}; rerun `safesteer tokens --run {run_dir}` for this model"
         )
-    if shard == "none":
-        student = load_model(teacher.name, device=train_device, dtype=config.student_dtype)
-    else:
+    sharded = shard != "none"
+    if sharded:
         student = load_sharded(teacher.name, world, train_device, config.student_dtype)
+    else:
+        student = load_model(teacher.name, device=train_device, dtype=config.student_dtype)
     optimizer, scheduler = build_optimizer(student, config)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     metrics_path = run_dir / METRICS
@@ -449,7 +449,7 @@ def train(
             if world.sum([sum(float(not torch.isfinite(local(p)).all()) for p in params)])[0]:
                 kept = f"checkpoint.pt holds step {last_saved}" if last_saved is not None else "no checkpoint was written yet"
                 raise NonFiniteLoss(f"the weights became NaN or infinite at step {step}; {kept}; lower the learning rate")
-            if world.is_main or is_sharded(student):  # gathering shards takes every rank
+            if world.is_main or sharded:  # gathering shards takes every rank
                 weights, optim = full_state(student, optimizer)
                 if world.is_main:
                     _save_checkpoint(run_dir, {
@@ -460,7 +460,7 @@ def train(
             last_saved = step + 1
     for p in params:
         p.requires_grad_(False)
-    if export and end_step == config.total_steps and (world.is_main or is_sharded(student)):
+    if export and end_step == config.total_steps and (world.is_main or sharded):
         weights = full_state(student)[0]  # on the host, gathered if sharded
         if world.is_main:
             export_student(student, run_dir / STUDENT_DIR, weights)
@@ -540,8 +540,7 @@ def sample_rollouts(
                 step_prompts[start:stop], config.samples_per_prompt, max_new_tokens=config.max_new_tokens,
                 temperature=config.temperature, seed=seed, first_row=start * config.samples_per_prompt,
             )
-        if world.size > 1:
-            raise SafeSteerError("rollouts='plain' runs in one process only; use the default fast rollouts under torchrun")
+        _check_rollout_engine(config, world)
         return generate(
             student, [p for p in step_prompts for _ in range(config.samples_per_prompt)],
             max_new_tokens=config.max_new_tokens, do_sample=True, temperature=config.temperature,
@@ -551,6 +550,12 @@ def sample_rollouts(
         if "inf" in str(exc) or "nan" in str(exc):
             raise NonFiniteLoss(f"the student's probabilities became NaN or infinite at step {step} (while sampling)") from exc
         raise
+
+
+def _check_rollout_engine(config: TrainConfig, world: World) -> None:
+    """The plain engine seeds torch's global generator, so its rollouts depend on the batch split."""
+    if world.size > 1 and config.rollouts != "fast":
+        raise SafeSteerError("rollouts='plain' runs in one process only; use the default fast rollouts under torchrun")
 
 
 def accumulate_gradients(
