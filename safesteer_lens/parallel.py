@@ -87,19 +87,18 @@ class World:
 
     def sum(self, values: Sequence[float]) -> list[float]:
         """Sum a few numbers (metrics, flags) over the ranks."""
-        if self.size == 1:
-            return list(values)
-        total = torch.tensor(list(values), dtype=torch.float64)  # gloo carries CPU tensors
-        dist.all_reduce(total)
-        return total.tolist()
+        return self._reduce(values, "SUM")
 
     def max(self, values: Sequence[float]) -> list[float]:
         """The largest of a few numbers (widths, counts) over the ranks."""
+        return self._reduce(values, "MAX")
+
+    def _reduce(self, values: Sequence[float], op: str) -> list[float]:
         if self.size == 1:
             return list(values)
-        top = torch.tensor(list(values), dtype=torch.float64)
-        dist.all_reduce(top, op=dist.ReduceOp.MAX)
-        return top.tolist()
+        out = torch.tensor(list(values), dtype=torch.float64)  # gloo carries CPU tensors
+        dist.all_reduce(out, op=getattr(dist.ReduceOp, op))
+        return out.tolist()
 
     def main_says(self, flag: bool) -> bool:
         """Rank 0's ``flag``, on every rank (for decisions that only rank 0 can make)."""
