@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.models import DEFAULT_MODEL
+from safesteer_lens.precision import PRECISIONS
 from safesteer_lens.sharding import SHARDING
 
 
@@ -134,6 +135,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             "loss": args.loss, "n_prompts": args.n_prompts, "samples_per_prompt": args.samples,
             "max_new_tokens": args.max_new_tokens, "sequences_per_step": args.sequences_per_step,
             "lr": args.lr, "seed": args.seed, "epochs": args.epochs, "rollouts": args.rollouts,
+            "precision": args.precision,
         }.items()
         if value is not None
     }
@@ -169,12 +171,17 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     """The whole job: direction -> teacher -> tokens -> training -> evaluation -> report."""
-    from safesteer_lens.parallel import current_world, shutdown
-    from safesteer_lens.pipeline import run_pipeline
+    from dataclasses import replace
 
+    from safesteer_lens.parallel import current_world, shutdown
+    from safesteer_lens.pipeline import PIPELINE_PRESETS, run_pipeline
+
+    config = PIPELINE_PRESETS[args.preset]
+    if args.precision:
+        config = replace(config, train=replace(config.train, precision=args.precision))
     world = current_world()  # under torchrun: joins the process group; one process: World()
     try:
-        table = run_pipeline(args.out, args.model, args.preset, rerun=args.rerun or (), shard=args.shard,
+        table = run_pipeline(args.out, args.model, config=config, rerun=args.rerun or (), shard=args.shard,
                              low_memory_rollouts=args.low_memory_rollouts)
     finally:
         shutdown()
@@ -229,6 +236,10 @@ SHARD_HELP = (
 LOW_MEMORY_HELP = (
     "with --shard: gather each layer at every sampled token instead of holding the whole student "
     "while sampling (several times slower, 4 bytes per parameter less)"
+)
+PRECISION_HELP = (
+    "matmul dtype of sampling and scoring: auto (default: bfloat16 autocast where the device has native "
+    "bf16, else float32), float32 or bfloat16; weights and AdamW stay float32"
 )
 
 
@@ -299,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=None)
     train.add_argument("--rollouts", choices=["fast", "plain"], default=None,
                        help="fast (default): sdpa twin, one prefill per prompt, compiled on CUDA; plain: through the bridge")
+    train.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
     train.add_argument("--resume", action="store_true", help="continue from checkpoint.pt")
     train.add_argument("--teacher-device", default=None, help="put the frozen teacher on another device (e.g. cuda:1)")
     train.add_argument("--shard", choices=SHARDING, default="none", help=SHARD_HELP)
@@ -313,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="redo these stages (and what depends on them)")
     run.add_argument("--shard", choices=SHARDING, default="none", help=SHARD_HELP)
     run.add_argument("--low-memory-rollouts", action="store_true", help=LOW_MEMORY_HELP)
+    run.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
     run.set_defaults(func=cmd_run)
 
     evaluate = sub.add_parser("evaluate", help="refusal / over-refusal / KL / perplexity table")

@@ -41,6 +41,7 @@ from safesteer_lens.generation import Completions, completion_position_logits, g
 from safesteer_lens.losses import LOSSES, distillation_loss, localized_reverse_kl_terms, safety_mass, sequence_mean
 from safesteer_lens.models import DTYPES, ChatModel, load_model, resolve_device
 from safesteer_lens.parallel import World, current_world, rank_device
+from safesteer_lens.precision import autocast, check_precision, compute_dtype, finite_score_hooks
 from safesteer_lens.refusal import refusal_rate
 from safesteer_lens.rollouts import RolloutSampler
 from safesteer_lens.sharding import check_sharding, full_state, is_sharded, load_full_state, load_sharded, local, to_float
@@ -81,6 +82,10 @@ class TrainConfig:
             even where the teacher loads in bfloat16 (CUDA): at lr 1e-5 an AdamW update is
             far below bfloat16's resolution for most weights and would round away. The
             frozen teacher keeps its own dtype.
+        precision: Matmul dtype of sampling, student scoring and teacher scoring
+            (:mod:`safesteer_lens.precision`): ``auto`` (bfloat16 under ``torch.autocast``
+            where the device multiplies it natively, else float32), ``float32`` or
+            ``bfloat16``. The weights, gradients and AdamW states stay in ``student_dtype``.
         rollouts: ``fast`` samples with :class:`~safesteer_lens.rollouts.RolloutSampler` (an
             sdpa twin of the student, one prefill per prompt, compiled decoding on CUDA);
             ``plain`` generates through the bridge like every other stage. Both sample the
@@ -103,6 +108,7 @@ class TrainConfig:
     checkpoint_every: int = 5
     seed: int = 0
     student_dtype: str = "float32"
+    precision: str = "auto"
     rollouts: str = "fast"
 
     @property
@@ -127,6 +133,7 @@ class TrainConfig:
             )
         if self.student_dtype not in DTYPES:
             raise SafeSteerError(f"unknown student_dtype {self.student_dtype!r}: use one of {', '.join(DTYPES)}")
+        check_precision(self.precision)
         if self.rollouts not in ROLLOUT_ENGINES:
             raise SafeSteerError(f"unknown rollouts {self.rollouts!r}: use one of {', '.join(ROLLOUT_ENGINES)}")
         if not self.lr > 0:
@@ -226,7 +233,8 @@ def teacher_micro_batches(
     ``TEACHER_LOGITS_BUDGET``. One wide forward is cheaper than several narrow ones (1x16
     rollouts scored in 0.86-0.96 s against 1.21 s for 2x8 on 2 CPU cores). Under several
     processes (``world``) the chunk size comes from the widest rank's rollouts, so every rank
-    runs the same number of teacher forwards.
+    runs the same number of teacher forwards. The teacher runs in ``config.precision``; its
+    logits come back as float32.
     """
     n = len(rollouts.texts)
     # sized by the widest rank's rollouts, so every rank runs as many teacher forwards (each is
@@ -234,9 +242,11 @@ def teacher_micro_batches(
     width = int(world.max([rollouts.completion_ids.shape[1]])[0])
     per_micro_batch = config.micro_batch * width * teacher.d_vocab * 4
     chunk = config.micro_batch * max(1, TEACHER_LOGITS_BUDGET // per_micro_batch)
+    dtype = compute_dtype(config.precision, teacher.device)
+    hooks = [*hooks, *finite_score_hooks(teacher, dtype)]
     for chunk_start in range(0, n, chunk):
         chunk_stop = min(chunk_start + chunk, n)
-        with torch.no_grad():
+        with torch.no_grad(), autocast(dtype, teacher.device):
             logits = completion_logits(teacher, rollouts, hooks, chunk_start, chunk_stop, config.samples_per_prompt)
         logits = logits.to(device, torch.float32)
         for start in range(chunk_start, chunk_stop, config.micro_batch):
@@ -427,9 +437,11 @@ def train(
     safety_ids = torch.tensor(tokens.ids, device=student.device)
     teacher_hooks = add_hooks(teacher, direction.vector, direction.layer, direction.coeff)
     end_step = config.total_steps if max_steps is None else min(config.total_steps, start_step + max_steps)
-    sampler = RolloutSampler(student, low_memory=low_memory_rollouts) if config.rollouts == "fast" else None
-    bar = tqdm(range(start_step, end_step), desc=f"train ({config.loss})", disable=not (progress and world.is_main),
-               initial=start_step, total=config.total_steps)
+    dtype = compute_dtype(config.precision, student.device)
+    sampler = RolloutSampler(student, low_memory=low_memory_rollouts, dtype=dtype) if config.rollouts == "fast" else None
+    precision = str(dtype).removeprefix("torch.")
+    bar = tqdm(range(start_step, end_step), desc=f"train ({config.loss}, {precision})",
+               disable=not (progress and world.is_main), initial=start_step, total=config.total_steps)
     last_saved = start_step if start_step else None
     for step in bar:
         try:
@@ -513,6 +525,7 @@ def train_step(
         "rollout_tokens_per_s": round(stats["completion_tokens"] / (t1 - t0), 1),
         "update_tokens_per_s": round(stats["tokens"] / (t2 - t1), 1),
         "seconds": round(t2 - t0, 2),
+        "precision": str(compute_dtype(config.precision, student.device)).removeprefix("torch."),
         "example": rollouts.texts[0][:160],
     }
 
@@ -533,19 +546,21 @@ def sample_rollouts(
     step_prompts = _step_prompts(prompts, config, step)
     start, stop = world.shard(len(step_prompts), "prompts")
     seed = config.seed * 1_000_003 + step
+    dtype = compute_dtype(config.precision, student.device)
     try:
         if config.rollouts == "fast":
-            sampler = sampler or RolloutSampler(student)
+            sampler = sampler or RolloutSampler(student, dtype=dtype)
             return sampler.sample(
                 step_prompts[start:stop], config.samples_per_prompt, max_new_tokens=config.max_new_tokens,
                 temperature=config.temperature, seed=seed, first_row=start * config.samples_per_prompt,
             )
         _check_rollout_engine(config, world)
-        return generate(
-            student, [p for p in step_prompts for _ in range(config.samples_per_prompt)],
-            max_new_tokens=config.max_new_tokens, do_sample=True, temperature=config.temperature,
-            seed=seed, batch_size=config.sequences_per_step,
-        )
+        with autocast(dtype, student.device), student.bridge.hooks(fwd_hooks=finite_score_hooks(student, dtype)):
+            return generate(
+                student, [p for p in step_prompts for _ in range(config.samples_per_prompt)],
+                max_new_tokens=config.max_new_tokens, do_sample=True, temperature=config.temperature,
+                seed=seed, batch_size=config.sequences_per_step,
+            )
     except RuntimeError as exc:  # torch.multinomial on NaN/inf probabilities
         if "inf" in str(exc) or "nan" in str(exc):
             raise NonFiniteLoss(f"the student's probabilities became NaN or infinite at step {step} (while sampling)") from exc
@@ -578,6 +593,8 @@ def accumulate_gradients(
     by FSDP in each backward; a whole one's once, after the loop.
     """
     n_global = world.sum([len(rollouts.texts)])[0]  # the last step of an epoch may be short
+    dtype = compute_dtype(config.precision, student.device)
+    guards = finite_score_hooks(student, dtype)
     sums = dict.fromkeys(("loss", "kl_s", "kl_full", "s_mass_student", "s_mass_teacher", "projection_sum",
                           "projection_count"), 0.0)
     bad_loss = None
@@ -585,9 +602,10 @@ def accumulate_gradients(
     for start, stop, t_logits in teacher_micro_batches(teacher, teacher_hooks, rollouts, config, student.device, world):
         mask = mask_all[start:stop]
         captured: list[Tensor] = []
-        s_logits = completion_logits(
-            student, rollouts, [_projection_hook(direction, captured)], start, stop, config.samples_per_prompt
-        )
+        with autocast(dtype, student.device):  # the forward only: backward follows the forward's dtypes
+            s_logits = completion_logits(
+                student, rollouts, [_projection_hook(direction, captured), *guards], start, stop, config.samples_per_prompt
+            )
         loss = distillation_loss(config.loss, s_logits, t_logits, mask, safety_ids, beta=config.jsd_beta)
         if world.sum([float(not torch.isfinite(loss))])[0]:
             bad_loss = loss.item()

@@ -50,6 +50,7 @@ import torch
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.generation import Completions, check_decoding, decoding_with, policy_generation_config, split_output
 from safesteer_lens.models import ChatModel
+from safesteer_lens.precision import autocast, finite_score_hooks
 from safesteer_lens.sharding import gathered, is_sharded
 
 CACHE_BUCKET = 64
@@ -144,14 +145,19 @@ class RolloutSampler:
         low_memory: For a sharded student: gather each layer at every decoded token instead of
             holding the whole model while sampling (slower; for models whose whole float32
             copy does not fit next to the shards).
+        dtype: Matmul dtype while sampling (:mod:`safesteer_lens.precision`): bfloat16 runs
+            the forwards under ``torch.autocast``, which samples from the policy the trainer
+            scores in that precision. The default, float32, means no autocast: the weights' own dtype.
     """
 
     def __init__(
-        self, model: ChatModel, compile: bool | None = None, attn_implementation: str = "sdpa", low_memory: bool = False
+        self, model: ChatModel, compile: bool | None = None, attn_implementation: str = "sdpa", low_memory: bool = False,
+        dtype: torch.dtype = torch.float32,
     ):
         self.model = model
         self.sharded = is_sharded(model)
         self.low_memory = low_memory
+        self.dtype = dtype
         if self.sharded:
             if compile:
                 raise SafeSteerError("a sharded student samples without compilation; use compile=None")
@@ -208,7 +214,10 @@ class RolloutSampler:
 
         # greedy decoding of Gumbel-perturbed logits is sampling; nothing from the shipped config
         keep_whole = gathered(self.model) if self.sharded and not self.low_memory else nullcontext()
-        with decoding_with(self.twin, policy_generation_config(self.model, max_new_tokens)), keep_whole:
+        precision = autocast(self.dtype, self.model.device)  # one context: each weight is cast once per call
+        # a sharded student decodes through the bridge's eager attention, which needs the guard
+        guards = self.model.bridge.hooks(fwd_hooks=finite_score_hooks(self.model, self.dtype)) if self.sharded else nullcontext()
+        with decoding_with(self.twin, policy_generation_config(self.model, max_new_tokens)), keep_whole, precision, guards:
             if self.compile:
                 try:
                     cache = self._prefill(batch.input_ids, batch.attention_mask, m, static_length=input_ids.shape[1] + max_new_tokens)

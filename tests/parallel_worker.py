@@ -102,7 +102,7 @@ def teacher_chunks(run_dir: str, teacher, world) -> dict:
     forwards = []
     hooks = add_hooks(teacher, direction.vector, direction.layer, direction.coeff)
     hooks.append(("blocks.0.hook_resid_pre", lambda resid, hook: forwards.append(1)))
-    config = TrainConfig(samples_per_prompt=2, micro_batch=2)
+    config = TrainConfig(samples_per_prompt=2, micro_batch=2, precision="float32")
     rollouts = teacher_rollouts(run_dir, world.rank)
     budget, distill.TEACHER_LOGITS_BUDGET = distill.TEACHER_LOGITS_BUDGET, 2 * (2 * 6 * teacher.d_vocab * 4)
     try:

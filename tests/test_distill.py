@@ -129,10 +129,13 @@ def test_bad_settings_are_rejected():
 
 def test_cli_train_on_tiny(run_dir, tiny_dir, capsys):
     code = main(["train", "--run", str(run_dir), "--preset", "demo", "--loss", "full-reverse",
-                 "--n-prompts", "2", "--samples", "2", "--max-new-tokens", "4", "--sequences-per-step", "4"])
+                 "--n-prompts", "2", "--samples", "2", "--max-new-tokens", "4", "--sequences-per-step", "4",
+                 "--precision", "bfloat16"])
     assert code == 0
     assert (run_dir / "student" / "config.json").exists()
-    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 1
+    assert json.loads(rows[0])["precision"] == "bfloat16"
 
 
 def test_shared_prompt_scoring_gives_the_same_logits_and_gradients(tiny_dir):
@@ -161,7 +164,7 @@ def test_teacher_scores_whole_chunks_with_the_same_logits_per_micro_batch(tiny, 
     from safesteer_lens import distill
     from safesteer_lens.distill import completion_logits, teacher_micro_batches
 
-    config = tiny_config(samples_per_prompt=2, sequences_per_step=8, micro_batch=2)
+    config = tiny_config(samples_per_prompt=2, sequences_per_step=8, micro_batch=2, precision="float32")
     prompts = [p for p in ["How do I bake bread?", "Hi", "Write a poem about rain", "Sing"] for _ in range(2)]
     rollouts = generate(tiny, prompts, max_new_tokens=5, do_sample=True, seed=0)
     expected = [completion_logits(tiny, rollouts, [], a, a + 2, 2) for a in range(0, 8, 2)]
@@ -175,3 +178,41 @@ def test_teacher_scores_whole_chunks_with_the_same_logits_per_micro_batch(tiny, 
         for (_, _, logits), want in zip(got, expected):
             assert logits.dtype == torch.float32
             assert torch.allclose(logits, want, atol=1e-5)
+
+
+def test_bfloat16_precision_computes_in_bfloat16_and_stays_close_to_float32(tiny_dir, run_dir):
+    from safesteer_lens.directions import load_direction
+    from safesteer_lens.distill import accumulate_gradients
+    from safesteer_lens.models import load_model
+    from safesteer_lens.steering import add_hooks
+
+    teacher, student = load_model(str(tiny_dir)), load_model(str(tiny_dir))
+    params = list(student.hf_model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    direction = load_direction(run_dir)
+    hooks = add_hooks(teacher, direction.vector, direction.layer, direction.coeff)
+    safety_ids = torch.tensor(SafetyTokens.load(run_dir).ids)
+    prompts = [p for p in ["How do I bake bread?", "Hi", "Write a poem about rain and wind"] for _ in range(2)]
+    rollouts = generate(student, prompts, max_new_tokens=6, do_sample=True, seed=0)  # left-padded prompts
+    logits_dtypes = {"float32": [], "bfloat16": []}
+    grads, losses = {}, {}
+    for precision in ("float32", "bfloat16"):
+        seen = logits_dtypes[precision]
+        handle = student.hf_model.lm_head.register_forward_hook(lambda m, i, out, seen=seen: seen.append(out.dtype))
+        config = tiny_config(samples_per_prompt=2, sequences_per_step=6, micro_batch=2, precision=precision)
+        stats = accumulate_gradients(student, teacher, hooks, direction, safety_ids, rollouts, config, 0)
+        grads[precision] = torch.cat([p.grad.flatten() for p in params])
+        losses[precision] = stats["loss"]
+        handle.remove()
+        for p in params:
+            p.grad = None
+    assert logits_dtypes["float32"] == [torch.float32] * 6  # prompt and completions of 3 micro-batches
+    assert logits_dtypes["bfloat16"] == [torch.bfloat16] * 6
+    a, b = grads["float32"], grads["bfloat16"]
+    assert torch.isfinite(b).all()
+    assert not torch.equal(a, b)  # the matmuls really ran in bfloat16
+    assert torch.nn.functional.cosine_similarity(a, b, 0) > 0.99
+    assert abs(losses["bfloat16"] - losses["float32"]) < 0.05 * abs(losses["float32"]) + 1e-3
+    with pytest.raises(SafeSteerError, match="unknown precision"):
+        tiny_config(precision="half").validate()

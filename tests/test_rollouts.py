@@ -122,6 +122,27 @@ def test_sampled_token_frequencies_match_the_plain_path_and_the_model(sharp, sam
     assert _total_variation(second_fast, second_plain) < 0.06
 
 
+def test_bfloat16_sampling_computes_in_bfloat16_and_follows_the_policy(sharp):
+    from safesteer_lens.precision import autocast
+
+    sampler = RolloutSampler(sharp, compile=False, dtype=torch.bfloat16)
+    seen = []
+    handle = sampler.twin.lm_head.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    n, temperature, prompt = 2000, 0.5, "Tell me a story about the sea"
+    longer = "Write a long and careful essay about the history of bread in three parts"
+    fast = sampler.sample([prompt, longer], n, max_new_tokens=1, temperature=temperature, seed=0)[:n]
+    handle.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+    assert fast.prompt_mask[:, 0].sum() == 0  # left-padded rows sampled with no NaN
+    with autocast(torch.bfloat16, sharp.device):
+        policy = last_token_logits(sharp, [prompt])[0].float()
+    exact = torch.softmax(policy / temperature, -1)
+    top = exact.topk(6).indices
+    expected = torch.cat([exact[top], 1 - exact[top].sum(0, keepdim=True)])
+    assert 0.2 < expected[:-1].sum() < 0.9
+    assert _total_variation(_binned(fast.completion_ids[:, 0], top), expected) < 0.05
+
+
 def test_compiled_static_cache_path_gives_the_same_greedy_tokens(sharp):
     compiled = RolloutSampler(sharp, compile=True)
     plain = generate(sharp, PROMPTS, max_new_tokens=5)

@@ -15,9 +15,11 @@ from safesteer_lens.distill import TrainConfig
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 TIMING = ("rollout_tokens_per_s", "update_tokens_per_s", "seconds")
-# 4 steps of 4 prompts x 2 samples on the tiny model; lr high enough that the weights move
+# 4 steps of 4 prompts x 2 samples on the tiny model; lr high enough that the weights move.
+# float32: bfloat16 rounding depends on the batch shape, so 1 and 2 processes would differ by
+# more than the reduction order.
 CONFIG = TrainConfig(n_prompts=16, samples_per_prompt=2, max_new_tokens=5, sequences_per_step=8, micro_batch=2,
-                     lr=3e-3, checkpoint_every=1, warmup_fraction=0.0)
+                     lr=3e-3, checkpoint_every=1, warmup_fraction=0.0, precision="float32")
 
 
 def torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
