@@ -4,14 +4,17 @@ The reference loop follows how the paper's released TRL-based code works: HF ``g
 the student's rollouts, an HF teacher whose steering vector is added by a forward pre-hook on
 the decoder layer, full ``log_softmax`` over the vocabulary for both models, and the loss
 gathered on the safety tokens S. Ours is :func:`safesteer_lens.distill.train_step` exactly as
-``safesteer train`` runs it (with its monitoring). Same model, prompts, settings and seeds.
+``safesteer train`` runs it (with its monitoring). Same model, prompts, settings and seeds, and
+the same compute precision (``--precision``, default ``auto`` as in ``safesteer train``): where
+it means bfloat16, the reference runs its generation and forwards under ``torch.autocast`` too,
+as HF Trainer (and so TRL) does with ``bf16=True``.
 
 Each loop runs in its own subprocesses (so peak RSS belongs to one loop), in a single
 invocation. The timed steps are split into rounds run in the order reference, ours, ours,
 reference, ... (each subprocess warms up with one untimed step first), so a machine that
 slows down or speeds up during the run weighs on both loops alike::
 
-    python benchmarks/bench_train.py [--model M] [--steps 8] [--rounds 2] [--run RUN_DIR]
+    python benchmarks/bench_train.py [--model M] [--steps 8] [--rounds 2] [--run RUN_DIR] [--precision P]
 
 ``RUN_DIR`` must hold ``direction.*`` and ``safety_tokens.json`` (default ``runs/demo``, made
 by ``make demo``). The last line is ``speedup=<reference step time / our step time>``.
@@ -38,7 +41,7 @@ def _setup(args: argparse.Namespace):
     from safesteer_lens.tokens import load_safety_tokens
 
     torch.manual_seed(0)
-    config = preset("demo")
+    config = preset("demo", precision=args.precision)
     direction = load_direction(args.run)
     tokens = load_safety_tokens(args.run)
     prompts = prompt_texts(load_builtin_prompts("harmful", "train"))[: config.n_prompts]
@@ -51,6 +54,7 @@ def run_ours(args: argparse.Namespace) -> list[float]:
 
     from safesteer_lens.distill import build_optimizer, train_step
     from safesteer_lens.models import load_model
+    from safesteer_lens.precision import compute_dtype
     from safesteer_lens.rollouts import RolloutSampler
     from safesteer_lens.steering import add_hooks
 
@@ -60,7 +64,7 @@ def run_ours(args: argparse.Namespace) -> list[float]:
     optimizer, scheduler = build_optimizer(student, config)  # as `safesteer train` builds them
     hooks = add_hooks(teacher, direction.vector, direction.layer, direction.coeff)
     ids = torch.tensor(tokens.ids)
-    sampler = RolloutSampler(student)  # built once, as `train` does
+    sampler = RolloutSampler(student, dtype=compute_dtype(config.precision, student.device))  # once, as `train` does
     times = []
     for step in _steps(args):
         start = time.perf_counter()
@@ -76,6 +80,7 @@ def run_reference(args: argparse.Namespace) -> list[float]:
 
     from safesteer_lens.distill import _step_prompts
     from safesteer_lens.models import _gguf_as_hf_dir, embedded_model_path, EMBEDDED_MODELS
+    from safesteer_lens.precision import autocast, compute_dtype
 
     config, direction, tokens, prompts = _setup(args)
     name = args.model or direction.model
@@ -102,6 +107,8 @@ def run_reference(args: argparse.Namespace) -> list[float]:
     scheduler = get_cosine_schedule_with_warmup(optimizer, 0, config.total_steps)
     s_ids = torch.tensor(tokens.ids)
     eos = tokenizer.eos_token_id
+    cpu = torch.device("cpu")
+    dtype = compute_dtype(config.precision, cpu)
     times = []
     for step in _steps(args):
         start = time.perf_counter()
@@ -110,7 +117,7 @@ def run_reference(args: argparse.Namespace) -> list[float]:
                  for p in chosen for _ in range(config.samples_per_prompt)]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         torch.manual_seed(config.seed * 1_000_003 + step)
-        with torch.no_grad():
+        with torch.no_grad(), autocast(dtype, cpu):
             out = student.generate(**enc, max_new_tokens=config.max_new_tokens, do_sample=True, temperature=1.0,
                                    top_k=0, top_p=1.0, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
         p_len = enc["input_ids"].shape[1]
@@ -121,9 +128,10 @@ def run_reference(args: argparse.Namespace) -> list[float]:
         n = out.shape[0]
         for lo in range(0, n, config.micro_batch):
             hi = min(lo + config.micro_batch, n)
-            with torch.no_grad():
+            with torch.no_grad(), autocast(dtype, cpu):
                 t_logits = teacher(out[lo:hi], attention_mask=attention[lo:hi]).logits[:, p_len - 1 : -1]
-            s_logits = student(out[lo:hi], attention_mask=attention[lo:hi]).logits[:, p_len - 1 : -1]
+            with autocast(dtype, cpu):
+                s_logits = student(out[lo:hi], attention_mask=attention[lo:hi]).logits[:, p_len - 1 : -1]
             log_ps = torch.log_softmax(s_logits.float(), -1)
             log_pt = torch.log_softmax(t_logits.float(), -1)
             ps_s, lps_s, lpt_s = log_ps.exp()[..., s_ids], log_ps[..., s_ids], log_pt[..., s_ids]
@@ -156,6 +164,8 @@ def main() -> None:
     parser.add_argument("--run", default="runs/demo", help="run directory with direction and safety tokens")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per loop, over all rounds")
     parser.add_argument("--rounds", type=int, default=2, help="subprocesses per loop, run alternately")
+    parser.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="compute precision of both loops (auto: bfloat16 where the CPU has native bf16)")
     parser.add_argument("--json", default=None, help="also write the numbers here")
     parser.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--first-step", type=int, default=0, help=argparse.SUPPRESS)
@@ -173,13 +183,14 @@ def main() -> None:
         order = ("reference", "ours") if r % 2 == 0 else ("ours", "reference")  # ABBA...: drift cancels
         for loop in order:
             cmd = [sys.executable, __file__, "--child", loop, "--run", args.run, "--steps", str(per_round),
-                   "--first-step", str(r * per_round)]
+                   "--first-step", str(r * per_round), "--precision", args.precision]
             if args.model:
                 cmd += ["--model", args.model]
             done = subprocess.run(cmd, capture_output=True, text=True, check=True)
             child = json.loads(done.stdout.strip().splitlines()[-1])
             results[loop]["times"] += child["times"]
             results[loop]["peak_rss_mb"] = max(results[loop]["peak_rss_mb"], child["peak_rss_mb"])
+    results["precision"] = args.precision
     ref = statistics.median(results["reference"]["times"])
     ours = statistics.median(results["ours"]["times"])
     print(f"{'loop':<10} {'median step s':>14} {'peak RSS MB':>12}")

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import json
 import shutil
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
-from torchrun import CONFIG, WORKER, assert_same_metrics, assert_same_step, launch, torchrun
+from torchrun import CONFIG, WORKER, accelerate, assert_same_metrics, assert_same_step, launch, torchrun
 
 from safesteer_lens.distill import train
 from safesteer_lens.errors import SafeSteerError
@@ -19,6 +21,15 @@ def test_two_processes_give_the_single_process_loss_and_gradients(run_dir, tmp_p
     single = step_gradients(str(run_dir), CONFIG)
     out = tmp_path / "grads.pt"
     launch("grads", run_dir, out, CONFIG)
+    assert_same_step(single, torch.load(out, weights_only=False), torch.load(f"{out}.rank1", weights_only=False))
+
+
+def test_accelerate_launch_gives_the_single_process_loss_and_gradients(run_dir, tmp_path):
+    from parallel_worker import step_gradients
+
+    single = step_gradients(str(run_dir), CONFIG)
+    out = tmp_path / "grads.pt"
+    accelerate(str(WORKER), "grads", str(run_dir), str(out), json.dumps(asdict(CONFIG)))
     assert_same_step(single, torch.load(out, weights_only=False), torch.load(f"{out}.rank1", weights_only=False))
 
 

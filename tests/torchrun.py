@@ -33,6 +33,27 @@ def torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
     return done
 
 
+def accelerate(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
+    """Run ``args`` under ``accelerate launch`` on ``processes`` CPU processes; assert success.
+
+    ``--multi_gpu`` is accelerate's multi-process launcher (torch's elastic launch underneath);
+    on a machine without GPUs its processes run on the CPU with gloo.
+    """
+    import socket
+
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    done = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={processes}",
+         "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={port}", *args],
+        capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def launch(mode: str, run_dir: Path, out: Path, config: TrainConfig, shard: str = "none") -> None:
     """Run ``tests/parallel_worker.py MODE`` on 2 processes."""
     torchrun(str(WORKER), mode, str(run_dir), str(out), json.dumps(asdict(config)), shard)
