@@ -52,10 +52,8 @@ def run_ours(args: argparse.Namespace) -> list[float]:
     """Step times of safesteer-lens's own training step."""
     import torch
 
-    from safesteer_lens.distill import build_optimizer, train_step
+    from safesteer_lens.distill import build_optimizer, rollout_sampler, train_step
     from safesteer_lens.models import load_model
-    from safesteer_lens.precision import compute_dtype
-    from safesteer_lens.rollouts import RolloutSampler
     from safesteer_lens.steering import add_hooks
 
     config, direction, tokens, prompts = _setup(args)
@@ -64,7 +62,7 @@ def run_ours(args: argparse.Namespace) -> list[float]:
     optimizer, scheduler = build_optimizer(student, config)  # as `safesteer train` builds them
     hooks = add_hooks(teacher, direction.vector, direction.layer, direction.coeff)
     ids = torch.tensor(tokens.ids)
-    sampler = RolloutSampler(student, dtype=compute_dtype(config.precision, student.device))  # once, as `train` does
+    sampler = rollout_sampler(student, config)  # built once, as `train` does
     times = []
     for step in _steps(args):
         start = time.perf_counter()

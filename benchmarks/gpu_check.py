@@ -54,6 +54,7 @@ def measure(shape: dict, args: argparse.Namespace, device: torch.device, dtype: 
     from safesteer_lens.distill import build_optimizer, preset, train_step
     from safesteer_lens.generation import generate
     from safesteer_lens.models import load_model
+    from safesteer_lens.precision import compute_dtype
     from safesteer_lens.rollouts import RolloutSampler
     from safesteer_lens.steering import add_hooks
     from safesteer_lens.tiny import build_tiny_llama
@@ -100,10 +101,12 @@ def measure(shape: dict, args: argparse.Namespace, device: torch.device, dtype: 
     # with its own sampler, scored against the teacher in the device's dtype
     del sampler, student
     student = load_model(str(directory), device=device, dtype=torch.float32)
-    sampler = RolloutSampler(student, compile=args.compile)
     row["train_student_dtype"] = "float32"
     config = preset("demo", samples_per_prompt=m, sequences_per_step=len(expanded), micro_batch=len(expanded),
                     max_new_tokens=args.new_tokens, n_prompts=len(distinct))
+    # the sampler in the trainer's precision (bfloat16 autocast on a bf16 card), as `train` builds it
+    sampler = RolloutSampler(student, compile=args.compile, dtype=compute_dtype(config.precision, device))
+    row["train_precision"] = str(compute_dtype(config.precision, device)).removeprefix("torch.")
     optimizer, scheduler = build_optimizer(student, config)
     torch.manual_seed(0)
     direction = Direction(torch.randn(teacher.d_model), str(directory), "random", teacher.n_layers // 2, -1, 1.0)

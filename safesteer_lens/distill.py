@@ -437,9 +437,8 @@ def train(
     safety_ids = torch.tensor(tokens.ids, device=student.device)
     teacher_hooks = add_hooks(teacher, direction.vector, direction.layer, direction.coeff)
     end_step = config.total_steps if max_steps is None else min(config.total_steps, start_step + max_steps)
-    dtype = compute_dtype(config.precision, student.device)
-    sampler = RolloutSampler(student, low_memory=low_memory_rollouts, dtype=dtype) if config.rollouts == "fast" else None
-    precision = str(dtype).removeprefix("torch.")
+    sampler = rollout_sampler(student, config, low_memory_rollouts)
+    precision = str(compute_dtype(config.precision, student.device)).removeprefix("torch.")
     bar = tqdm(range(start_step, end_step), desc=f"train ({config.loss}, {precision})",
                disable=not (progress and world.is_main), initial=start_step, total=config.total_steps)
     last_saved = start_step if start_step else None
@@ -549,7 +548,7 @@ def sample_rollouts(
     dtype = compute_dtype(config.precision, student.device)
     try:
         if config.rollouts == "fast":
-            sampler = sampler or RolloutSampler(student, dtype=dtype)
+            sampler = sampler or rollout_sampler(student, config)
             return sampler.sample(
                 step_prompts[start:stop], config.samples_per_prompt, max_new_tokens=config.max_new_tokens,
                 temperature=config.temperature, seed=seed, first_row=start * config.samples_per_prompt,
@@ -565,6 +564,18 @@ def sample_rollouts(
         if "inf" in str(exc) or "nan" in str(exc):
             raise NonFiniteLoss(f"the student's probabilities became NaN or infinite at step {step} (while sampling)") from exc
         raise
+
+
+def rollout_sampler(student: ChatModel, config: TrainConfig, low_memory: bool = False) -> RolloutSampler | None:
+    """The student's sampler for ``config`` (None for plain rollouts): build it once per run.
+
+    It samples in ``config.precision``, the precision the student is scored in, and it holds
+    the sampling twin and, on CUDA, the compiled decode step, so building it every step
+    would redo both.
+    """
+    if config.rollouts != "fast":
+        return None
+    return RolloutSampler(student, low_memory=low_memory, dtype=compute_dtype(config.precision, student.device))
 
 
 def _check_rollout_engine(config: TrainConfig, world: World) -> None:
