@@ -120,7 +120,11 @@ def teacher_chunks(run_dir: str, teacher, world) -> dict:
 
 
 def load_turns(run_dir: str, world) -> dict:
-    """When this rank loaded its whole copy for ``load_sharded``, and whether the copy was let go."""
+    """When this rank loaded its whole copy for ``load_sharded``, and whether the copy was let go.
+
+    Only the weight matrices are followed: the bridge keeps a reference to each norm's whole
+    weight vector (d_model numbers, nothing next to the matrices).
+    """
     import gc
     import time
     import weakref
@@ -134,7 +138,7 @@ def load_turns(run_dir: str, world) -> dict:
         start = time.monotonic()
         model = original(*args, **kwargs)
         loads.append((start, time.monotonic()))
-        whole.extend(weakref.ref(p) for p in model.hf_model.parameters())
+        whole.extend(weakref.ref(p) for p in model.hf_model.parameters() if p.ndim >= 2)
         return model
 
     models.load_model = recording

@@ -128,7 +128,7 @@ def test_ranks_of_a_machine_load_in_turn_and_keep_only_their_shards(run_dir, tmp
     first, second = (torch.load(tmp_path / f"load.rank{r}", weights_only=False) for r in (0, 1))
     for rank in (first, second):
         assert rank["sharded"] and len(rank["loads"]) == 1
-        assert rank["whole_count"] > 0 and rank["whole_alive"] == 0  # every whole tensor was let go
+        assert rank["whole_count"] > 0 and rank["whole_alive"] == 0  # every whole matrix was let go
     assert first["loads"][0][1] <= second["loads"][0][0]  # rank 1 began after rank 0 had loaded
 
 
