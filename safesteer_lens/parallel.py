@@ -48,13 +48,11 @@ class World:
         rank: This process's index.
         size: Number of processes.
         local_rank: Index on this machine (which GPU to use).
-        local_size: Processes on this machine.
     """
 
     rank: int = 0
     size: int = 1
     local_rank: int = 0
-    local_size: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -133,8 +131,7 @@ def current_world() -> World:
         # a long timeout, because ranks wait while rank 0 alone runs a whole pipeline stage
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=timedelta(hours=6))
-    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(size)))
-    return World(dist.get_rank(), dist.get_world_size(), local_rank, local_size)
+    return World(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def rank_device(device: str | None, world: World) -> str | None:

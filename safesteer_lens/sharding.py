@@ -26,8 +26,6 @@ the same format as a single process writes, so a sharded run resumes unsharded a
 
 from __future__ import annotations
 
-import gc
-
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -60,9 +58,7 @@ def is_sharded(model: ChatModel) -> bool:
     return any(isinstance(p, DTensor) for p in model.hf_model.parameters())
 
 
-def shard_model(
-    model: ChatModel, world: World, device: torch.device | str, frozen: bool = False, mesh: Any = None
-) -> ChatModel:
+def shard_model(model: ChatModel, world: World, device: torch.device | str, frozen: bool = False) -> ChatModel:
     """Shard ``model`` in place over the ranks of ``world`` with ``fully_shard`` (FSDP2).
 
     Every rank must call this with the same model. Parameters on another device (load on CPU
@@ -75,7 +71,6 @@ def shard_model(
         frozen: The model never runs a backward (the teacher). FSDP keeps the root's parameters
             (embeddings, final norm, unembedding) whole after a forward, for the backward that
             follows; a frozen model has none, so its root is sharded again after every forward.
-        mesh: The device mesh over ``world`` (made here when None; making one is a collective).
 
     Returns:
         The same model, now sharded: forwards gather one layer at a time on every rank.
@@ -86,7 +81,7 @@ def shard_model(
 
     if is_sharded(model):
         raise SafeSteerError(f"{model.name} is already sharded; shard each model once")
-    mesh = mesh or init_device_mesh(torch.device(device).type, (world.size,))
+    mesh = init_device_mesh(torch.device(device).type, (world.size,))
     hf_model = model.hf_model
     layers = getattr(getattr(hf_model, "model", None), "layers", None)
     if layers is None:
@@ -114,11 +109,9 @@ def load_sharded(
     """Load a model on CPU and shard it onto ``device``, one layer at a time.
 
     ``fully_shard`` moves a layer to the card whole and then keeps this rank's shard, so the
-    card never holds more than one whole layer. The ranks of a machine load in turn, each
-    letting its whole host copy go once it holds its shards, so a machine's host memory holds
-    one whole copy at a time rather than one per rank (8 GPUs and an 8B model in float32: 32
-    GB instead of 256). Machines load at the same time. ``fully_shard`` itself needs no
-    communication (it only cuts the local tensors), so ranks can run it one at a time.
+    card never holds more than one whole layer. Every rank loads the whole model on the host,
+    much of it as pages of the memory-mapped checkpoint, which the ranks of a machine share
+    (README, "Other notes on memory").
 
     Args:
         name: Embedded name, directory, .gguf or hub id (as for ``load_model``).
@@ -127,20 +120,10 @@ def load_sharded(
         dtype: Weight dtype; default: the one ``load_model`` picks for ``device`` (bfloat16 on CUDA).
         frozen: See :func:`shard_model` (True for the teacher).
     """
-    from torch.distributed.device_mesh import init_device_mesh
-
     from safesteer_lens.models import load_model, resolve_dtype
 
     dtype = resolve_dtype(dtype, torch.device(device))
-    mesh = init_device_mesh(torch.device(device).type, (world.size,))  # collective: every rank at once
-    model = None
-    for turn in range(world.local_size):
-        if world.local_rank == turn:
-            model = shard_model(load_model(name, device="cpu", dtype=dtype), world, device, frozen=frozen, mesh=mesh)
-            gc.collect()  # the whole host copy goes before the next rank of this machine loads
-        world.barrier()
-    assert model is not None
-    return model
+    return shard_model(load_model(name, device="cpu", dtype=dtype), world, device, frozen=frozen)
 
 
 @contextmanager

@@ -15,8 +15,6 @@ SHARD (default ``none``) is ``train``'s ``shard`` mode. MODE:
   count to OUT.rankR.
 * ``pipeline``: ``run_pipeline`` on the tiny model named by CONFIG_JSON's ``model`` key, with
   tiny settings; each rank saves its table's index to OUT.rankR.
-* ``load``: ``load_sharded``; each rank saves when its whole host copy was loaded and how
-  many of that copy's tensors are still alive afterwards to OUT.rankR.
 """
 
 from __future__ import annotations
@@ -119,38 +117,6 @@ def teacher_chunks(run_dir: str, teacher, world) -> dict:
             "sharded_after": all(isinstance(p, DTensor) for p in teacher.hf_model.parameters())}
 
 
-def load_turns(run_dir: str, world) -> dict:
-    """When this rank loaded its whole copy for ``load_sharded``, and whether the copy was let go.
-
-    Only the weight matrices are followed: the bridge keeps a reference to each norm's whole
-    weight vector (d_model numbers, nothing next to the matrices).
-    """
-    import gc
-    import time
-    import weakref
-
-    from safesteer_lens import models
-    from safesteer_lens.sharding import is_sharded
-
-    original, loads, whole = models.load_model, [], []
-
-    def recording(*args, **kwargs):
-        start = time.monotonic()
-        model = original(*args, **kwargs)
-        loads.append((start, time.monotonic()))
-        whole.extend(weakref.ref(p) for p in model.hf_model.parameters() if p.ndim >= 2)
-        return model
-
-    models.load_model = recording
-    try:
-        model = load_sharded(load_direction(run_dir).model, world, "cpu")
-    finally:
-        models.load_model = original
-    gc.collect()
-    return {"rank": world.rank, "loads": loads, "whole_alive": sum(ref() is not None for ref in whole),
-            "whole_count": len(whole), "sharded": is_sharded(model)}
-
-
 def tiny_pipeline():
     """Pipeline settings small enough for a tiny model in seconds (as in test_pipeline.py)."""
     from safesteer_lens.directions import DirectionConfig
@@ -178,11 +144,9 @@ def main() -> None:
         torch.save({"index": list(table.index)}, f"{out}.rank{rank}")
         shutdown()
         return
-    if mode in ("sample", "teacher", "load"):
+    if mode in ("sample", "teacher"):
         if mode == "sample":
             result = sharded_samples(run_dir)
-        elif mode == "load":
-            result = load_turns(run_dir, current_world())
         else:
             world = current_world()
             result = teacher_chunks(run_dir, load_sharded(load_direction(run_dir).model, world, "cpu", frozen=True), world)

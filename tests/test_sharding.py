@@ -122,16 +122,6 @@ def test_the_pipeline_runs_with_student_and_teacher_sharded(tiny_dir, tmp_path):
     assert "SafeSteer student" in torch.load(tmp_path / "table.rank1", weights_only=False)["index"]
 
 
-def test_ranks_of_a_machine_load_in_turn_and_keep_only_their_shards(run_dir, tmp_path):
-    # one whole host copy at a time per machine, instead of one per rank
-    launch("load", run_dir, tmp_path / "load", CONFIG)
-    first, second = (torch.load(tmp_path / f"load.rank{r}", weights_only=False) for r in (0, 1))
-    for rank in (first, second):
-        assert rank["sharded"] and len(rank["loads"]) == 1
-        assert rank["whole_count"] > 0 and rank["whole_alive"] == 0  # every whole matrix was let go
-    assert first["loads"][0][1] <= second["loads"][0][0]  # rank 1 began after rank 0 had loaded
-
-
 def test_full_state_round_trips_a_whole_model(tiny_dir):
     from safesteer_lens.models import load_model
 
