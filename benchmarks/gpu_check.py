@@ -103,7 +103,7 @@ def measure(shape: dict, args: argparse.Namespace, device: torch.device, dtype: 
     student = load_model(str(directory), device=device, dtype=torch.float32)
     row["train_student_dtype"] = "float32"
     config = preset("demo", samples_per_prompt=m, sequences_per_step=len(expanded), micro_batch=len(expanded),
-                    max_new_tokens=args.new_tokens, n_prompts=len(distinct))
+                    max_new_tokens=args.new_tokens, n_prompts=len(distinct), precision=args.precision)
     # the sampler in the trainer's precision (bfloat16 autocast on a bf16 card), as `train` builds it
     sampler = RolloutSampler(student, compile=args.compile, dtype=compute_dtype(config.precision, device))
     row["train_precision"] = str(compute_dtype(config.precision, device)).removeprefix("torch.")
@@ -139,6 +139,8 @@ def main() -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="static cache + compiled decoding for our sampler (default: on CUDA only)")
     parser.add_argument("--vocab", type=int, default=49152, help="BPE vocabulary of the random model")
+    parser.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="the training step's matmul precision (auto: bfloat16 autocast on a bf16 card)")
     parser.add_argument("--small", action="store_true", help="a tiny shape and short runs, to check the script on a CPU")
     args = parser.parse_args()
     device = torch.device(args.device)

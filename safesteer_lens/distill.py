@@ -41,7 +41,7 @@ from safesteer_lens.generation import Completions, completion_position_logits, g
 from safesteer_lens.losses import LOSSES, distillation_loss, localized_reverse_kl_terms, safety_mass, sequence_mean
 from safesteer_lens.models import DTYPES, ChatModel, load_model, resolve_device
 from safesteer_lens.parallel import World, current_world, rank_device
-from safesteer_lens.precision import autocast, check_precision, compute_dtype, finite_score_hooks
+from safesteer_lens.precision import autocast, check_precision, finite_score_hooks, model_dtype
 from safesteer_lens.refusal import refusal_rate
 from safesteer_lens.rollouts import RolloutSampler
 from safesteer_lens.sharding import check_sharding, full_state, is_sharded, load_full_state, load_sharded, local, to_float
@@ -86,6 +86,9 @@ class TrainConfig:
             (:mod:`safesteer_lens.precision`): ``auto`` (bfloat16 under ``torch.autocast``
             where the device multiplies it natively, else float32), ``float32`` or
             ``bfloat16``. The weights, gradients and AdamW states stay in ``student_dtype``.
+            A sharded model computes in float32 (see
+            :func:`~safesteer_lens.precision.model_dtype`), and a teacher loaded in bfloat16
+            (the CUDA default) computes in bfloat16 whatever this says.
         rollouts: ``fast`` samples with :class:`~safesteer_lens.rollouts.RolloutSampler` (an
             sdpa twin of the student, one prefill per prompt, compiled decoding on CUDA);
             ``plain`` generates through the bridge like every other stage. Both sample the
@@ -242,7 +245,7 @@ def teacher_micro_batches(
     width = int(world.max([rollouts.completion_ids.shape[1]])[0])
     per_micro_batch = config.micro_batch * width * teacher.d_vocab * 4
     chunk = config.micro_batch * max(1, TEACHER_LOGITS_BUDGET // per_micro_batch)
-    dtype = compute_dtype(config.precision, teacher.device)
+    dtype = model_dtype(config.precision, teacher)
     hooks = [*hooks, *finite_score_hooks(teacher, dtype)]
     for chunk_start in range(0, n, chunk):
         chunk_stop = min(chunk_start + chunk, n)
@@ -393,6 +396,8 @@ def train(
     config = config or PRESETS["demo"]
     config.validate()
     world = current_world()
+    if shard != "none" and config.precision == "bfloat16":
+        raise SafeSteerError("--precision bfloat16 does not work with --shard; use --precision auto or float32")
     check_sharding(shard, world)
     _check_rollout_engine(config, world)
     world.shard(config.prompts_per_step, "prompts")  # fail early if a step does not split
@@ -422,8 +427,7 @@ def train(
         state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False, mmap=True)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise SafeSteerError("checkpoint.pt was written by an older safesteer-lens; rerun this stage without --resume")
-        if state["config"] != asdict(config):
-            raise SafeSteerError("checkpoint.pt was written with other settings; resume with the same preset and flags")
+        _check_resumable(state, config, model_dtype(config.precision, student))
         load_full_state(student, state["student"], optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step = state["step"]
@@ -438,7 +442,7 @@ def train(
     teacher_hooks = add_hooks(teacher, direction.vector, direction.layer, direction.coeff)
     end_step = config.total_steps if max_steps is None else min(config.total_steps, start_step + max_steps)
     sampler = rollout_sampler(student, config, low_memory_rollouts)
-    precision = str(compute_dtype(config.precision, student.device)).removeprefix("torch.")
+    precision = str(model_dtype(config.precision, student)).removeprefix("torch.")
     bar = tqdm(range(start_step, end_step), desc=f"train ({config.loss}, {precision})",
                disable=not (progress and world.is_main), initial=start_step, total=config.total_steps)
     last_saved = start_step if start_step else None
@@ -450,7 +454,8 @@ def train(
             )
         except NonFiniteLoss as exc:
             kept = f"checkpoint.pt holds step {last_saved}" if last_saved is not None else "no checkpoint was written yet"
-            raise NonFiniteLoss(f"{exc}; {kept}; lower the learning rate and rerun (with --resume to continue)") from exc
+            hint = " or train with --precision float32" if precision != "float32" else ""
+            raise NonFiniteLoss(f"{exc}; {kept}; lower the learning rate{hint} and rerun (with --resume to continue)") from exc
         metrics.append(row)
         if world.is_main:
             with metrics_path.open("a") as handle:
@@ -465,7 +470,7 @@ def train(
                 if world.is_main:
                     _save_checkpoint(run_dir, {
                         "format": CHECKPOINT_FORMAT, "step": step + 1, "student": weights, "optimizer": optim,
-                        "scheduler": scheduler.state_dict(), "config": asdict(config),
+                        "scheduler": scheduler.state_dict(), "config": asdict(config), "matmul_dtype": precision,
                     })
                 del weights, optim  # host copies of the whole student: not kept until the next checkpoint
             last_saved = step + 1
@@ -524,7 +529,7 @@ def train_step(
         "rollout_tokens_per_s": round(stats["completion_tokens"] / (t1 - t0), 1),
         "update_tokens_per_s": round(stats["tokens"] / (t2 - t1), 1),
         "seconds": round(t2 - t0, 2),
-        "precision": str(compute_dtype(config.precision, student.device)).removeprefix("torch."),
+        "precision": str(model_dtype(config.precision, student)).removeprefix("torch."),
         "example": rollouts.texts[0][:160],
     }
 
@@ -545,7 +550,12 @@ def sample_rollouts(
     step_prompts = _step_prompts(prompts, config, step)
     start, stop = world.shard(len(step_prompts), "prompts")
     seed = config.seed * 1_000_003 + step
-    dtype = compute_dtype(config.precision, student.device)
+    dtype = model_dtype(config.precision, student)
+    if sampler is not None and sampler.dtype != dtype:
+        raise SafeSteerError(
+            f"the sampler samples in {sampler.dtype} but precision {config.precision!r} scores in {dtype}; "
+            "build it with distill.rollout_sampler(student, config)"
+        )
     try:
         if config.rollouts == "fast":
             sampler = sampler or rollout_sampler(student, config)
@@ -566,6 +576,22 @@ def sample_rollouts(
         raise
 
 
+def _check_resumable(state: dict[str, Any], config: TrainConfig, dtype: torch.dtype) -> None:
+    """One-line errors for a checkpoint that this run cannot continue, naming what differs."""
+    saved = {"precision": "float32", **state["config"]}  # checkpoints from before --precision: float32
+    changed = [key for key in asdict(config) if saved.get(key) != getattr(config, key)]
+    if changed:
+        what = ", ".join(f"{key} ({saved.get(key)!r} there, {getattr(config, key)!r} now)" for key in changed)
+        raise SafeSteerError(f"checkpoint.pt was written with other settings: {what}; resume with the same preset and flags")
+    trained_in = state.get("matmul_dtype", "float32")
+    now = str(dtype).removeprefix("torch.")
+    if trained_in != now:
+        raise SafeSteerError(
+            f"checkpoint.pt was trained with {trained_in} matmuls, but precision {config.precision!r} means {now} "
+            f"here; resume with --precision {trained_in}"
+        )
+
+
 def rollout_sampler(student: ChatModel, config: TrainConfig, low_memory: bool = False) -> RolloutSampler | None:
     """The student's sampler for ``config`` (None for plain rollouts): build it once per run.
 
@@ -575,7 +601,7 @@ def rollout_sampler(student: ChatModel, config: TrainConfig, low_memory: bool = 
     """
     if config.rollouts != "fast":
         return None
-    return RolloutSampler(student, low_memory=low_memory, dtype=compute_dtype(config.precision, student.device))
+    return RolloutSampler(student, low_memory=low_memory, dtype=model_dtype(config.precision, student))
 
 
 def _check_rollout_engine(config: TrainConfig, world: World) -> None:
@@ -604,7 +630,7 @@ def accumulate_gradients(
     by FSDP in each backward; a whole one's once, after the loop.
     """
     n_global = world.sum([len(rollouts.texts)])[0]  # the last step of an epoch may be short
-    dtype = compute_dtype(config.precision, student.device)
+    dtype = model_dtype(config.precision, student)
     guards = finite_score_hooks(student, dtype)
     sums = dict.fromkeys(("loss", "kl_s", "kl_full", "s_mass_student", "s_mass_teacher", "projection_sum",
                           "projection_count"), 0.0)

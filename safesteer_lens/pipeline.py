@@ -32,9 +32,10 @@ from safesteer_lens.distill import PRESETS as TRAIN_PRESETS
 from safesteer_lens.distill import STUDENT_DIR, TrainConfig, train
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.evaluate import EvalConfig, Subject, evaluate_models
-from safesteer_lens.models import DEFAULT_MODEL, ChatModel, load_model
+from safesteer_lens.models import DEFAULT_MODEL, ChatModel, load_model, resolve_device
 from safesteer_lens.pages import write_direction_report, write_tokens_report
 from safesteer_lens.parallel import current_world, rank_device
+from safesteer_lens.precision import compute_dtype
 from safesteer_lens.sharding import check_sharding
 from safesteer_lens.steering import add_hooks
 from safesteer_lens.tokens import TokenConfig, select_safety_tokens
@@ -148,7 +149,9 @@ def run_pipeline(
         (4, "ablation", config.ablation_loss, out / ABLATION_DIR),
     ):
         train_config = replace(config.train, loss=loss)
-        key = _hash([tokens_key, asdict(train_config)])
+        # what "auto" means on this machine, so a run moved to other hardware trains again
+        matmuls = "float32" if shard != "none" else str(compute_dtype(train_config.precision, resolve_device(None)))
+        key = _hash([tokens_key, asdict(train_config), matmuls])
         stamp = run_dir / "train.json"
         stale = stage in rerun or not _stamp_ok(stamp, key) or not (run_dir / STUDENT_DIR).exists()
         if world.main_says(stale):

@@ -38,7 +38,7 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` multiplies bfloat16 matrices in hardware."""
     if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)  # Ampere on
     if device.type == "cpu":
         cpu = torch.cpu
         # private but stable: torch's own compiler asks the same questions
@@ -59,6 +59,23 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         return torch.bfloat16 if native_bf16(device) else torch.float32
     return torch.bfloat16 if precision == "bfloat16" else torch.float32
+
+
+def model_dtype(precision: str, model: ChatModel) -> torch.dtype:
+    """The matmul dtype ``precision`` gives ``model``: float32 for a sharded model.
+
+    Autocast saves each layer's bfloat16 weight copy for the backward (and caches it while
+    sampling), so a sharded student would hold its whole model in bfloat16 on every rank,
+    which is what sharding is there to avoid. FSDP's own ``MixedPrecisionPolicy`` (gathering
+    in bfloat16) is the way to train sharded in bfloat16; it is not built here.
+    """
+    from safesteer_lens.sharding import is_sharded
+
+    if is_sharded(model):
+        if precision == "bfloat16":
+            raise SafeSteerError("--precision bfloat16 does not work with --shard; use --precision auto or float32")
+        return torch.float32
+    return compute_dtype(precision, model.device)
 
 
 def autocast(dtype: torch.dtype, device: torch.device) -> AbstractContextManager[object]:

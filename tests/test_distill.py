@@ -216,3 +216,31 @@ def test_bfloat16_precision_computes_in_bfloat16_and_stays_close_to_float32(tiny
     assert abs(losses["bfloat16"] - losses["float32"]) < 0.05 * abs(losses["float32"]) + 1e-3
     with pytest.raises(SafeSteerError, match="unknown precision"):
         tiny_config(precision="half").validate()
+
+
+def test_resume_names_the_settings_that_differ_and_reads_older_checkpoints(tiny, run_dir):
+    config = tiny_config(precision="float32", checkpoint_every=1)
+    train(run_dir, config, teacher=tiny, progress=False, export=False, max_steps=1)
+    with pytest.raises(SafeSteerError, match=r"other settings: precision \('float32' there, 'bfloat16' now\)"):
+        train(run_dir, tiny_config(precision="bfloat16", checkpoint_every=1), teacher=tiny, progress=False, resume=True)
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    state["matmul_dtype"] = "bfloat16"  # as if "auto" had meant bfloat16 on the machine that wrote it
+    torch.save(state, run_dir / "checkpoint.pt")
+    with pytest.raises(SafeSteerError, match="trained with bfloat16 matmuls.*resume with --precision bfloat16"):
+        train(run_dir, config, teacher=tiny, progress=False, resume=True)
+    del state["matmul_dtype"], state["config"]["precision"]  # written before --precision existed: float32
+    torch.save(state, run_dir / "checkpoint.pt")
+    resumed = train(run_dir, config, teacher=tiny, progress=False, export=False, resume=True, max_steps=1)
+    assert [m["step"] for m in resumed.metrics] == [0, 1]
+
+
+def test_a_sampler_in_another_precision_than_the_scoring_is_refused(tiny_dir, run_dir):
+    from safesteer_lens.distill import rollout_sampler, sample_rollouts
+    from safesteer_lens.models import load_model
+    from safesteer_lens.rollouts import RolloutSampler
+
+    student = load_model(str(tiny_dir))
+    config = tiny_config(precision="bfloat16")
+    with pytest.raises(SafeSteerError, match="samples in torch.float32 but precision 'bfloat16'"):
+        sample_rollouts(student, ["Hi"] * 8, config, 0, sampler=RolloutSampler(student))
+    assert len(sample_rollouts(student, ["Hi"] * 8, config, 0, sampler=rollout_sampler(student, config)).texts) == 4

@@ -133,7 +133,7 @@ def test_bfloat16_sampling_computes_in_bfloat16_and_follows_the_policy(sharp):
     fast = sampler.sample([prompt, longer], n, max_new_tokens=1, temperature=temperature, seed=0)[:n]
     handle.remove()
     assert seen and set(seen) == {torch.bfloat16}
-    assert fast.prompt_mask[:, 0].sum() == 0  # left-padded rows sampled with no NaN
+    assert fast.prompt_mask[:, 0].sum() == 0  # left-padded rows (NaN logits would fail the check below)
     with autocast(torch.bfloat16, sharp.device):
         policy = last_token_logits(sharp, [prompt])[0].float()
     exact = torch.softmax(policy / temperature, -1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,8 @@ def test_sharding_needs_several_processes_and_a_known_mode(run_dir, capsys):
     check_sharding("all", World(0, 2))
     with pytest.raises(SafeSteerError, match="launch with `torchrun"):
         train(run_dir, CONFIG, progress=False, shard="student")
+    with pytest.raises(SafeSteerError, match="bfloat16 does not work with --shard"):
+        train(run_dir, replace(CONFIG, precision="bfloat16"), progress=False, shard="student")
     assert main(["train", "--run", str(run_dir), "--shard", "all"]) == 2
     assert "torchrun" in capsys.readouterr().err
     assert not (run_dir / "metrics.jsonl").exists()
