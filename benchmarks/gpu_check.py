@@ -141,12 +141,17 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=49152, help="BPE vocabulary of the random model")
     parser.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="the training step's matmul precision (auto: bfloat16 autocast on a bf16 card)")
+    parser.add_argument("--shape", default=None, help="measure only this shape (default: every shape)")
     parser.add_argument("--small", action="store_true", help="a tiny shape and short runs, to check the script on a CPU")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = {None: torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
              "float16": torch.float16, "float32": torch.float32}[args.dtype]
     shapes = SMALL if args.small else SHAPES
+    if args.shape:
+        if args.shape not in shapes:
+            parser.error(f"--shape {args.shape}: use one of {', '.join(shapes)}")
+        shapes = {args.shape: shapes[args.shape]}
     if args.small:
         args.batch, args.new_tokens, args.prompt_len, args.repeats, args.vocab = 16, 8, 16, 1, 512
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
