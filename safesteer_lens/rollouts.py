@@ -132,6 +132,26 @@ def sampling_twin(model: ChatModel, attn_implementation: str = "sdpa") -> Any:
     return twin.eval()
 
 
+def _static_cache(config: Any, length: int, dtype: torch.dtype) -> Any:
+    """A ``StaticCache`` of ``length`` positions that stores keys and values in ``dtype``.
+
+    Under bfloat16 autocast a Llama-style layer hands the cache float32 keys (rotary
+    embeddings multiply them by float32 cos/sin) but bfloat16 values, and a static cache keeps
+    one dtype for both. Casting both on the way in changes nothing downstream: attention
+    casts its inputs to bfloat16 under autocast anyway. In float32 the cache is the plain one.
+    """
+    from transformers import StaticCache
+
+    if dtype == torch.float32:
+        return StaticCache(config=config, max_cache_len=length)
+
+    class CastingStaticCache(StaticCache):
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> Any:
+            return super().update(key_states.to(dtype), value_states.to(dtype), layer_idx, *args, **kwargs)
+
+    return CastingStaticCache(config=config, max_cache_len=length)
+
+
 class RolloutSampler:
     """Samples a model's chat replies with no hooks, as fast as the device allows.
 
@@ -256,14 +276,12 @@ class RolloutSampler:
         if static_length is None:
             dynamic.batch_repeat_interleave(m)
             return dynamic
-        from transformers import StaticCache
-
         # One cache per (rows, length), reused: the compiled decode step's CUDA graphs are
         # recorded against the cache's tensors, and a new cache would mean new recordings.
         key = (input_ids.shape[0] * m, CACHE_BUCKET * math.ceil(static_length / CACHE_BUCKET))
         static = self._static_caches.get(key)
         if static is None:
-            static = self._static_caches[key] = StaticCache(config=self.twin.config, max_cache_len=key[1])
+            static = self._static_caches[key] = _static_cache(self.twin.config, key[1], self.dtype)
         else:
             static.reset()
         filled = torch.arange(input_ids.shape[1] - 1, device=input_ids.device)

@@ -152,6 +152,15 @@ def test_compiled_static_cache_path_gives_the_same_greedy_tokens(sharp):
     assert torch.equal(fast.completion_mask[::2], plain.completion_mask)
 
 
+def test_compiled_decoding_under_bfloat16_autocast_gives_the_eager_greedy_tokens(sharp):
+    # the CUDA default (compiled decode step, bfloat16 autocast), checked with inductor on CPU
+    eager = RolloutSampler(sharp, compile=False, dtype=torch.bfloat16).sample(PROMPTS, 2, max_new_tokens=5, do_sample=False)
+    compiled = RolloutSampler(sharp, compile=True, dtype=torch.bfloat16)
+    fast = compiled.sample(PROMPTS, 2, max_new_tokens=5, do_sample=False)
+    assert compiled.compile, "compilation fell back to the dynamic cache"
+    assert torch.equal(fast.completion_ids, eager.completion_ids)
+
+
 def test_bad_settings_are_rejected(sampler):
     with pytest.raises(SafeSteerError, match="samples_per_prompt"):
         sampler.sample(PROMPTS, 0)
