@@ -30,8 +30,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     """Print the model's shape and how long it took to load."""
     from safesteer_lens.models import load_model
+    from safesteer_lens.precision import compute_dtype
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
+    matmuls = str(compute_dtype("auto", model.device)).replace("torch.", "")
     rows = [
         ("model", model.name),
         ("source", model.source),
@@ -43,6 +45,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         ("end-of-turn ids", model.eot_token_ids),
         ("device", model.device),
         ("dtype", str(model.dtype).replace("torch.", "")),
+        ("training matmuls", f"{matmuls} (--precision auto on this device)"),
         ("load time", f"{model.load_seconds:.1f} s"),
     ]
     width = max(len(k) for k, _ in rows)

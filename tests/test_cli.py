@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from safesteer_lens.cli import main
 
@@ -21,6 +23,10 @@ def test_info_prints_the_shape(tiny_dir, capsys):
     out = capsys.readouterr().out
     assert "layers" in out and "d_model" in out and "load time" in out
     assert "64" in out
+    from safesteer_lens.precision import native_bf16
+
+    expected = "bfloat16" if native_bf16(torch.device("cpu")) else "float32"
+    assert re.search(rf"training matmuls +{expected} \(--precision auto", out)
 
 
 def test_chat_prints_replies(tiny_dir, capsys):
