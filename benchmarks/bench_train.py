@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from safesteer_lens.precision import PRECISIONS
+
 
 def _setup(args: argparse.Namespace):
     import torch
@@ -162,7 +164,7 @@ def main() -> None:
     parser.add_argument("--run", default="runs/demo", help="run directory with direction and safety tokens")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per loop, over all rounds")
     parser.add_argument("--rounds", type=int, default=2, help="subprocesses per loop, run alternately")
-    parser.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="compute precision of both loops (auto: bfloat16 where the CPU has native bf16)")
     parser.add_argument("--json", default=None, help="also write the numbers here")
     parser.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)

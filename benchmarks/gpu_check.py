@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from safesteer_lens.precision import PRECISIONS
+
 SHAPES = {
     "smollm2-135m": dict(n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, d_mlp=1536),
     "llama-0.5b": dict(n_layers=16, d_model=1536, n_heads=12, n_kv_heads=4, d_mlp=4096),
@@ -54,7 +56,7 @@ def measure(shape: dict, args: argparse.Namespace, device: torch.device, dtype: 
     from safesteer_lens.distill import build_optimizer, preset, train_step
     from safesteer_lens.generation import generate
     from safesteer_lens.models import load_model
-    from safesteer_lens.precision import compute_dtype
+    from safesteer_lens.precision import compute_dtype, dtype_name
     from safesteer_lens.rollouts import RolloutSampler
     from safesteer_lens.steering import add_hooks
     from safesteer_lens.tiny import build_tiny_llama
@@ -105,8 +107,9 @@ def measure(shape: dict, args: argparse.Namespace, device: torch.device, dtype: 
     config = preset("demo", samples_per_prompt=m, sequences_per_step=len(expanded), micro_batch=len(expanded),
                     max_new_tokens=args.new_tokens, n_prompts=len(distinct), precision=args.precision)
     # the sampler in the trainer's precision (bfloat16 autocast on a bf16 card), as `train` builds it
-    sampler = RolloutSampler(student, compile=args.compile, dtype=compute_dtype(config.precision, device))
-    row["train_precision"] = str(compute_dtype(config.precision, device)).removeprefix("torch.")
+    train_dtype = compute_dtype(config.precision, device)
+    sampler = RolloutSampler(student, compile=args.compile, dtype=train_dtype)
+    row["train_precision"] = dtype_name(train_dtype)
     optimizer, scheduler = build_optimizer(student, config)
     torch.manual_seed(0)
     direction = Direction(torch.randn(teacher.d_model), str(directory), "random", teacher.n_layers // 2, -1, 1.0)
@@ -139,7 +142,7 @@ def main() -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="static cache + compiled decoding for our sampler (default: on CUDA only)")
     parser.add_argument("--vocab", type=int, default=49152, help="BPE vocabulary of the random model")
-    parser.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="the training step's matmul precision (auto: bfloat16 autocast on a bf16 card)")
     parser.add_argument("--shape", default=None, help="measure only this shape (default: every shape)")
     parser.add_argument("--small", action="store_true", help="a tiny shape and short runs, to check the script on a CPU")

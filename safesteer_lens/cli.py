@@ -30,10 +30,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     """Print the model's shape and how long it took to load."""
     from safesteer_lens.models import load_model
-    from safesteer_lens.precision import compute_dtype
+    from safesteer_lens.precision import compute_dtype, dtype_name
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    matmuls = str(compute_dtype("auto", model.device)).replace("torch.", "")
+    matmuls = dtype_name(compute_dtype("auto", model.device))
     rows = [
         ("model", model.name),
         ("source", model.source),
@@ -44,7 +44,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         ("post-instruction tokens", " ".join(repr(t) for t in model.post_instruction_tokens)),
         ("end-of-turn ids", model.eot_token_ids),
         ("device", model.device),
-        ("dtype", str(model.dtype).replace("torch.", "")),
+        ("dtype", dtype_name(model.dtype)),
         ("training matmuls", f"{matmuls} (--precision auto on this device)"),
         ("load time", f"{model.load_seconds:.1f} s"),
     ]

@@ -41,7 +41,7 @@ from safesteer_lens.generation import Completions, completion_position_logits, g
 from safesteer_lens.losses import LOSSES, distillation_loss, localized_reverse_kl_terms, safety_mass, sequence_mean
 from safesteer_lens.models import DTYPES, ChatModel, load_model, resolve_device
 from safesteer_lens.parallel import World, current_world, rank_device
-from safesteer_lens.precision import autocast, check_precision, finite_score_hooks, model_dtype
+from safesteer_lens.precision import autocast, check_precision, compute_dtype, dtype_name, finite_score_hooks, model_dtype
 from safesteer_lens.refusal import refusal_rate
 from safesteer_lens.rollouts import RolloutSampler
 from safesteer_lens.sharding import check_sharding, full_state, is_sharded, load_full_state, load_sharded, local, to_float
@@ -396,8 +396,8 @@ def train(
     config = config or PRESETS["demo"]
     config.validate()
     world = current_world()
-    if shard != "none" and config.precision == "bfloat16":
-        raise SafeSteerError("--precision bfloat16 does not work with --shard; use --precision auto or float32")
+    if shard != "none":
+        compute_dtype(config.precision, torch.device("cpu"), sharded=True)  # bfloat16 with --shard fails here, before loading
     check_sharding(shard, world)
     _check_rollout_engine(config, world)
     world.shard(config.prompts_per_step, "prompts")  # fail early if a step does not split
@@ -442,7 +442,7 @@ def train(
     teacher_hooks = add_hooks(teacher, direction.vector, direction.layer, direction.coeff)
     end_step = config.total_steps if max_steps is None else min(config.total_steps, start_step + max_steps)
     sampler = rollout_sampler(student, config, low_memory_rollouts)
-    precision = str(model_dtype(config.precision, student)).removeprefix("torch.")
+    precision = dtype_name(model_dtype(config.precision, student))
     bar = tqdm(range(start_step, end_step), desc=f"train ({config.loss}, {precision})",
                disable=not (progress and world.is_main), initial=start_step, total=config.total_steps)
     last_saved = start_step if start_step else None
@@ -529,7 +529,7 @@ def train_step(
         "rollout_tokens_per_s": round(stats["completion_tokens"] / (t1 - t0), 1),
         "update_tokens_per_s": round(stats["tokens"] / (t2 - t1), 1),
         "seconds": round(t2 - t0, 2),
-        "precision": str(model_dtype(config.precision, student)).removeprefix("torch."),
+        "precision": dtype_name(model_dtype(config.precision, student)),
         "example": rollouts.texts[0][:160],
     }
 
@@ -584,7 +584,7 @@ def _check_resumable(state: dict[str, Any], config: TrainConfig, dtype: torch.dt
         what = ", ".join(f"{key} ({saved.get(key)!r} there, {getattr(config, key)!r} now)" for key in changed)
         raise SafeSteerError(f"checkpoint.pt was written with other settings: {what}; resume with the same preset and flags")
     trained_in = state.get("matmul_dtype", "float32")
-    now = str(dtype).removeprefix("torch.")
+    now = dtype_name(dtype)
     if trained_in != now:
         raise SafeSteerError(
             f"checkpoint.pt was trained with {trained_in} matmuls, but precision {config.precision!r} means {now} "

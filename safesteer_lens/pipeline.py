@@ -35,7 +35,7 @@ from safesteer_lens.evaluate import EvalConfig, Subject, evaluate_models
 from safesteer_lens.models import DEFAULT_MODEL, ChatModel, load_model, resolve_device
 from safesteer_lens.pages import write_direction_report, write_tokens_report
 from safesteer_lens.parallel import current_world, rank_device
-from safesteer_lens.precision import compute_dtype
+from safesteer_lens.precision import compute_dtype, dtype_name
 from safesteer_lens.sharding import check_sharding
 from safesteer_lens.steering import add_hooks
 from safesteer_lens.tokens import TokenConfig, select_safety_tokens
@@ -150,7 +150,7 @@ def run_pipeline(
     ):
         train_config = replace(config.train, loss=loss)
         # what "auto" means on this machine, so a run moved to other hardware trains again
-        matmuls = "float32" if shard != "none" else str(compute_dtype(train_config.precision, resolve_device(None)))
+        matmuls = dtype_name(compute_dtype(train_config.precision, resolve_device(None), sharded=shard != "none"))
         key = _hash([tokens_key, asdict(train_config), matmuls])
         stamp = run_dir / "train.json"
         stale = stage in rerun or not _stamp_ok(stamp, key) or not (run_dir / STUDENT_DIR).exists()

@@ -33,3 +33,10 @@ def test_autocast_runs_matmuls_in_bfloat16_and_float32_leaves_them_alone():
         out = a @ b
     assert out.dtype == torch.bfloat16
     assert torch.allclose(out.float(), a @ b, atol=0.1)
+
+
+def test_a_sharded_model_computes_in_float32_and_refuses_bfloat16():
+    assert compute_dtype("auto", CPU, sharded=True) == torch.float32
+    assert compute_dtype("float32", CPU, sharded=True) == torch.float32
+    with pytest.raises(SafeSteerError, match="bfloat16 does not work with --shard"):
+        compute_dtype("bfloat16", CPU, sharded=True)

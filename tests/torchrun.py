@@ -22,15 +22,19 @@ CONFIG = TrainConfig(n_prompts=16, samples_per_prompt=2, max_new_tokens=5, seque
                      lr=3e-3, checkpoint_every=1, warmup_fraction=0.0, precision="float32")
 
 
-def torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
-    """Run ``args`` under ``torch.distributed.run`` on ``processes`` CPU processes; assert success."""
+def _run_launcher(command: list[str]) -> subprocess.CompletedProcess:
+    """Run a launcher command with one thread per process and no inherited rank variables; assert success."""
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *args],
-        capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=300,
-    )
+    done = subprocess.run(command, capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+def torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
+    """Run ``args`` under ``torch.distributed.run`` on ``processes`` CPU processes; assert success."""
+    return _run_launcher(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *args]
+    )
 
 
 def accelerate(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
@@ -44,14 +48,10 @@ def accelerate(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    done = subprocess.run(
+    return _run_launcher(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={processes}",
-         "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={port}", *args],
-        capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=300,
+         "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={port}", *args]
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
 
 
 def launch(mode: str, run_dir: Path, out: Path, config: TrainConfig, shard: str = "none") -> None:
