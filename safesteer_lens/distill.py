@@ -86,9 +86,9 @@ class TrainConfig:
             (:mod:`safesteer_lens.precision`): ``auto`` (bfloat16 under ``torch.autocast``
             where the device multiplies it natively, else float32), ``float32`` or
             ``bfloat16``. The weights, gradients and AdamW states stay in ``student_dtype``.
-            A sharded model computes in float32 (see
-            :func:`~safesteer_lens.precision.model_dtype`), and a teacher loaded in bfloat16
-            (the CUDA default) computes in bfloat16 whatever this says.
+            A sharded model is gathered in this dtype by FSDP instead of autocast (see
+            :mod:`safesteer_lens.sharding`), and a teacher loaded in bfloat16 (the CUDA
+            default) computes in bfloat16 whatever this says.
         rollouts: ``fast`` samples with :class:`~safesteer_lens.rollouts.RolloutSampler` (an
             sdpa twin of the student, one prefill per prompt, compiled decoding on CUDA);
             ``plain`` generates through the bridge like every other stage. Both sample the
@@ -279,7 +279,7 @@ def _step_prompts(prompts: list[str], config: TrainConfig, step: int) -> list[st
 
 
 def _training_teacher(
-    teacher: ChatModel | None, name: str, shard: str, world: World, device: str | torch.device
+    teacher: ChatModel | None, name: str, shard: str, world: World, device: str | torch.device, compute: torch.dtype
 ) -> ChatModel:
     """The frozen teacher for :func:`train`: as given, loaded, or loaded and sharded (``shard="all"``)."""
     if shard != "all":
@@ -291,7 +291,7 @@ def _training_teacher(
                 "or a teacher loaded with safesteer_lens.sharding.load_sharded"
             )
         return teacher
-    return load_sharded(name, world, device, frozen=True)
+    return load_sharded(name, world, device, frozen=True, compute=compute)
 
 
 def export_student(student: ChatModel, out_dir: str | Path, weights: dict[str, Tensor] | None = None) -> Path:
@@ -396,8 +396,6 @@ def train(
     config = config or PRESETS["demo"]
     config.validate()
     world = current_world()
-    if shard != "none":
-        compute_dtype(config.precision, torch.device("cpu"), sharded=True)  # bfloat16 with --shard fails here, before loading
     check_sharding(shard, world)
     _check_rollout_engine(config, world)
     world.shard(config.prompts_per_step, "prompts")  # fail early if a step does not split
@@ -406,7 +404,8 @@ def train(
     direction = load_direction(run_dir)
     tokens = load_safety_tokens(run_dir)
     train_device = rank_device(device, world) or (teacher.device if teacher is not None else resolve_device(None))
-    teacher = _training_teacher(teacher, direction.model, shard, world, train_device)
+    compute = compute_dtype(config.precision, torch.device(train_device))  # what sharded models are gathered in
+    teacher = _training_teacher(teacher, direction.model, shard, world, train_device, compute)
     if max(tokens.ids) >= teacher.d_vocab:
         raise SafeSteerError(
             f"safety token id {max(tokens.ids)} does not exist in {teacher.name}'s vocabulary of "
@@ -414,7 +413,7 @@ def train(
         )
     sharded = shard != "none"
     if sharded:
-        student = load_sharded(teacher.name, world, train_device, config.student_dtype)
+        student = load_sharded(teacher.name, world, train_device, config.student_dtype, compute=compute)
     else:
         student = load_model(teacher.name, device=train_device, dtype=config.student_dtype)
     optimizer, scheduler = build_optimizer(student, config)

@@ -95,6 +95,9 @@ class ChatModel:
         name: What the user asked for (embedded name, path or hub id).
         source: One of ``"embedded"``, ``"directory"``, ``"gguf"``, ``"hub"``.
         load_seconds: Wall time of :func:`load_model`.
+        gather_dtype: Set by :func:`~safesteer_lens.sharding.shard_model`: the dtype FSDP
+            gathers the sharded weights in for each forward, which is the dtype the model
+            multiplies in. None while the model is whole.
     """
 
     def __init__(self, bridge: Any, tokenizer: Any, name: str, source: str, load_seconds: float):
@@ -103,6 +106,7 @@ class ChatModel:
         self.name = name
         self.source = source
         self.load_seconds = load_seconds
+        self.gather_dtype: torch.dtype | None = None
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"

@@ -150,7 +150,7 @@ def run_pipeline(
     ):
         train_config = replace(config.train, loss=loss)
         # what "auto" means on this machine, so a run moved to other hardware trains again
-        matmuls = dtype_name(compute_dtype(train_config.precision, resolve_device(None), sharded=shard != "none"))
+        matmuls = dtype_name(compute_dtype(train_config.precision, resolve_device(None)))
         key = _hash([tokens_key, asdict(train_config), matmuls])
         stamp = run_dir / "train.json"
         stale = stage in rerun or not _stamp_ok(stamp, key) or not (run_dir / STUDENT_DIR).exists()

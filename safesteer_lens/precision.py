@@ -53,30 +53,28 @@ def check_precision(precision: str) -> None:
         raise SafeSteerError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
 
 
-def compute_dtype(precision: str, device: torch.device, sharded: bool = False) -> torch.dtype:
-    """The matmul dtype that ``precision`` means on ``device`` (``auto`` resolved).
-
-    A sharded model computes in float32: autocast saves each layer's bfloat16 weight copy for
-    the backward (and caches it while sampling), so a sharded student would hold its whole
-    model in bfloat16 on every rank, which is what sharding is there to avoid. FSDP's own
-    ``MixedPrecisionPolicy`` (gathering in bfloat16) is the way to train sharded in bfloat16;
-    it is not built here.
-    """
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The matmul dtype that ``precision`` means on ``device`` (``auto`` resolved)."""
     check_precision(precision)
-    if sharded:
-        if precision == "bfloat16":
-            raise SafeSteerError("--precision bfloat16 does not work with --shard; use --precision auto or float32")
-        return torch.float32
     if precision == "auto":
         return torch.bfloat16 if native_bf16(device) else torch.float32
     return torch.bfloat16 if precision == "bfloat16" else torch.float32
 
 
 def model_dtype(precision: str, model: ChatModel) -> torch.dtype:
-    """The matmul dtype ``precision`` gives ``model`` (float32 if it is sharded)."""
-    from safesteer_lens.sharding import is_sharded
+    """The dtype ``model``'s matmuls run in under ``precision``.
 
-    return compute_dtype(precision, model.device, sharded=is_sharded(model))
+    Usually what :func:`compute_dtype` says. Two kinds of model multiply in another dtype
+    whatever the precision: a sharded one in the dtype FSDP gathers it in (chosen when it was
+    sharded, :func:`~safesteer_lens.sharding.shard_model`), and one whose weights are
+    narrower than float32 (the bfloat16 teacher on CUDA) in its weights' dtype. Both need the
+    same guards as autocast (:func:`finite_score_hooks`), so callers ask here, not the config.
+    """
+    if model.gather_dtype is not None:
+        return model.gather_dtype
+    if model.dtype != torch.float32:
+        return model.dtype
+    return compute_dtype(precision, model.device)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

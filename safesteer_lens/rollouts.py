@@ -163,8 +163,8 @@ class RolloutSampler:
             only; True forces it on any device (on CPU this is slower and meant for tests).
         attn_implementation: Attention kernel of the twin.
         low_memory: For a sharded student: gather each layer at every decoded token instead of
-            holding the whole model while sampling (slower; for models whose whole float32
-            copy does not fit next to the shards).
+            holding the whole model while sampling (slower; for models whose whole copy, in
+            the dtype the shards are gathered in, does not fit next to the shards).
         dtype: Matmul dtype while sampling (:mod:`safesteer_lens.precision`): bfloat16 runs
             the forwards under ``torch.autocast``, which samples from the policy the trainer
             scores in that precision. The default, float32, means no autocast: the weights' own dtype.

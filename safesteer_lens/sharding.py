@@ -8,6 +8,12 @@ its forward and backward passes. ``shard="all"`` shards the frozen teacher the s
 models whose teacher does not fit one card either; the steering hook still fires, because FSDP
 shards parameters, not the residual stream the hook reads and writes.
 
+Sharded models multiply in the run's precision through FSDP's own ``MixedPrecisionPolicy``
+rather than ``torch.autocast``: each layer is gathered in bfloat16 (half the bytes to send and
+to hold), computes in bfloat16, and its gradient is reduce-scattered in float32 into the float32
+shards. Autocast would instead keep a bfloat16 copy of every gathered layer for the backward,
+and so the whole student on every rank.
+
 Three things differ from a plain module and are handled here:
 
 * The TransformerLens bridge wraps every Hugging Face module and exposes its parameters under a
@@ -58,7 +64,9 @@ def is_sharded(model: ChatModel) -> bool:
     return any(isinstance(p, DTensor) for p in model.hf_model.parameters())
 
 
-def shard_model(model: ChatModel, world: World, device: torch.device | str, frozen: bool = False) -> ChatModel:
+def shard_model(
+    model: ChatModel, world: World, device: torch.device | str, frozen: bool = False, compute: torch.dtype | None = None
+) -> ChatModel:
     """Shard ``model`` in place over the ranks of ``world`` with ``fully_shard`` (FSDP2).
 
     Every rank must call this with the same model. Parameters on another device (load on CPU
@@ -71,12 +79,15 @@ def shard_model(model: ChatModel, world: World, device: torch.device | str, froz
         frozen: The model never runs a backward (the teacher). FSDP keeps the root's parameters
             (embeddings, final norm, unembedding) whole after a forward, for the backward that
             follows; a frozen model has none, so its root is sharded again after every forward.
+        compute: The dtype to gather the weights in and multiply in (bfloat16 for
+            ``--precision auto`` on a bf16 card); gradients are still summed in the weights'
+            own dtype. Default: the weights' dtype. Recorded as ``model.gather_dtype``.
 
     Returns:
         The same model, now sharded: forwards gather one layer at a time on every rank.
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import DTensor
 
     if is_sharded(model):
@@ -89,11 +100,16 @@ def shard_model(model: ChatModel, world: World, device: torch.device | str, froz
             f"cannot shard {model.name}: it has no model.layers list of decoder layers; "
             "train it with --shard none"
         )
+    compute = compute or model.dtype
+    mixed = compute != model.dtype
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=model.dtype) if mixed else MixedPrecisionPolicy()
     for layer in layers:
         # the bridge's BlockBridge wraps the Hugging Face decoder layer; shard the layer itself
-        fully_shard(getattr(layer, "original_component", layer), mesh=mesh)
+        fully_shard(getattr(layer, "original_component", layer), mesh=mesh, mp_policy=policy)
     done = {p for p in hf_model.parameters() if isinstance(p, DTensor)}
-    fully_shard(hf_model, mesh=mesh, ignored_params=done, reshard_after_forward=True if frozen else None)
+    fully_shard(hf_model, mesh=mesh, ignored_params=done, reshard_after_forward=True if frozen else None,
+                mp_policy=policy)
+    model.gather_dtype = compute
     for module in hf_model.modules():
         if isinstance(module, FSDPModule):
             # a plain sum over ranks (the loss weights are global); SUM also works on gloo,
@@ -104,7 +120,8 @@ def shard_model(model: ChatModel, world: World, device: torch.device | str, froz
 
 
 def load_sharded(
-    name: str, world: World, device: torch.device | str, dtype: str | torch.dtype | None = None, frozen: bool = False
+    name: str, world: World, device: torch.device | str, dtype: str | torch.dtype | None = None, frozen: bool = False,
+    compute: torch.dtype | None = None,
 ) -> ChatModel:
     """Load a model on CPU and shard it onto ``device``, one layer at a time.
 
@@ -119,11 +136,12 @@ def load_sharded(
         device: This rank's device.
         dtype: Weight dtype; default: the one ``load_model`` picks for ``device`` (bfloat16 on CUDA).
         frozen: See :func:`shard_model` (True for the teacher).
+        compute: See :func:`shard_model` (default: the weights' dtype).
     """
     from safesteer_lens.models import load_model, resolve_dtype
 
     dtype = resolve_dtype(dtype, torch.device(device))
-    return shard_model(load_model(name, device="cpu", dtype=dtype), world, device, frozen=frozen)
+    return shard_model(load_model(name, device="cpu", dtype=dtype), world, device, frozen=frozen, compute=compute)
 
 
 @contextmanager
@@ -133,7 +151,8 @@ def gathered(model: ChatModel) -> Iterator[None]:
     Decoding runs one forward per token. Sharded as usual, every one of them gathers every
     layer from all ranks; kept whole, only the first does. Sampling 16 tokens at the 135M shape
     on 2 CPU processes took 2.7-2.9 s this way against 10.7-16.2 s gathering per token. The
-    price is the whole model in memory while the block runs (4 bytes per parameter in float32).
+    price is the whole model in memory while the block runs, in the gather dtype (2 bytes per
+    parameter in bfloat16, 4 in float32).
     """
     from torch.distributed.fsdp import FSDPModule
 

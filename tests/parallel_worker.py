@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import replace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -33,30 +34,43 @@ from safesteer_lens.data import load_builtin_prompts, prompt_texts
 from safesteer_lens.models import load_model
 from safesteer_lens.parallel import current_world, shutdown
 from safesteer_lens.pipeline import run_pipeline
+from safesteer_lens.precision import compute_dtype
 from safesteer_lens.sharding import load_sharded, shard_model
 from safesteer_lens.steering import add_hooks
 from safesteer_lens.tokens import load_safety_tokens
 
 
 def step_gradients(run_dir: str, config: TrainConfig, shard: str = "none") -> dict:
-    """Loss and summed gradients of step 0 (what every process of the world agrees on)."""
+    """Loss and summed gradients of step 0 (what every process of the world agrees on).
+
+    In float32 the student samples its own rollouts. In bfloat16 the rounding depends on the
+    batch shape, so a whole float32 copy of the (still untrained) student samples them: the
+    same tokens in every world, scored in bfloat16.
+    """
     world = current_world()
     direction = load_direction(run_dir)
     teacher = load_model(direction.model, device="cpu")
     student = load_model(direction.model, device="cpu")
+    compute = compute_dtype(config.precision, torch.device("cpu"))
     if shard != "none":
-        shard_model(student, world, "cpu")
+        shard_model(student, world, "cpu", compute=compute)
     if shard == "all":
-        shard_model(teacher, world, "cpu", frozen=True)
+        shard_model(teacher, world, "cpu", frozen=True, compute=compute)
     build_optimizer(student, config)
     prompts = prompt_texts(load_builtin_prompts("harmful", "train"))[: config.n_prompts]
     hooks = add_hooks(teacher, direction.vector, direction.layer, direction.coeff)
     ids = torch.tensor(load_safety_tokens(run_dir).ids)
-    rollouts = sample_rollouts(student, prompts, config, 0, world=world)
+    sampler = student if compute == torch.float32 else load_model(direction.model, device="cpu")
+    rollouts = sample_rollouts(sampler, prompts, replace(config, precision="float32"), 0, world=world)
+    dtypes = {"embeddings": set(), "logits": set()}  # what the residual stream starts in, what comes out
+    records = [student.hf_model.get_input_embeddings().register_forward_hook(lambda m, i, out: dtypes["embeddings"].add(out.dtype)),
+               student.hf_model.lm_head.register_forward_hook(lambda m, i, out: dtypes["logits"].add(out.dtype))]
     stats = accumulate_gradients(student, teacher, hooks, direction, ids, rollouts, config, 0, world)
+    for record in records:
+        record.remove()
     # a sharded gradient is gathered whole (every rank takes part)
     grads = {n: (p.grad.full_tensor() if shard != "none" else p.grad).clone() for n, p in student.hf_model.named_parameters()}
-    return {"rank": world.rank, "stats": stats, "grads": grads, "texts": rollouts.texts}
+    return {"rank": world.rank, "stats": stats, "grads": grads, "texts": rollouts.texts, "dtypes": dtypes}
 
 
 def sample_settings(rank: int) -> dict:

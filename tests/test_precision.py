@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from safesteer_lens.errors import SafeSteerError
-from safesteer_lens.precision import PRECISIONS, autocast, compute_dtype, native_bf16
+from safesteer_lens.precision import PRECISIONS, autocast, compute_dtype, model_dtype, native_bf16
 
 CPU = torch.device("cpu")
 
@@ -35,8 +35,12 @@ def test_autocast_runs_matmuls_in_bfloat16_and_float32_leaves_them_alone():
     assert torch.allclose(out.float(), a @ b, atol=0.1)
 
 
-def test_a_sharded_model_computes_in_float32_and_refuses_bfloat16():
-    assert compute_dtype("auto", CPU, sharded=True) == torch.float32
-    assert compute_dtype("float32", CPU, sharded=True) == torch.float32
-    with pytest.raises(SafeSteerError, match="bfloat16 does not work with --shard"):
-        compute_dtype("bfloat16", CPU, sharded=True)
+def test_a_model_multiplies_in_its_gather_dtype_or_its_narrower_weights_whatever_the_precision(tiny_dir):
+    from safesteer_lens.models import load_model
+
+    whole = load_model(str(tiny_dir))
+    assert model_dtype("float32", whole) == torch.float32
+    assert model_dtype("bfloat16", whole) == torch.bfloat16
+    assert model_dtype("float32", load_model(str(tiny_dir), dtype="bfloat16")) == torch.bfloat16
+    whole.gather_dtype = torch.bfloat16  # as sharding.shard_model records it
+    assert model_dtype("float32", whole) == torch.bfloat16

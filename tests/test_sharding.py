@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 from dataclasses import replace
@@ -33,6 +34,45 @@ def test_sharded_runs_give_the_single_process_rollouts_loss_and_gradients(run_di
     out = tmp_path / "grads.pt"
     launch("grads", run_dir, out, CONFIG, shard)
     assert_same_step(single, torch.load(out, weights_only=False), torch.load(f"{out}.rank1", weights_only=False))
+
+
+def test_a_sharded_step_in_bfloat16_gathers_and_multiplies_in_bfloat16_and_sums_float32_gradients(run_dir, tmp_path):
+    # FSDP's mixed precision rather than autocast: the residual stream itself is bfloat16 there,
+    # so the step matches the whole model's autocast step to bfloat16's precision, not exactly
+    from parallel_worker import step_gradients
+
+    bf16 = replace(CONFIG, precision="bfloat16")
+    whole, exact = step_gradients(str(run_dir), bf16), step_gradients(str(run_dir), CONFIG)
+    out = tmp_path / "grads.pt"
+    launch("grads", run_dir, out, bf16, "all")
+    rank0, rank1 = torch.load(out, weights_only=False), torch.load(f"{out}.rank1", weights_only=False)
+    assert rank0["texts"] + rank1["texts"] == whole["texts"] == exact["texts"]  # the same float32 rollouts
+    assert rank0["dtypes"]["logits"] == whole["dtypes"]["logits"] == {torch.bfloat16}
+    assert rank0["dtypes"]["embeddings"] == {torch.bfloat16}  # gathered in bfloat16 ...
+    assert whole["dtypes"]["embeddings"] == {torch.float32}  # ... where autocast casts only the matmuls
+    assert rank0["stats"]["loss"] == pytest.approx(whole["stats"]["loss"], rel=0.03)
+    flat = {name: torch.cat([g.flatten() for g in run["grads"].values()]) for name, run in
+            (("sharded", rank0), ("whole", whole), ("float32", exact))}
+    assert all(g.dtype == torch.float32 for g in rank0["grads"].values())  # reduced into the float32 shards
+    assert torch.isfinite(flat["sharded"]).all()
+    assert not torch.equal(flat["sharded"], flat["float32"])  # it really multiplied in bfloat16
+    cosine = torch.nn.functional.cosine_similarity
+    assert cosine(flat["sharded"], flat["whole"], 0) > 0.99
+    assert cosine(flat["sharded"], flat["float32"], 0) > 0.99
+
+
+def test_a_bfloat16_run_moves_between_one_process_and_sharded_processes(run_dir, tmp_path):
+    # sharded and whole runs now multiply in the same dtype, so a run resumes across them
+    bf16 = replace(CONFIG, precision="bfloat16")
+    train(run_dir, bf16, progress=False, export=False, max_steps=1)
+    launch("train", run_dir, tmp_path / "metrics.pt", bf16, "all")  # steps 1-2: resumed, sharded
+    state = torch.load(run_dir / CHECKPOINT, weights_only=False)
+    assert state["step"] == 3 and state["matmul_dtype"] == "bfloat16"
+    rows = torch.load(tmp_path / "metrics.pt", weights_only=False)["metrics"]
+    assert [(m["step"], m["precision"]) for m in rows] == [(0, "bfloat16"), (1, "bfloat16"), (2, "bfloat16")]
+    assert all(math.isfinite(m["loss"]) for m in rows)
+    resumed = train(run_dir, bf16, progress=False, export=False, resume=True).metrics
+    assert [m["step"] for m in resumed] == [0, 1, 2, 3]
 
 
 def test_sharded_ranks_that_finish_at_different_times_sample_what_one_process_would(run_dir, tmp_path):
@@ -147,8 +187,6 @@ def test_sharding_needs_several_processes_and_a_known_mode(run_dir, capsys):
     check_sharding("all", World(0, 2))
     with pytest.raises(SafeSteerError, match="launch with `torchrun"):
         train(run_dir, CONFIG, progress=False, shard="student")
-    with pytest.raises(SafeSteerError, match="bfloat16 does not work with --shard"):
-        train(run_dir, replace(CONFIG, precision="bfloat16"), progress=False, shard="student")
     assert main(["train", "--run", str(run_dir), "--shard", "all"]) == 2
     assert "torchrun" in capsys.readouterr().err
     assert not (run_dir / "metrics.jsonl").exists()
