@@ -10,7 +10,7 @@ for a few steps. On a GPU machine each process takes its own card (``cuda:LOCAL_
 time, the per-step seconds from ``metrics.jsonl`` and whether rank 0 exported the student, and
 writes them to the JSON file named on the command line::
 
-    python benchmarks/launch_check.py out.json [--processes 1] [--steps 3] [--shard none|student|all]
+    python benchmarks/launch_check.py out.json [--processes 1] [--steps 3] [--shard none|student|all] [--precision P]
     python benchmarks/launch_check.py out.json --small --processes 2   # a quick check on a CPU
 
 ``--shard`` needs 2 or more processes: on a GPU machine 2 or more cards (NCCL cannot put two
@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from safesteer_lens.precision import PRECISIONS
 
 SHAPE_135M = dict(n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, d_mlp=1536, vocab_size=49152)
 SHAPE_TINY = dict(n_layers=4, d_model=64, n_heads=4, n_kv_heads=2, d_mlp=128, vocab_size=512)
@@ -62,6 +64,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--small", action="store_true", help="a tiny model and short rollouts, for a CPU")
     parser.add_argument("--shard", choices=["none", "student", "all"], default="none", help="train's --shard")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="train's --precision")
     parser.add_argument("--keep", action="store_true", help="keep the model and run directory (GBs at the 135M shape)")
     args = parser.parse_args()
     if args.small:
@@ -74,7 +77,7 @@ def main() -> None:
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.processes}",
         script, "train", "--run-dir", str(run_dir), "--n-prompts", str(prompts_per_step * args.steps),
         "--samples", str(args.samples), "--sequences-per-step", str(prompts_per_step * args.samples),
-        "--max-new-tokens", str(args.max_new_tokens), "--shard", args.shard,
+        "--max-new-tokens", str(args.max_new_tokens), "--shard", args.shard, "--precision", args.precision,
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     start = time.perf_counter()
@@ -86,6 +89,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "processes": args.processes,
         "shard": args.shard,
+        "precision": sorted({m["precision"] for m in metrics}),  # what the run multiplied in
         "returncode": done.returncode,
         "wall_s": round(wall, 1),
         "steps": len(metrics),
@@ -100,7 +104,8 @@ def main() -> None:
         print(f"kept {root}")
     else:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"{result['device']}: {args.processes} process(es), shard {args.shard}, exit {done.returncode}, {len(metrics)} steps, "
+    print(f"{result['device']}: {args.processes} process(es), shard {args.shard}, {'/'.join(result['precision'])}, "
+          f"exit {done.returncode}, {len(metrics)} steps, "
           f"{wall:.1f} s wall; step seconds {result['step_seconds']}; student exported: {result['student_exported']}")
     if done.returncode:
         print(done.stderr[-3000:], file=sys.stderr)
