@@ -67,8 +67,9 @@ def model_dtype(precision: str, model: ChatModel) -> torch.dtype:
     Usually what :func:`compute_dtype` says. Two kinds of model multiply in another dtype
     whatever the precision: a sharded one in the dtype FSDP gathers it in (chosen when it was
     sharded, :func:`~safesteer_lens.sharding.shard_model`), and one whose weights are
-    narrower than float32 (the bfloat16 teacher on CUDA) in its weights' dtype. Both need the
-    same guards as autocast (:func:`finite_score_hooks`), so callers ask here, not the config.
+    narrower than float32 (the bfloat16 teacher on CUDA) in its weights' dtype. Callers ask
+    here rather than the config, so that the sampler samples in the dtype the scoring
+    multiplies in, and the metrics and checkpoints record what really ran.
     """
     if model.gather_dtype is not None:
         return model.gather_dtype

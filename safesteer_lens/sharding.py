@@ -81,7 +81,8 @@ def shard_model(
             follows; a frozen model has none, so its root is sharded again after every forward.
         compute: The dtype to gather the weights in and multiply in (bfloat16 for
             ``--precision auto`` on a bf16 card); gradients are still summed in the weights'
-            own dtype. Default: the weights' dtype. Recorded as ``model.gather_dtype``.
+            own dtype. Default, or if it is no narrower than the weights: the weights' dtype.
+            Recorded as ``model.gather_dtype``.
 
     Returns:
         The same model, now sharded: forwards gather one layer at a time on every rank.
@@ -100,7 +101,8 @@ def shard_model(
             f"cannot shard {model.name}: it has no model.layers list of decoder layers; "
             "train it with --shard none"
         )
-    compute = compute or model.dtype
+    if compute is None or compute.itemsize >= model.dtype.itemsize:  # never gather wider than the weights
+        compute = model.dtype
     mixed = compute != model.dtype
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=model.dtype) if mixed else MixedPrecisionPolicy()
     for layer in layers:
