@@ -236,8 +236,9 @@ def teacher_micro_batches(
     ``TEACHER_LOGITS_BUDGET``. One wide forward is cheaper than several narrow ones (1x16
     rollouts scored in 0.86-0.96 s against 1.21 s for 2x8 on 2 CPU cores). Under several
     processes (``world``) the chunk size comes from the widest rank's rollouts, so every rank
-    runs the same number of teacher forwards. The teacher runs in ``config.precision``; its
-    logits come back as float32.
+    runs the same number of teacher forwards. The teacher multiplies in the dtype
+    :func:`~safesteer_lens.precision.model_dtype` gives it (``config.precision``, or its own
+    narrower weights or gather dtype); its logits come back as float32.
     """
     n = len(rollouts.texts)
     # sized by the widest rank's rollouts, so every rank runs as many teacher forwards (each is

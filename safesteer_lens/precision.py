@@ -6,13 +6,15 @@ dtype the *matmuls* run in while the student samples, the student is scored and 
 scores: ``torch.autocast`` casts each weight to bfloat16 as an op needs it and keeps the
 float32 master copy. The losses take the logits to float32 before any log-sum-exp.
 
-The bridge's eager attention needs one guard in bfloat16: it casts Hugging Face's float32 mask
-(whose masked entries are float32's minimum) to the scores' dtype, where that minimum
-overflows to -inf. The leading pads of a left-padded row then see only -inf keys, softmax
+The bridge's eager attention needs one guard under bfloat16 autocast: it casts Hugging Face's
+float32 mask (whose masked entries are float32's minimum) to the scores' dtype, where that
+minimum overflows to -inf. The leading pads of a left-padded row then see only -inf keys, softmax
 gives NaN, and the NaN reaches every row through the next layer's values (and the gradients
 through softmax's backward). :func:`finite_score_hooks` clamps the scores to bfloat16's finite
 minimum, so such a row attends uniformly to its pads, as it does in float32, and nothing else
-changes.
+changes. A model whose embeddings are already bfloat16 (bfloat16 weights, or a sharded model
+gathered in bfloat16) gets its mask built in bfloat16, with a finite minimum; the guard is
+harmless there and applied all the same, keyed on the dtype the model multiplies in.
 
 ``"auto"`` picks bfloat16 where the hardware multiplies it natively: CUDA cards with bf16
 (Ampere and later) and CPUs with AVX512-BF16 or AMX. There a bfloat16 matmul is 2-3 times as

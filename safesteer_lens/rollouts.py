@@ -235,7 +235,7 @@ class RolloutSampler:
         # greedy decoding of Gumbel-perturbed logits is sampling; nothing from the shipped config
         keep_whole = gathered(self.model) if self.sharded and not self.low_memory else nullcontext()
         precision = autocast(self.dtype, self.model.device)  # one context: each weight is cast once per call
-        # a sharded student decodes through the bridge's eager attention, which needs the guard
+        # a sharded student decodes through the bridge's eager attention: the same guard as its scoring
         guards = self.model.bridge.hooks(fwd_hooks=finite_score_hooks(self.model, self.dtype)) if self.sharded else nullcontext()
         with decoding_with(self.twin, policy_generation_config(self.model, max_new_tokens)), keep_whole, precision, guards:
             if self.compile:
