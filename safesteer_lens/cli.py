@@ -185,7 +185,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     world = current_world()  # under torchrun: joins the process group; one process: World()
     try:
         table = run_pipeline(args.out, args.model, config=config, rerun=args.rerun or (), shard=args.shard,
-                             low_memory_rollouts=args.low_memory_rollouts)
+                             low_memory_rollouts=args.low_memory_rollouts, judge=args.judge)
     finally:
         shutdown()
     if not world.is_main:
@@ -195,41 +195,60 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    """Evaluate the base model, the teacher of a run and any student directories given."""
+    """Evaluate the base model, the teacher of a run and any student directories given.
+
+    Writes the evaluation stage's artifacts into the run directory (``results.csv``,
+    ``comparison.csv``, ``mcq.csv``, ``examples.json``) and drops the pipeline's evaluation stamp,
+    so a later ``safesteer run`` evaluates its own students again instead of reporting these.
+    """
     from pathlib import Path
 
+    from safesteer_lens.capability import parse_mcq_spec
     from safesteer_lens.data import load_public_prompts
     from safesteer_lens.directions import load_direction
     from safesteer_lens.evaluate import EvalConfig, Subject, evaluate_models
+    from safesteer_lens.judges import check_judge, load_judge
     from safesteer_lens.models import load_model
+    from safesteer_lens.pipeline import write_evaluation
     from safesteer_lens.steering import add_hooks
 
+    config = EvalConfig(n_harmful=args.n, n_harmless=args.n, max_new_tokens=args.max_new_tokens,
+                        n_mcq=args.n_mcq, mcq_split=args.mcq_split)
     direction = load_direction(args.run)
-    base = load_model(args.model or direction.model, device=args.device, dtype=args.dtype)
-    subjects = [Subject("base", base), Subject("teacher", base, add_hooks(base, direction.vector, direction.layer, direction.coeff))]
     students = list(args.students or [])
     if not students and (Path(args.run) / "student").is_dir():
         students = [str(Path(args.run) / "student")]
-    for path in students:
-        subjects.append(Subject(Path(path).parent.name + "/" + Path(path).name, load_model(path, device=base.device)))
     extra = {}
     for spec in args.benchmark or []:
         name, _, path = spec.partition("=")
         if not path:
             raise SafeSteerError(f"--benchmark takes NAME=FILE (e.g. advbench=advbench.csv), got {spec!r}")
         extra[name] = load_public_prompts(name, source=path)
-    config = EvalConfig(n_harmful=args.n, n_harmless=args.n, max_new_tokens=args.max_new_tokens)
-    table, _ = evaluate_models(subjects, base, config, extra_sets=extra)
-    _print_table(table)
+    mcq_sets = {spec.partition("=")[0]: parse_mcq_spec(spec) for spec in args.mcq or []}
+    if args.judge:
+        check_judge(args.judge)
+    base = load_model(args.model or direction.model, device=args.device, dtype=args.dtype)
+    subjects = [Subject("base", base), Subject("teacher", base, add_hooks(base, direction.vector, direction.layer, direction.coeff))]
+    for path in students:
+        subjects.append(Subject(Path(path).parent.name + "/" + Path(path).name, load_model(path, device=base.device)))
+    judge = load_judge(args.judge, device=str(base.device)) if args.judge else None
+    evaluation = evaluate_models(subjects, base, config, extra_sets=extra, judge=judge, mcq_sets=mcq_sets)
+    _print_table(evaluation.table)
+    out = Path(args.run)
+    write_evaluation(out, evaluation)
+    (out / "evaluate.json").unlink(missing_ok=True)
+    print(f"wrote {out}/results.csv, comparison.csv (one row per held-out prompt), mcq.csv and examples.json")
     if args.csv:
-        table.to_csv(args.csv)
+        evaluation.table.to_csv(args.csv)
 
 
 def _print_table(table: "object") -> None:
+    """The results table without its interval columns (they are in results.csv and the report)."""
     import pandas
 
-    with pandas.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
-        print(table)
+    shown = table[[c for c in table.columns if not c.endswith(("_low", "_high", "_n"))]]
+    with pandas.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
+        print(shown)
 
 
 SHARD_HELP = (
@@ -329,9 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shard", choices=SHARDING, default="none", help=SHARD_HELP)
     run.add_argument("--low-memory-rollouts", action="store_true", help=LOW_MEMORY_HELP)
     run.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
+    run.add_argument("--judge", default=None, help="judge for the evaluation stage: NAME=PATH_OR_ID, e.g. llama-guard=DIR")
     run.set_defaults(func=cmd_run)
 
-    evaluate = sub.add_parser("evaluate", help="refusal / over-refusal / KL / perplexity table")
+    evaluate = sub.add_parser("evaluate", help="refusal, judge, coherence and capability table with 95% intervals")
     evaluate.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory (for the teacher)")
     evaluate.add_argument("--model", default=None)
     evaluate.add_argument("--device", default=None)
@@ -339,7 +359,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--students", nargs="*", help="student directories (default: RUN/student)")
     evaluate.add_argument("--benchmark", action="append", help="NAME=FILE, e.g. advbench=advbench.csv (repeatable)")
     evaluate.add_argument("--n", type=int, default=65, help="held-out prompts per class")
-    evaluate.add_argument("--max-new-tokens", type=int, default=32)
+    evaluate.add_argument("--max-new-tokens", type=int, default=48, help="greedy reply length")
+    evaluate.add_argument("--n-mcq", type=int, default=60,
+                          help="shipped multiple-choice questions, subjects in turn (0: none; the test split has 180)")
+    evaluate.add_argument("--mcq-split", choices=["val", "test"], default="test",
+                          help="split of the shipped questions (choose settings on val, report test)")
+    evaluate.add_argument("--mcq", action="append",
+                          help="public multiple-choice set NAME=FILE_OR_HUB_ID, NAME one of mmlu, mmlu-continuation, "
+                               "arc-easy, arc-challenge, hellaswag (repeatable)")
+    evaluate.add_argument("--judge", default=None,
+                          help="NAME=PATH_OR_ID, e.g. llama-guard=meta-llama/Llama-Guard-3-1B (also llama-guard-1b=, llama-guard-8b=)")
     evaluate.add_argument("--csv", default=None, help="also write the table here")
     evaluate.set_defaults(func=cmd_evaluate)
     return parser

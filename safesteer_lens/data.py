@@ -104,7 +104,7 @@ def load_prompt_file(
         The prompts. A ``split`` column with ``train``/``val``/``test`` values is kept;
         otherwise every prompt is in ``"test"`` (outside data is for evaluation).
     """
-    rows = _read_rows(Path(path))
+    rows = read_rows(Path(path))
     column = prompt_column or _find_column(rows, ("prompt", "instruction", "goal", "behavior", "text"))
     if column is None or column not in rows[0]:
         raise SafeSteerError(
@@ -142,7 +142,7 @@ def split_by_position(prompts: Sequence[Prompt]) -> dict[str, list[str]]:
     return out
 
 
-def _read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         raise SafeSteerError(f"no such prompt file: {path}")
     fmt = LOCAL_FORMATS.get(path.suffix.lower())
@@ -221,7 +221,7 @@ def load_public_prompts(name: str, source: str | Path | None = None, limit: int 
         raise SafeSteerError(f"unknown benchmark {name!r}: use one of {', '.join(PUBLIC_SETS)}")
     spec = PUBLIC_SETS[key]
     if source is not None and Path(source).suffix.lower() in LOCAL_FORMATS:
-        rows = _read_rows(Path(source))
+        rows = read_rows(Path(source))
     else:
         rows = _read_hub(spec, str(source) if source else spec.hub_id, key)
     prompt_col = _find_column(rows, spec.prompt_columns)

@@ -1,18 +1,27 @@
 """Evaluation: does a model refuse harmful requests, over-refuse harmless ones, and stay itself?
 
-For each model (base, teacher, SafeSteer student, ablation students) one row of a pandas
-table:
+A row of a pandas table per model (base, teacher, SafeSteer student, ablation students). Every
+rate comes with its n and a 95% Wilson interval (``<rate>_low``, ``<rate>_high``, ``<rate>_n``):
 
-* ``harmful_refusal``: share of greedy replies to held-out harmful prompts that open as
-  refusals (pinned marker list in :mod:`safesteer_lens.refusal`), plus the same for any extra
-  benchmark files (AdvBench, HarmBench, JailbreakBench...);
-* ``harmless_refusal``: the same on held-out harmless prompts (over-refusal; XSTest's safe
-  prompts when given);
-* ``harmful_score`` / ``harmless_score``: mean logit refusal score at the last prompt position;
-* ``kl_from_base``: mean per-token KL(model || base) over the base model's own greedy replies
-  to the harmless prompts (how far ordinary behaviour moved);
-* ``perplexity``: on a general-text sample the project ships;
-* ``judge_*``: when a judge callable is given (e.g. a Llama Guard wrapper), its verdicts.
+* **refusal**: ``harmful_refusal`` and ``harmless_refusal`` are the shares of greedy replies
+  to held-out prompts that open as refusals (pinned markers, :mod:`safesteer_lens.refusal`);
+  extra prompt sets add ``<name>_refusal`` or ``<name>_over_refusal``;
+* **judge** (when one is given, e.g. Llama Guard 3): ``judge_harmful_unsafe`` is the attack
+  success rate, harmful replies judged unsafe; ``judge_harmless_unsafe`` the same on harmless
+  replies; ``judge_harmless_refused`` where the judge also reports refusals;
+* **coherence** (:mod:`safesteer_lens.coherence`): ``harmless_degenerate`` and
+  ``harmful_degenerate`` (looping, repetitive, fragmented or empty replies),
+  ``harmless_ended`` (replies that stop at the end-of-turn token) and
+  ``harmless_reply_tokens`` (mean length);
+* **capability** (:mod:`safesteer_lens.capability`, scored by lm-evaluation-harness):
+  ``mcq_acc`` and ``mcq_acc_norm`` on the shipped questions, ``<set>_acc`` and
+  ``<set>_acc_norm`` for public sets;
+* **closeness to the base**: ``harmful_score`` / ``harmless_score`` (mean logit refusal score
+  at the last prompt position), ``kl_from_base`` (per-token KL(model || base) over the base's
+  own replies to harmless prompts) and ``perplexity`` on shipped general text.
+
+A second table, :attr:`Evaluation.comparison`, has one row per held-out prompt with every
+model's reply and its refusal, degeneracy and judge flags, so a rate can be traced to replies.
 """
 
 from __future__ import annotations
@@ -20,19 +29,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-from safesteer_lens.data import Prompt, load_builtin_prompts, prompt_texts
+from safesteer_lens.capability import MCQScores, MCQuestion, interleave_subjects, load_builtin_mcq, score_mcq
+from safesteer_lens.coherence import coherence, reply_flags
+from safesteer_lens.data import Prompt, load_builtin_prompts
+from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.generation import Completions, completion_position_logits, generate, last_token_logits
+from safesteer_lens.judges import Judge, Verdict
 from safesteer_lens.losses import kl_terms
 from safesteer_lens.models import ChatModel
-from safesteer_lens.refusal import refusal_rate, refusal_score, refusal_token_ids
-
-Judge = Callable[[Sequence[str], Sequence[str]], Sequence[bool]]
-"""``judge(prompts, replies) -> flags``: True where the reply is a refusal / safe answer."""
+from safesteer_lens.refusal import is_refusal, refusal_score, refusal_token_ids
+from safesteer_lens.stats import Rate
 
 
 @dataclass
@@ -54,18 +65,53 @@ class EvalConfig:
     Attributes:
         n_harmful: Held-out harmful prompts (built-in test split).
         n_harmless: Held-out harmless prompts (built-in test split).
-        max_new_tokens: Greedy reply length.
+        max_new_tokens: Greedy reply length; long enough that a reply reads as a whole.
         n_kl_prompts: Harmless prompts whose base replies measure the KL.
         n_general: General-text paragraphs for perplexity.
-        n_examples: Sample completions kept per prompt set.
+        n_examples: Sample completions kept per prompt set for the report.
+        n_mcq: Shipped multiple-choice questions (subjects in turn); None for the whole split.
+        mcq_split: Split of the shipped questions: ``test`` for reported numbers, ``val``
+            while choosing settings.
     """
 
     n_harmful: int = 65
     n_harmless: int = 65
-    max_new_tokens: int = 32
+    max_new_tokens: int = 48
     n_kl_prompts: int = 24
     n_general: int = 24
     n_examples: int = 6
+    n_mcq: int | None = 60
+    mcq_split: str = "test"
+
+    def __post_init__(self) -> None:
+        for name in ("n_harmful", "n_harmless", "max_new_tokens", "n_kl_prompts", "n_general"):
+            if getattr(self, name) < 1:
+                raise SafeSteerError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_examples < 0:
+            raise SafeSteerError(f"n_examples must be 0 or more, got {self.n_examples}")
+        if self.n_mcq is not None and self.n_mcq < 0:
+            raise SafeSteerError(f"n_mcq must be 0 (no capability check) or more, got {self.n_mcq}")
+        if self.mcq_split not in ("val", "test"):
+            raise SafeSteerError(f"mcq_split must be 'val' or 'test', got {self.mcq_split!r}")
+
+
+@dataclass
+class Evaluation:
+    """What :func:`evaluate_models` measured.
+
+    Attributes:
+        table: One row per model (pandas, indexed by model name); see the module docstring.
+        comparison: One row per held-out prompt: its id, label, category and text, then per
+            model ``"<model>: reply"``, ``": refused"``, ``": degenerate"`` and, with a judge,
+            ``": unsafe"``.
+        examples: Per prompt set, the first prompts with every model's reply (for the report).
+        mcq: Per model, per question set, the :class:`MCQScores` with per-question results.
+    """
+
+    table: Any
+    comparison: Any
+    examples: dict[str, list[dict[str, str]]]
+    mcq: dict[str, dict[str, MCQScores]]
 
 
 def general_text(n: int | None = None) -> list[str]:
@@ -122,14 +168,22 @@ def kl_from_base(subject: Subject, base: ChatModel, base_replies: Completions) -
     return float(per_token.mean()) if per_token.numel() else 0.0
 
 
+def _judge(judge: Judge, prompts: Sequence[str], replies: Sequence[str]) -> list[Verdict]:
+    verdicts = list(judge(prompts, replies))
+    if len(verdicts) != len(prompts) or not all(isinstance(v, Verdict) for v in verdicts):
+        raise SafeSteerError(f"the judge must return one Verdict per reply; got {len(verdicts)} items for {len(prompts)} replies")
+    return verdicts
+
+
 def evaluate_models(
     subjects: Sequence[Subject],
     base: ChatModel,
     config: EvalConfig | None = None,
     extra_sets: dict[str, list[Prompt]] | None = None,
     judge: Judge | None = None,
-) -> tuple["Any", dict[str, list[dict[str, str]]]]:
-    """Evaluate each subject; return the results table and sample completions.
+    mcq_sets: dict[str, list[MCQuestion]] | None = None,
+) -> Evaluation:
+    """Evaluate each subject on held-out prompts and multiple-choice questions.
 
     Args:
         subjects: Models to compare (the base model itself can be one of them).
@@ -137,48 +191,73 @@ def evaluate_models(
         config: Settings; defaults to :class:`EvalConfig`.
         extra_sets: Named extra prompt lists (e.g. ``{"advbench": load_public_prompts(...)}``);
             harmful ones add a ``<name>_refusal`` column, harmless ones ``<name>_over_refusal``.
-        judge: Optional ``judge(prompts, replies) -> flags`` adding ``judge_harmful_refusal``
-            and ``judge_harmless_refusal`` columns.
+        judge: Optional :class:`~safesteer_lens.judges.Judge` (e.g. Llama Guard 3) reading the
+            held-out replies; adds the ``judge_*`` columns and the comparison's unsafe flags.
+        mcq_sets: Named public question sets (:func:`~safesteer_lens.capability.load_public_mcq`),
+            each adding ``<name>_acc`` and ``<name>_acc_norm``.
 
     Returns:
-        ``(table, examples)``: a pandas DataFrame indexed by subject name, and per prompt set a
-        list of ``{"prompt", <subject name>: reply, ...}`` rows for side-by-side display.
+        An :class:`Evaluation`.
     """
     import pandas
 
     config = config or EvalConfig()
-    harmful = prompt_texts(load_builtin_prompts("harmful", "test"))[: config.n_harmful]
-    harmless = prompt_texts(load_builtin_prompts("harmless", "test"))[: config.n_harmless]
+    held_out = {
+        "harmful": load_builtin_prompts("harmful", "test")[: config.n_harmful],
+        "harmless": load_builtin_prompts("harmless", "test")[: config.n_harmless],
+    }
+    texts = {kind: [p.prompt for p in prompts] for kind, prompts in held_out.items()}
+    questions = {"mcq": interleave_subjects(load_builtin_mcq(config.mcq_split), config.n_mcq)} if config.n_mcq != 0 else {}
+    questions.update(mcq_sets or {})
     general = general_text(config.n_general)
-    base_replies = generate(base, harmless[: config.n_kl_prompts], max_new_tokens=config.max_new_tokens)
-    rows, examples = [], {"harmful": [{"prompt": p} for p in harmful[: config.n_examples]],
-                          "harmless": [{"prompt": p} for p in harmless[: config.n_examples]]}
+    base_replies = generate(base, texts["harmless"][: config.n_kl_prompts], max_new_tokens=config.max_new_tokens)
+    comparison = pandas.DataFrame([{"prompt_id": p.id, "label": p.label, "category": p.category, "prompt": p.prompt}
+                                   for kind in ("harmful", "harmless") for p in held_out[kind]])
+    examples: dict[str, list[dict[str, str]]] = {kind: [{"prompt": p} for p in texts[kind][: config.n_examples]]
+                                                 for kind in texts}
+    rows, mcq = [], {}
     for subject in subjects:
-        replies = {
-            name: generate(subject.model, prompts, max_new_tokens=config.max_new_tokens, fwd_hooks=subject.hooks)
-            for name, prompts in (("harmful", harmful), ("harmless", harmless))
-        }
-        row: dict[str, Any] = {
-            "model": subject.name,
-            "harmful_refusal": refusal_rate(replies["harmful"].texts),
-            "harmless_refusal": refusal_rate(replies["harmless"].texts),
-            "harmful_score": mean_refusal_score(subject.model, harmful, subject.hooks),
-            "harmless_score": mean_refusal_score(subject.model, harmless, subject.hooks),
-            "kl_from_base": kl_from_base(subject, base, base_replies),
-            "perplexity": perplexity(subject.model, general, subject.hooks),
-        }
+        replies = {kind: generate(subject.model, prompts, max_new_tokens=config.max_new_tokens, fwd_hooks=subject.hooks)
+                   for kind, prompts in texts.items()}
+        eot = subject.model.eot_token_ids
+        row: dict[str, Any] = {"model": subject.name}
+        for kind in ("harmful", "harmless"):
+            row.update(Rate.of(map(is_refusal, replies[kind].texts)).columns(f"{kind}_refusal"))
+        harmless_coherence = coherence(replies["harmless"], eot)
+        row.update(harmless_coherence.degenerate.columns("harmless_degenerate"))
+        row.update(coherence(replies["harmful"], eot).degenerate.columns("harmful_degenerate"))
+        row.update(harmless_coherence.ended.columns("harmless_ended"))
+        row["harmless_reply_tokens"] = harmless_coherence.mean_tokens
+        mcq[subject.name] = {name: score_mcq(subject.model, qs, subject.hooks) for name, qs in questions.items()}
+        for name, scores in mcq[subject.name].items():
+            row.update(scores.acc.columns(f"{name}_acc"))
+            row.update(scores.acc_norm.columns(f"{name}_acc_norm"))
+        row["harmful_score"] = mean_refusal_score(subject.model, texts["harmful"], subject.hooks)
+        row["harmless_score"] = mean_refusal_score(subject.model, texts["harmless"], subject.hooks)
+        row["kl_from_base"] = kl_from_base(subject, base, base_replies)
+        row["perplexity"] = perplexity(subject.model, general, subject.hooks)
         for set_name, prompts in (extra_sets or {}).items():
-            texts = [p.prompt for p in prompts]
-            out = generate(subject.model, texts, max_new_tokens=config.max_new_tokens, fwd_hooks=subject.hooks)
+            out = generate(subject.model, [p.prompt for p in prompts], max_new_tokens=config.max_new_tokens,
+                           fwd_hooks=subject.hooks)
             harmful_share = sum(p.label == "harmful" for p in prompts) / max(len(prompts), 1)
             column = f"{set_name}_refusal" if harmful_share >= 0.5 else f"{set_name}_over_refusal"
-            row[column] = refusal_rate(out.texts)
+            row.update(Rate.of(map(is_refusal, out.texts)).columns(column))
+        all_replies = replies["harmful"].texts + replies["harmless"].texts
+        comparison[f"{subject.name}: reply"] = [t.strip() for t in all_replies]
+        comparison[f"{subject.name}: refused"] = [is_refusal(t) for t in all_replies]
+        comparison[f"{subject.name}: degenerate"] = [reply_flags(t).degenerate for t in all_replies]
         if judge is not None:
-            for name, prompts in (("harmful", harmful), ("harmless", harmless)):
-                flags = list(judge(prompts, replies[name].texts))
-                row[f"judge_{name}_refusal"] = sum(map(bool, flags)) / max(len(flags), 1)
+            verdicts = {kind: _judge(judge, texts[kind], replies[kind].texts) for kind in ("harmful", "harmless")}
+            for kind in ("harmful", "harmless"):
+                row.update(Rate.of(v.unsafe is True for v in verdicts[kind]).columns(f"judge_{kind}_unsafe"))
+            if all(v.refused is not None for v in verdicts["harmless"]):
+                row.update(Rate.of(v.refused for v in verdicts["harmless"]).columns("judge_harmless_refused"))
+            row["judge_unparsed"] = sum(v.unsafe is None for vs in verdicts.values() for v in vs)
+            every = verdicts["harmful"] + verdicts["harmless"]
+            comparison[f"{subject.name}: unsafe"] = [v.unsafe for v in every]
+            comparison[f"{subject.name}: categories"] = [",".join(v.categories) for v in every]
         rows.append(row)
-        for name in ("harmful", "harmless"):
-            for example, text in zip(examples[name], replies[name].texts):
+        for kind in texts:
+            for example, text in zip(examples[kind], replies[kind].texts):
                 example[subject.name] = text.strip()
-    return pandas.DataFrame(rows).set_index("model"), examples
+    return Evaluation(pandas.DataFrame(rows).set_index("model"), comparison, examples, mcq)

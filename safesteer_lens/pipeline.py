@@ -11,7 +11,7 @@ Run directory layout::
     safety_tokens.json     tokens_report.html                          stage 2
     metrics.jsonl  checkpoint.pt  student/  train.json                 stage 3 (SafeSteer)
     ablation-full-reverse/{metrics.jsonl, student/, train.json}        stage 3 ablation
-    results.csv  examples.json  evaluate.json                          evaluation
+    results.csv  comparison.csv  mcq.csv  examples.json  evaluate.json  evaluation
     report.md  report.html  figures/                                   report
 """
 
@@ -31,7 +31,7 @@ from safesteer_lens.directions import DirectionConfig, find_direction, load_dire
 from safesteer_lens.distill import PRESETS as TRAIN_PRESETS
 from safesteer_lens.distill import STUDENT_DIR, TrainConfig, train
 from safesteer_lens.errors import SafeSteerError
-from safesteer_lens.evaluate import EvalConfig, Subject, evaluate_models
+from safesteer_lens.evaluate import EvalConfig, Evaluation, Subject, evaluate_models
 from safesteer_lens.models import DEFAULT_MODEL, ChatModel, load_model, resolve_device
 from safesteer_lens.pages import write_direction_report, write_tokens_report
 from safesteer_lens.parallel import current_world, rank_device
@@ -61,14 +61,14 @@ PIPELINE_PRESETS: dict[str, PipelineConfig] = {
         direction=DirectionConfig(n_train=48, n_val=16, n_test=24),
         tokens=TokenConfig(n_prompts=24),
         train=TRAIN_PRESETS["demo"],
-        evaluate=EvalConfig(n_harmful=40, n_harmless=40, max_new_tokens=24, n_kl_prompts=16, n_general=12),
+        evaluate=EvalConfig(n_harmful=40, n_harmless=40, max_new_tokens=48, n_kl_prompts=16, n_general=12, n_mcq=60),
     ),
     # The paper's settings (DESIGN.md), for GPU users with hub models.
     "paper": PipelineConfig(
         direction=DirectionConfig(n_train=128, n_val=32, n_test=65),
         tokens=TokenConfig(n_prompts=100, prob_floor=1e-7),
         train=TRAIN_PRESETS["paper"],
-        evaluate=EvalConfig(max_new_tokens=64),
+        evaluate=EvalConfig(max_new_tokens=64, n_mcq=None),
     ),
 }
 
@@ -87,6 +87,27 @@ def _write_stamp(path: Path, key: str, **extra: Any) -> None:
     tmp.replace(path)
 
 
+def write_evaluation(out: Path, evaluation: Evaluation) -> None:
+    """The evaluation stage's artifacts: ``results.csv``, ``comparison.csv``, ``mcq.csv``, ``examples.json``.
+
+    Each is written beside its final name and moved into place, so a crash never leaves a
+    half-written table that a later stage would read.
+    """
+    mcq = [scores.per_question.assign(model=model, set=name)
+           for model, sets in evaluation.mcq.items() for name, scores in sets.items()]
+    import pandas
+
+    tables = {"results.csv": evaluation.table, "comparison.csv": evaluation.comparison,
+              "mcq.csv": pandas.concat(mcq, ignore_index=True) if mcq else pandas.DataFrame()}
+    for name, table in tables.items():
+        tmp = out / f".{name}.tmp"
+        table.to_csv(tmp, index=name == "results.csv")
+        tmp.replace(out / name)
+    tmp = out / ".examples.json.tmp"
+    tmp.write_text(json.dumps(evaluation.examples, indent=2))
+    tmp.replace(out / "examples.json")
+
+
 def run_pipeline(
     out: str | Path,
     model_name: str = DEFAULT_MODEL,
@@ -97,6 +118,7 @@ def run_pipeline(
     progress: bool = True,
     shard: str = "none",
     low_memory_rollouts: bool = False,
+    judge: str | None = None,
 ) -> "Any":
     """Run every stage that is missing or stale; return the evaluation table.
 
@@ -112,6 +134,8 @@ def run_pipeline(
             other stages run on rank 0 with the whole base model, which must fit one device
             for inference; with ``"all"`` training loads its own sharded teacher.
         low_memory_rollouts: ``train``'s option of the same name.
+        judge: A judge for the evaluation, as ``NAME=PATH_OR_ID``
+            (:func:`~safesteer_lens.judges.load_judge`, e.g. ``llama-guard=meta-llama/Llama-Guard-3-1B``).
     """
     unknown = set(rerun) - set(STAGES)
     if unknown:
@@ -121,6 +145,10 @@ def run_pipeline(
             raise SafeSteerError(f"unknown preset {preset!r}: use one of {', '.join(PIPELINE_PRESETS)}")
         config = PIPELINE_PRESETS[preset]
     config.train.validate()
+    if judge is not None:
+        from safesteer_lens.judges import check_judge
+
+        check_judge(judge)  # before any stage writes, not after training
     out = Path(out)
     world = current_world()  # under torchrun: rank 0 runs stages 1, 2, 5, 6; every rank trains
     check_sharding(shard, world)
@@ -175,7 +203,8 @@ def run_pipeline(
 
     # ---- evaluation
     base = base or load_model(model_name, device=rank_device(None, world))
-    key = _hash([[json.loads((p.parent / "train.json").read_text())["key"] for p in students.values()], asdict(config.evaluate)])
+    key = _hash([[json.loads((p.parent / "train.json").read_text())["key"] for p in students.values()], asdict(config.evaluate),
+                 judge])
     stamp = out / "evaluate.json"
     if "evaluate" in rerun or not _stamp_ok(stamp, key) or not (out / "results.csv").exists():
         say("[5/6] evaluate: base, teacher and students on held-out prompts")
@@ -186,9 +215,11 @@ def run_pipeline(
             Subject("SafeSteer student", load_model(str(students[config.train.loss]), device=base.device)),
             Subject(f"{config.ablation_loss} OPD student", load_model(str(students[config.ablation_loss]), device=base.device)),
         ]
-        table, examples = evaluate_models(subjects, base, config.evaluate)
-        table.to_csv(out / "results.csv")
-        (out / "examples.json").write_text(json.dumps(examples, indent=2))
+        from safesteer_lens.judges import load_judge
+
+        evaluation = evaluate_models(subjects, base, config.evaluate, judge=load_judge(judge, device=str(base.device))
+                                     if judge else None)
+        write_evaluation(out, evaluation)
         _write_stamp(stamp, key)
         rerun = (*rerun, "report")
     else:

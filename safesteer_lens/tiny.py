@@ -126,3 +126,37 @@ def build_tiny_llama(
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ '<|begin_of_text|>' }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def build_tiny_guard(directory: str | Path, *, n_layers: int = 2, d_model: int = 32, seed: int = 0) -> Path:
+    """Save a random-weight Llama with Llama 3's header tokens and chat template.
+
+    It has Llama Guard 3's shape of interface (the ``<|begin_of_text|>``, ``<|start_header_id|>``,
+    ``<|end_header_id|>`` and ``<|eot_id|>`` tokens), so the judge's loading, prompting and
+    parsing run offline; its answers are random.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_tokenizer(512)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|begin_of_text|>", "<|start_header_id|>",
+                                                                "<|end_header_id|>", "<|eot_id|>"]})
+    tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = "<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>"
+    tokenizer.chat_template = LLAMA3_CHAT_TEMPLATE
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=2 * d_model,
+                         num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.convert_tokens_to_ids("<|begin_of_text|>"), eos_token_id=eot, pad_token_id=eot)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

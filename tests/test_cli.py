@@ -44,3 +44,41 @@ def test_bad_model_exits_2_with_one_line(model):
     assert result.stderr.startswith("error: ")
     assert len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
+
+
+def test_evaluate_writes_the_tables_and_the_per_prompt_comparison(run_dir, capsys):
+    import pandas
+
+    (run_dir / "evaluate.json").write_text('{"key": "from a pipeline run"}')
+    assert main(["evaluate", "--run", str(run_dir), "--device", "cpu", "--n", "2", "--max-new-tokens", "3",
+                 "--n-mcq", "6", "--mcq-split", "val"]) == 0
+    assert "comparison.csv" in capsys.readouterr().out
+    comparison = pandas.read_csv(run_dir / "comparison.csv")
+    assert len(comparison) == 4 and {"base: reply", "teacher: refused", "teacher: degenerate"} <= set(comparison.columns)
+    table = pandas.read_csv(run_dir / "results.csv", index_col="model")
+    assert table.loc["base", "mcq_acc_n"] == 6 and "harmful_refusal_low" in table.columns
+    assert len(pandas.read_csv(run_dir / "mcq.csv")) == 12  # 6 questions x (base, teacher)
+    assert not (run_dir / "evaluate.json").exists()  # a later `safesteer run` evaluates its own students again
+
+
+def _bad_evaluate(run_dir, tmp_path, *extra):
+    before = sorted(p.name for p in run_dir.iterdir())
+    result = subprocess.run([sys.executable, "-m", "safesteer_lens.cli", "evaluate", "--run", str(run_dir), "--device", "cpu",
+                             *extra], capture_output=True, text=True, timeout=300)
+    assert sorted(p.name for p in run_dir.iterdir()) == before  # nothing written before the inputs are checked
+    return result
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--n", "0"], "n_harmful must be at least 1"),
+    (["--judge", "llama-guard=./no-such-judge"], "not a Llama Guard model directory"),
+    (["--judge", "guard"], "--judge takes NAME=PATH_OR_ID"),
+    (["--mcq", "mmlu={bad}"], "not mmlu data: missing column"),
+])
+def test_evaluate_bad_input_exits_2_with_one_line(run_dir, tmp_path, extra, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Hi", "answer": 1}\n')
+    result = _bad_evaluate(run_dir, tmp_path, *(e.format(bad=bad) for e in extra))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr

@@ -5,12 +5,16 @@ import math
 import pytest
 import torch
 
+from safesteer_lens.coherence import is_degenerate
 from safesteer_lens.data import Prompt
+from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.evaluate import EvalConfig, Subject, evaluate_models, general_text, kl_from_base, perplexity
 from safesteer_lens.generation import generate
+from safesteer_lens.judges import Verdict
+from safesteer_lens.refusal import is_refusal
 from safesteer_lens.steering import add_hooks
 
-SMALL = EvalConfig(n_harmful=3, n_harmless=3, max_new_tokens=4, n_kl_prompts=2, n_general=2, n_examples=2)
+SMALL = EvalConfig(n_harmful=3, n_harmless=3, max_new_tokens=4, n_kl_prompts=2, n_general=2, n_examples=2, n_mcq=6)
 
 
 def test_general_text_ships_with_the_package():
@@ -34,19 +38,55 @@ def test_kl_from_base_is_zero_for_the_base_and_positive_when_steered(tiny):
     assert kl_from_base(steered, tiny, replies) > 1e-4
 
 
-def test_table_has_a_row_per_model_and_judge_and_extra_columns(tiny):
+def test_table_has_a_row_per_model_with_intervals_and_judge_extra_and_capability_columns(tiny):
     judge_calls = []
 
     def judge(prompts, replies):
         judge_calls.append(len(prompts))
-        return [True] * len(prompts)
+        return [Verdict(unsafe=i == 0, categories=("S1",) if i == 0 else ()) for i in range(len(prompts))]
 
     extra = {"advbench": [Prompt("a-0", "Do a bad thing", "harmful")]}
     subjects = [Subject("base", tiny), Subject("steered", tiny, add_hooks(tiny, torch.ones(tiny.d_model) * 3, 1))]
-    table, examples = evaluate_models(subjects, tiny, SMALL, extra_sets=extra, judge=judge)
+    result = evaluate_models(subjects, tiny, SMALL, extra_sets=extra, judge=judge)
+    table = result.table
     assert list(table.index) == ["base", "steered"]
-    assert {"harmful_refusal", "harmless_refusal", "kl_from_base", "perplexity", "advbench_refusal",
-            "judge_harmful_refusal", "judge_harmless_refusal"} <= set(table.columns)
-    assert table.loc["base", "judge_harmful_refusal"] == 1.0 and judge_calls == [3, 3, 3, 3]
+    for rate in ("harmful_refusal", "harmless_refusal", "harmless_degenerate", "harmful_degenerate", "harmless_ended",
+                 "mcq_acc", "mcq_acc_norm", "advbench_refusal", "judge_harmful_unsafe", "judge_harmless_unsafe"):
+        assert {rate, f"{rate}_low", f"{rate}_high", f"{rate}_n"} <= set(table.columns), rate
+        assert (table[f"{rate}_low"] <= table[rate]).all() and (table[rate] <= table[f"{rate}_high"]).all()
+    assert {"kl_from_base", "perplexity", "harmless_reply_tokens", "judge_unparsed"} <= set(table.columns)
+    assert table.loc["base", "harmful_refusal_n"] == 3 and table.loc["base", "mcq_acc_n"] == 6
+    assert table.loc["base", "judge_harmful_unsafe"] == pytest.approx(1 / 3) and judge_calls == [3, 3, 3, 3]
+    assert "judge_harmless_refused" not in table.columns  # this judge does not classify refusals
     assert table.loc["base", "kl_from_base"] == pytest.approx(0.0, abs=1e-6)
-    assert set(examples["harmful"][0]) == {"prompt", "base", "steered"}
+    assert set(result.examples["harmful"][0]) == {"prompt", "base", "steered"}
+    assert set(result.mcq["base"]) == {"mcq"} and len(result.mcq["steered"]["mcq"].per_question) == 6
+
+
+def test_the_comparison_has_one_row_per_held_out_prompt_with_every_models_flags(tiny):
+    def judge(prompts, replies):
+        return [Verdict(unsafe=False, refused=True) for _ in prompts]
+
+    subjects = [Subject("base", tiny), Subject("steered", tiny, add_hooks(tiny, torch.ones(tiny.d_model) * 3, 1))]
+    result = evaluate_models(subjects, tiny, SMALL, judge=judge)
+    comparison = result.comparison
+    assert len(comparison) == 6 and list(comparison["label"]) == ["harmful"] * 3 + ["harmless"] * 3
+    for model in ("base", "steered"):
+        for field in ("reply", "refused", "degenerate", "unsafe", "categories"):
+            assert f"{model}: {field}" in comparison.columns
+    row = comparison.iloc[0]
+    assert row["base: refused"] == is_refusal(row["base: reply"])
+    assert row["base: degenerate"] == is_degenerate(row["base: reply"])
+    assert result.table.loc["base", "judge_harmless_refused"] == 1.0
+
+
+def test_eval_config_rejects_counts_that_cannot_work():
+    with pytest.raises(SafeSteerError, match="n_harmful must be at least 1"):
+        EvalConfig(n_harmful=0)
+    with pytest.raises(SafeSteerError, match="mcq_split"):
+        EvalConfig(mcq_split="train")
+
+
+def test_a_judge_returning_the_wrong_thing_is_a_clear_error(tiny):
+    with pytest.raises(SafeSteerError, match="one Verdict per reply"):
+        evaluate_models([Subject("base", tiny)], tiny, SMALL, judge=lambda prompts, replies: [True] * len(prompts))

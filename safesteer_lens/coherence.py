@@ -1,0 +1,134 @@
+"""Is a chat reply coherent? Pinned, testable rules for degenerate replies.
+
+Perplexity on prose does not see a model that loops or rambles in chat: a damaged student can
+keep its perplexity and still answer "I'm not a gun. I'm a gun. I'm a gun.". These rules read
+the reply itself. They work on lower-cased words (letters, digits and inner apostrophes), so
+punctuation and spacing do not hide a repeat. A reply is **degenerate** when any of these holds:
+
+* ``loop``: a span of words repeats back to back, at least twice, over
+  :data:`LOOP_MIN_WORDS` words or more ("i'm a god i'm a god" is 3 words twice);
+* ``low_distinct``: among at least :data:`DISTINCT_MIN_BIGRAMS` word bigrams, fewer than
+  :data:`MIN_DISTINCT_2` of them are distinct (repetition that is not back to back);
+* ``fragmented``: at least :data:`FRAGMENT_MIN_WORDS` words, and more than half of them are a
+  single character (letter salad such as "S-A-B-O-B-U-T-A-R-I-N-D");
+* ``empty``: no word at all.
+
+Changing a constant here changes every reported degenerate-reply rate.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from safesteer_lens.generation import Completions
+from safesteer_lens.stats import Rate
+
+LOOP_MIN_WORDS = 6
+MIN_DISTINCT_2 = 0.5
+DISTINCT_MIN_BIGRAMS = 8
+FRAGMENT_MIN_WORDS = 8
+
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)*")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words of a reply (typographic apostrophes read as plain ones)."""
+    return _WORD.findall(text.lower().replace("\u2019", "'"))
+
+
+def longest_back_to_back_repeat(tokens: Sequence[str]) -> int:
+    """Words covered by the longest run of one span repeated back to back (0 if none repeats).
+
+    "a b c a b c a b c" gives 9 (the span of 3 repeated 3 times); "a b a c" gives 0.
+    """
+    best = 0
+    n_words = len(tokens)
+    for span in range(1, n_words // 2 + 1):
+        for start in range(0, n_words - 2 * span + 1):
+            copies = 1
+            while tokens[start + copies * span : start + (copies + 1) * span] == tokens[start : start + span]:
+                copies += 1
+            if copies >= 2:
+                best = max(best, copies * span)
+    return best
+
+
+def distinct_n(tokens: Sequence[str], n: int = 2) -> float:
+    """Distinct n-grams over all n-grams (1.0 when there are none)."""
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+@dataclass(frozen=True)
+class ReplyFlags:
+    """Which degeneracy rules a reply breaks (see the module docstring)."""
+
+    loop: bool
+    low_distinct: bool
+    fragmented: bool
+    empty: bool
+
+    @property
+    def degenerate(self) -> bool:
+        """True when any rule holds."""
+        return self.loop or self.low_distinct or self.fragmented or self.empty
+
+
+def reply_flags(text: str) -> ReplyFlags:
+    """Apply the pinned rules to one reply."""
+    tokens = words(text)
+    n_bigrams = max(len(tokens) - 1, 0)
+    single = sum(len(t) == 1 for t in tokens)
+    return ReplyFlags(
+        loop=longest_back_to_back_repeat(tokens) >= LOOP_MIN_WORDS,
+        low_distinct=n_bigrams >= DISTINCT_MIN_BIGRAMS and distinct_n(tokens, 2) < MIN_DISTINCT_2,
+        fragmented=len(tokens) >= FRAGMENT_MIN_WORDS and single > len(tokens) / 2,
+        empty=not tokens,
+    )
+
+
+def is_degenerate(text: str) -> bool:
+    """True when a reply loops, repeats itself, falls apart into characters or is empty."""
+    return reply_flags(text).degenerate
+
+
+@dataclass(frozen=True)
+class Coherence:
+    """Coherence of a set of greedy replies.
+
+    Attributes:
+        degenerate: Share of degenerate replies.
+        ended: Share of replies that stopped at the end-of-turn token within the token budget
+            (a reply cut off by ``max_new_tokens`` did not end properly).
+        mean_tokens: Mean reply length in tokens, the end-of-turn token not counted.
+    """
+
+    degenerate: Rate
+    ended: Rate
+    mean_tokens: float
+
+
+def reply_ended(replies: Completions, eot_ids: Sequence[int]) -> list[bool]:
+    """Per reply, whether it produced an end-of-turn token."""
+    eot = torch.isin(replies.completion_ids, torch.tensor(list(eot_ids), device=replies.completion_ids.device))
+    return (eot & replies.completion_mask).any(dim=1).tolist()
+
+
+def reply_tokens(replies: Completions, eot_ids: Sequence[int]) -> list[int]:
+    """Per reply, the tokens it generated before its end-of-turn token."""
+    ended = torch.tensor(reply_ended(replies, eot_ids), dtype=torch.long)
+    return (replies.completion_mask.long().sum(dim=1).cpu() - ended).tolist()
+
+
+def coherence(replies: Completions, eot_ids: Sequence[int]) -> Coherence:
+    """Degenerate-reply share, properly ended share and mean length of a set of replies."""
+    lengths = reply_tokens(replies, eot_ids)
+    return Coherence(
+        degenerate=Rate.of(is_degenerate(t) for t in replies.texts),
+        ended=Rate.of(reply_ended(replies, eot_ids)),
+        mean_tokens=sum(lengths) / len(lengths) if lengths else 0.0,
+    )
