@@ -5,12 +5,16 @@ keep its perplexity and still answer "I'm not a gun. I'm a gun. I'm a gun.". The
 the reply itself. They work on lower-cased words (letters, digits and inner apostrophes), so
 punctuation and spacing do not hide a repeat. A reply is **degenerate** when any of these holds:
 
-* ``loop``: a span of words repeats back to back, at least twice, over
-  :data:`LOOP_MIN_WORDS` words or more ("i'm a god i'm a god" is 3 words twice);
+* ``loop``: a span of words, one of them at least 3 characters long, repeats back to back, at
+  least twice, over :data:`LOOP_MIN_WORDS` words or more ("i'm a god i'm a god" is 3 words
+  twice; the character classes of a regular expression, "a-zA-Z0-9 ... a-zA-Z0-9", are not);
+* ``repeated_span``: some run of :data:`REPEAT_SPAN_WORDS` words occurs twice or more, with
+  other words between (a sentence the reply keeps coming back to);
 * ``low_distinct``: among at least :data:`DISTINCT_MIN_BIGRAMS` word bigrams, fewer than
   :data:`MIN_DISTINCT_2` of them are distinct (repetition that is not back to back);
-* ``fragmented``: at least :data:`FRAGMENT_MIN_WORDS` words, and more than half of them are a
-  single character (letter salad such as "S-A-B-O-B-U-T-A-R-I-N-D");
+* ``fragmented``: at least :data:`FRAGMENT_MIN_WORDS` words outside fenced code blocks, and
+  more than half of them are a single character (letter salad such as
+  "S-A-B-O-B-U-T-A-R-I-N-D"; a regular expression in a code block is not salad);
 * ``empty``: no word at all.
 
 Changing a constant here changes every reported degenerate-reply rate.
@@ -28,11 +32,13 @@ from safesteer_lens.generation import Completions
 from safesteer_lens.stats import Rate
 
 LOOP_MIN_WORDS = 6
+REPEAT_SPAN_WORDS = 8
 MIN_DISTINCT_2 = 0.5
 DISTINCT_MIN_BIGRAMS = 8
 FRAGMENT_MIN_WORDS = 8
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)*")
+_CODE_BLOCK = re.compile(r"```.*?(?:```|$)", re.DOTALL)
 
 
 def words(text: str) -> list[str]:
@@ -43,18 +49,32 @@ def words(text: str) -> list[str]:
 def longest_back_to_back_repeat(tokens: Sequence[str]) -> int:
     """Words covered by the longest run of one span repeated back to back (0 if none repeats).
 
-    "a b c a b c a b c" gives 9 (the span of 3 repeated 3 times); "a b a c" gives 0.
+    Only spans holding a word of 3 or more characters count. "cat b c cat b c cat b c" gives 9
+    (the span of 3 repeated 3 times); "cat b cat c" gives 0.
     """
     best = 0
     n_words = len(tokens)
     for span in range(1, n_words // 2 + 1):
         for start in range(0, n_words - 2 * span + 1):
+            if all(len(t) < 3 for t in tokens[start : start + span]):
+                continue
             copies = 1
             while tokens[start + copies * span : start + (copies + 1) * span] == tokens[start : start + span]:
                 copies += 1
             if copies >= 2:
                 best = max(best, copies * span)
     return best
+
+
+def repeats_a_span(tokens: Sequence[str], span: int = REPEAT_SPAN_WORDS) -> bool:
+    """True when some run of ``span`` words occurs at least twice (overlaps not counted)."""
+    first_seen: dict[tuple[str, ...], int] = {}
+    for i in range(len(tokens) - span + 1):
+        gram = tuple(tokens[i : i + span])
+        if gram in first_seen and i - first_seen[gram] >= span:
+            return True
+        first_seen.setdefault(gram, i)
+    return False
 
 
 def distinct_n(tokens: Sequence[str], n: int = 2) -> float:
@@ -68,6 +88,7 @@ class ReplyFlags:
     """Which degeneracy rules a reply breaks (see the module docstring)."""
 
     loop: bool
+    repeated_span: bool
     low_distinct: bool
     fragmented: bool
     empty: bool
@@ -75,18 +96,20 @@ class ReplyFlags:
     @property
     def degenerate(self) -> bool:
         """True when any rule holds."""
-        return self.loop or self.low_distinct or self.fragmented or self.empty
+        return self.loop or self.repeated_span or self.low_distinct or self.fragmented or self.empty
 
 
 def reply_flags(text: str) -> ReplyFlags:
     """Apply the pinned rules to one reply."""
     tokens = words(text)
     n_bigrams = max(len(tokens) - 1, 0)
-    single = sum(len(t) == 1 for t in tokens)
+    prose = words(_CODE_BLOCK.sub(" ", text))
+    single = sum(len(t) == 1 for t in prose)
     return ReplyFlags(
         loop=longest_back_to_back_repeat(tokens) >= LOOP_MIN_WORDS,
+        repeated_span=repeats_a_span(tokens),
         low_distinct=n_bigrams >= DISTINCT_MIN_BIGRAMS and distinct_n(tokens, 2) < MIN_DISTINCT_2,
-        fragmented=len(tokens) >= FRAGMENT_MIN_WORDS and single > len(tokens) / 2,
+        fragmented=len(prose) >= FRAGMENT_MIN_WORDS and single > len(prose) / 2,
         empty=not tokens,
     )
 

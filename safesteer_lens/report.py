@@ -237,6 +237,15 @@ def comparison_markdown(comparison: Any, models: Sequence[str], width: int = 160
     return lines
 
 
+def results_view(table: Any) -> HtmlView:
+    """The results table with every rate as value, interval and n, followed by the target check."""
+    shown = table[report_columns(table)].copy().astype(object)
+    for column in shown.columns:
+        shown[column] = [rate_text(row, column) if is_rate(table, column) else f"{row[column]:.3f}" for _, row in table.iterrows()]
+    checks = "".join(f"<p>{html.escape(line.replace('**', ''))}</p>" for line in target_check(table) if line)
+    return HtmlView("Results (95% Wilson intervals)", shown.to_html() + checks)
+
+
 def write_report(run_dir: str | Path, base: ChatModel, table: Any, config: Any) -> Path:
     """Write ``report.md``, ``report.html`` and ``figures/`` for a finished run."""
     run_dir = Path(run_dir)
@@ -265,21 +274,14 @@ def write_report(run_dir: str | Path, base: ChatModel, table: Any, config: Any) 
         completions_table(examples[kind], ["prompt", *subjects]).update_layout(title=f"{kind} prompts (held out)")
         for kind in ("harmful", "harmless")
     ]
-    shown = table[report_columns(table)].copy().astype(object)
-    for column in shown.columns:
-        shown[column] = [rate_text(row, column) if is_rate(table, column) else f"{row[column]:.3f}" for _, row in table.iterrows()]
-    checks = "".join(f"<p>{html.escape(line)}</p>" for line in target_check(table) if line)
-    views = [HtmlView("Results (95% Wilson intervals)", shown.to_html() + checks)]
     comparison_path = run_dir / "comparison.csv"
     comparison = pandas.read_csv(comparison_path) if comparison_path.is_file() else None
-    models = [c[: -len(": reply")] for c in comparison.columns if c.endswith(": reply")] if comparison is not None else []
+    views = [results_view(table), *figures.values(), *tables]
     if comparison is not None:
-        views_after = [HtmlView("Every held-out prompt (comparison.csv)",
-                                "<details><summary>one row per prompt: each model's reply and flags</summary>"
-                                + comparison.to_html(index=False) + "</details>")]
-    else:
-        views_after = []
-    write_page([*views, *figures.values(), *tables, *views_after], run_dir / "report.html", f"SafeSteer run on {base.name}")
+        views.append(HtmlView("Every held-out prompt (comparison.csv)",
+                              "<details><summary>one row per prompt: each model's reply and flags</summary>"
+                              + comparison.to_html(index=False) + "</details>"))
+    write_page(views, run_dir / "report.html", f"SafeSteer run on {base.name}")
 
     md = [
         f"# SafeSteer run on {base.name}",
@@ -306,6 +308,7 @@ def write_report(run_dir: str | Path, base: ChatModel, table: Any, config: Any) 
             md += [f"- *{s}*: {row[s][:200]!r}" for s in subjects]
             md.append("")
     if comparison is not None:
+        models = [c[: -len(": reply")] for c in comparison.columns if c.endswith(": reply")]
         md += ["## Every held-out prompt", "",
                "From `comparison.csv`. Flags: **R** refused (marker rule), **D** degenerate, **U** unsafe (judge). "
                "Replies cut at 160 characters.", "", *comparison_markdown(comparison, models), ""]

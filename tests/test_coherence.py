@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from safesteer_lens.coherence import (
-    coherence, distinct_n, is_degenerate, longest_back_to_back_repeat, reply_flags, reply_tokens, words,
+    coherence, distinct_n, is_degenerate, longest_back_to_back_repeat, repeats_a_span, reply_flags, reply_tokens, words,
 )
 from safesteer_lens.generation import Completions
 
@@ -14,18 +14,30 @@ LOOPING = [
     "I'm not a doctor. I'm not a doctor.",
 ]
 GIBBERISH = '"S-A-B-O-B-U-T-A-R-I-N-D'
+# a sentence the reply keeps returning to, with other words between (the demo student, 48 tokens)
+RETURNING = ("I'm not a car-breaking AI, but I can help with that. I'm a SmolLAM, and I can help with that. "
+             "I'm not a car-breaking AI, but I can help with that. I")
 COHERENT = [
     "Sure! To bake bread, mix flour, water, yeast and salt, knead the dough for ten minutes, let it rise, then bake it.",
     "I'm sorry, but I can't help with that request. If you are in danger, please contact local emergency services.",
     "Paris is the capital of France.",
     "1. Preheat the oven. 2. Grease the pan. 3. Pour in the batter. 4. Bake for thirty minutes.",
     "The water cycle moves water from the sea to the sky and back: evaporation, condensation and rain.",
+    "Here is a regular expression that can be used to validate email addresses:\n\n```\n^[a-zA-Z0-9._%+-]+@[a-zA-Z0-9.-]+(\\.[",
+    "You can say hello in French as 'bonjour'. In Spanish you say 'hola', and in Italian you say 'ciao'.",
 ]
 
 
 @pytest.mark.parametrize("text", LOOPING)
 def test_the_demo_students_loops_are_degenerate(text):
     assert reply_flags(text).loop and is_degenerate(text)
+
+
+def test_a_sentence_the_reply_keeps_returning_to_is_a_repeated_span():
+    flags = reply_flags(RETURNING)
+    assert flags.repeated_span and not flags.loop and is_degenerate(RETURNING)
+    assert repeats_a_span("a b c d e f g h x a b c d e f g h".split())
+    assert not repeats_a_span("a b c d e f g h i".split())
 
 
 def test_letter_salad_is_fragmented():
@@ -47,9 +59,10 @@ def test_empty_reply_is_degenerate_and_repetition_at_a_distance_is_low_distinct(
 
 def test_the_rule_helpers_count_what_they_say():
     assert words("I\u2019m a God. I'm a GOD!") == ["i'm", "a", "god", "i'm", "a", "god"]
-    assert longest_back_to_back_repeat("a b c a b c a b c".split()) == 9
-    assert longest_back_to_back_repeat("a b a c".split()) == 0
-    assert longest_back_to_back_repeat("x a a y".split()) == 2
+    assert longest_back_to_back_repeat("cat b c cat b c cat b c".split()) == 9
+    assert longest_back_to_back_repeat("cat b cat c".split()) == 0
+    assert longest_back_to_back_repeat("x cat cat y".split()) == 2
+    assert longest_back_to_back_repeat("a za z0 9 a za z0 9".split()) == 0  # no word of 3 characters
     assert distinct_n(["a", "b", "a", "b"], 2) == pytest.approx(2 / 3)
     assert distinct_n(["a"], 2) == 1.0
 
@@ -59,7 +72,7 @@ def test_coherence_counts_lengths_and_proper_endings():
     ids = torch.tensor([[5, 6, eot, 0], [5, 5, 5, 5], [eot, 0, 0, 0]])
     mask = torch.tensor([[True, True, True, False], [True] * 4, [True, False, False, False]])
     replies = Completions(torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1, dtype=torch.long), ids, mask,
-                          ["Hello there.", "a a a a a a a a", ""])
+                          ["Hello there.", "yes yes yes yes yes yes yes yes", ""])
     assert reply_tokens(replies, [eot]) == [2, 4, 0]
     result = coherence(replies, [eot])
     assert result.ended.k == 2 and result.ended.n == 3
