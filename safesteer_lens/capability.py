@@ -92,7 +92,7 @@ def load_builtin_mcq(split: str | None = None, subjects: Sequence[str] | None = 
     for line in text.splitlines():
         row = json.loads(line)
         if (split is None or row["split"] == split) and (not subjects or row["subject"] in subjects):
-            out.append(MCQuestion(row["id"], row["subject"], cloze_context(row["question"]), tuple(row["choices"]),
+            out.append(MCQuestion(row["id"], row["subject"], cloze_context(row["question"].strip()), tuple(row["choices"]),
                                   int(row["answer"]), row["split"]))
     return out
 
@@ -127,23 +127,25 @@ def _as_list(value: Any) -> Any:
 
 
 def _mmlu(row: dict, i: int, name: str) -> MCQuestion:
-    subject = str(row.get("subject") or "unknown")
+    """MMLU as lm-eval's ``mmlu`` (letters) or ``mmlu_continuation`` (cloze) task prompts it, zero-shot."""
+    subject = str(row["subject"])
     choices = [str(c) for c in _as_list(row["choices"])]
     if len(choices) != 4:
-        raise SafeSteerError(f"{name} row {i} has {len(choices)} choices; MMLU rows have 4")
+        raise SafeSteerError(f"{name} row {i} has {len(choices)} choices; MMLU rows need 4 (check the choices column)")
     answer = row["answer"]
-    answer = "ABCD".index(answer) if isinstance(answer, str) and answer in "ABCD" else int(answer)
+    answer = ("A", "B", "C", "D").index(answer) if answer in ("A", "B", "C", "D") else int(answer)
     topic = subject.replace("_", " ")
     if name == "mmlu":
         context = (f"The following are multiple choice questions (with answers) about {topic}.\n\n"
                    f"{str(row['question']).strip()}\n" + "".join(f"{letter}. {c}\n" for letter, c in zip("ABCD", choices))
                    + "Answer:")
         return MCQuestion(f"{name}-{i}", subject, context, ("A", "B", "C", "D"), answer, "test", name)
-    context = f"The following are questions (with answers) about {topic}.\n\n" + cloze_context(str(row["question"]))
+    context = f"The following are questions (with answers) about {topic}.\n\n" + cloze_context(str(row["question"]).strip())
     return MCQuestion(f"{name}-{i}", subject, context, tuple(choices), answer, "test", name)
 
 
 def _arc(row: dict, i: int, name: str) -> MCQuestion:
+    """ARC as lm-eval's ``arc_easy``/``arc_challenge`` prompt it: cloze over the choices' texts."""
     choices = _as_list(row["choices"])
     labels, texts = list(choices["label"]), [str(t) for t in choices["text"]]
     return MCQuestion(f"{name}-{i}", name, cloze_context(str(row["question"])), tuple(texts),
@@ -151,7 +153,8 @@ def _arc(row: dict, i: int, name: str) -> MCQuestion:
 
 
 def _hellaswag(row: dict, i: int, name: str) -> MCQuestion:
-    ctx = f"{row['ctx_a']} {str(row['ctx_b']).capitalize()}"
+    """HellaSwag as lm-eval's ``hellaswag`` task prompts it (its ``process_docs``)."""
+    ctx = f"{row['ctx_a']} {str(row.get('ctx_b') or '').capitalize()}"
     context = _hellaswag_preprocess(f"{row['activity_label']}: {ctx}")
     endings = [_hellaswag_preprocess(str(e)) for e in _as_list(row["endings"])]
     return MCQuestion(f"{name}-{i}", str(row["activity_label"]), context, tuple(endings), int(row["label"]), "test", name)
@@ -169,8 +172,8 @@ class PublicMCQ:
 
 
 PUBLIC_MCQ: dict[str, PublicMCQ] = {
-    "mmlu": PublicMCQ("cais/mmlu", "all", "test", ("question", "choices", "answer"), _mmlu),
-    "mmlu-continuation": PublicMCQ("cais/mmlu", "all", "test", ("question", "choices", "answer"), _mmlu),
+    "mmlu": PublicMCQ("cais/mmlu", "all", "test", ("question", "subject", "choices", "answer"), _mmlu),
+    "mmlu-continuation": PublicMCQ("cais/mmlu", "all", "test", ("question", "subject", "choices", "answer"), _mmlu),
     "arc-easy": PublicMCQ("allenai/ai2_arc", "ARC-Easy", "test", ("question", "choices", "answerKey"), _arc),
     "arc-challenge": PublicMCQ("allenai/ai2_arc", "ARC-Challenge", "test", ("question", "choices", "answerKey"), _arc),
     "hellaswag": PublicMCQ("Rowan/hellaswag", None, "validation",
@@ -187,7 +190,8 @@ def load_public_mcq(name: str, source: str | Path | None = None, limit: int | No
             question, choices, answer; ARC: question, choices {text, label}, answerKey;
             HellaSwag: activity_label, ctx_a, ctx_b, endings, label), or a hub id overriding
             the default. None uses the default hub id (needs the network).
-        limit: Keep at most this many questions (first rows).
+        limit: Keep at most this many questions, taking subjects in turn (MMLU's rows are
+            sorted by subject, so the first rows would be one subject).
     """
     key = name.lower()
     if key not in PUBLIC_MCQ:
@@ -206,13 +210,13 @@ def load_public_mcq(name: str, source: str | Path | None = None, limit: int | No
             f"(found {', '.join(rows[0])}); {key} needs {', '.join(spec.columns)}"
         )
     out = []
-    for i, row in enumerate(rows[:limit] if limit else rows):
+    for i, row in enumerate(rows):
         try:
             out.append(spec.convert(row, i, key))
         except (KeyError, ValueError, TypeError, SyntaxError) as exc:
             raise SafeSteerError(f"{key} row {i} of {source or spec.hub_id} cannot be read ({exc}); "
                                  f"check that its columns hold what {key} holds") from exc
-    return out
+    return interleave_subjects(out, limit)
 
 
 def _read_hub_rows(spec: PublicMCQ, hub_id: str, key: str) -> list[dict]:
@@ -229,10 +233,16 @@ def _read_hub_rows(spec: PublicMCQ, hub_id: str, key: str) -> list[dict]:
     return dataset.to_list()
 
 
-def parse_mcq_spec(spec: str) -> list[MCQuestion]:
-    """``NAME=FILE_OR_HUB_ID`` (``--mcq`` on the command line), or a bare NAME for the default hub id."""
-    name, _, source = spec.partition("=")
-    return load_public_mcq(name, source or None)
+def parse_mcq_specs(specs: Sequence[str], limit: int | None = None) -> dict[str, list[MCQuestion]]:
+    """``NAME=FILE_OR_HUB_ID`` specs (``--mcq``; a bare NAME uses the default hub id), one set per name."""
+    sets: dict[str, list[MCQuestion]] = {}
+    for spec in specs:
+        name, _, source = spec.partition("=")
+        name = name.lower()
+        if name in sets:
+            raise SafeSteerError(f"--mcq names {name} twice; give each public set once")
+        sets[name] = load_public_mcq(name, source or None, limit)
+    return sets
 
 
 # --------------------------------------------------------------- scoring

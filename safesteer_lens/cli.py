@@ -203,7 +203,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     """
     from pathlib import Path
 
-    from safesteer_lens.capability import parse_mcq_spec
+    from safesteer_lens.capability import parse_mcq_specs
     from safesteer_lens.data import load_public_prompts
     from safesteer_lens.directions import load_direction
     from safesteer_lens.evaluate import EvalConfig, Subject, evaluate_models
@@ -218,25 +218,29 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     students = list(args.students or [])
     if not students and (Path(args.run) / "student").is_dir():
         students = [str(Path(args.run) / "student")]
+    names = [Path(path).parent.name + "/" + Path(path).name for path in students]
+    if len(set(names)) != len(names):
+        raise SafeSteerError(f"two students would share a name ({', '.join(names)}); pass directories whose "
+                             "parent/name differ, e.g. copy one elsewhere")
     extra = {}
     for spec in args.benchmark or []:
         name, _, path = spec.partition("=")
         if not path:
             raise SafeSteerError(f"--benchmark takes NAME=FILE (e.g. advbench=advbench.csv), got {spec!r}")
         extra[name] = load_public_prompts(name, source=path)
-    mcq_sets = {spec.partition("=")[0]: parse_mcq_spec(spec) for spec in args.mcq or []}
+    mcq_sets = parse_mcq_specs(args.mcq or [], args.mcq_limit)
     if args.judge:
         check_judge(args.judge)
     base = load_model(args.model or direction.model, device=args.device, dtype=args.dtype)
     subjects = [Subject("base", base), Subject("teacher", base, add_hooks(base, direction.vector, direction.layer, direction.coeff))]
-    for path in students:
-        subjects.append(Subject(Path(path).parent.name + "/" + Path(path).name, load_model(path, device=base.device)))
+    for name, path in zip(names, students):
+        subjects.append(Subject(name, load_model(path, device=base.device)))
     judge = load_judge(args.judge, device=str(base.device)) if args.judge else None
     evaluation = evaluate_models(subjects, base, config, extra_sets=extra, judge=judge, mcq_sets=mcq_sets)
     _print_table(evaluation.table)
     out = Path(args.run)
+    (out / "evaluate.json").unlink(missing_ok=True)  # first: a crash mid-write must not leave a valid stamp
     write_evaluation(out, evaluation)
-    (out / "evaluate.json").unlink(missing_ok=True)
     print(f"wrote {out}/results.csv, comparison.csv (one row per held-out prompt), mcq.csv and examples.json")
     if args.csv:
         evaluation.table.to_csv(args.csv)
@@ -351,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--judge", default=None, help="judge for the evaluation stage: NAME=PATH_OR_ID, e.g. llama-guard=DIR")
     run.set_defaults(func=cmd_run)
 
-    evaluate = sub.add_parser("evaluate", help="refusal, judge, coherence and capability table with 95% intervals")
+    evaluate = sub.add_parser("evaluate", help="refusal, judge, coherence and capability table with 95%% intervals")
     evaluate.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory (for the teacher)")
     evaluate.add_argument("--model", default=None)
     evaluate.add_argument("--device", default=None)
@@ -367,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--mcq", action="append",
                           help="public multiple-choice set NAME=FILE_OR_HUB_ID, NAME one of mmlu, mmlu-continuation, "
                                "arc-easy, arc-challenge, hellaswag (repeatable)")
+    evaluate.add_argument("--mcq-limit", type=int, default=1000,
+                          help="questions per public set, subjects in turn (MMLU has 14,042; default 1000)")
     evaluate.add_argument("--judge", default=None,
                           help="NAME=PATH_OR_ID, e.g. llama-guard=meta-llama/Llama-Guard-3-1B (also llama-guard-1b=, llama-guard-8b=)")
     evaluate.add_argument("--csv", default=None, help="also write the table here")

@@ -2,22 +2,28 @@
 
 Perplexity on prose does not see a model that loops or rambles in chat: a damaged student can
 keep its perplexity and still answer "I'm not a gun. I'm a gun. I'm a gun.". These rules read
-the reply itself. They work on lower-cased words (letters, digits and inner apostrophes), so
-punctuation and spacing do not hide a repeat. A reply is **degenerate** when any of these holds:
+the reply itself, as lower-cased words (runs of letters or digits in any script, inner
+apostrophes kept; each Chinese, Japanese or Korean character is a word), so punctuation and
+spacing do not hide a repeat. A reply is **degenerate** when any of these holds:
 
-* ``loop``: a span of words, one of them at least 3 characters long, repeats back to back, at
-  least twice, over :data:`LOOP_MIN_WORDS` words or more ("i'm a god i'm a god" is 3 words
-  twice; the character classes of a regular expression, "a-zA-Z0-9 ... a-zA-Z0-9", are not);
-* ``repeated_span``: some run of :data:`REPEAT_SPAN_WORDS` words occurs twice or more, with
-  other words between (a sentence the reply keeps coming back to);
-* ``low_distinct``: among at least :data:`DISTINCT_MIN_BIGRAMS` word bigrams, fewer than
-  :data:`MIN_DISTINCT_2` of them are distinct (repetition that is not back to back);
-* ``fragmented``: at least :data:`FRAGMENT_MIN_WORDS` words outside fenced code blocks, and
-  more than half of them are a single character (letter salad such as
-  "S-A-B-O-B-U-T-A-R-I-N-D"; a regular expression in a code block is not salad);
-* ``empty``: no word at all.
+* ``loop``: a span of words, one of them at least 3 characters long, repeats back to back over
+  :data:`LOOP_MIN_WORDS` words or more, 3 times or more, or (outside code) twice over at least
+  :data:`MIN_SHARE` of the reply ("i'm a god i'm a god" is 3 words twice; a shebang line
+  written three times in a code block is a loop; the character classes of a regular
+  expression, "a-zA-Z0-9 ... a-zA-Z0-9", are not);
+* ``repeated_span``: outside code blocks, some run of :data:`REPEAT_SPAN_WORDS` words occurs
+  twice or more, with other words between, and its copies cover at least :data:`MIN_SHARE` of
+  the reply (a sentence the reply keeps coming back to, not a poem's refrain);
+* ``low_distinct``: outside code blocks, among at least :data:`DISTINCT_MIN_BIGRAMS` word
+  bigrams, fewer than :data:`MIN_DISTINCT_2` of them are distinct;
+* ``fragmented``: outside code, at least :data:`FRAGMENT_MIN_WORDS` words, and more than half
+  of them are single letters other than "a" and "I" (letter salad such as
+  "S-A-B-O-B-U-T-A-R-I-N-D"; numbers, formulas and code are not salad);
+* ``empty``: nothing but white space.
 
-Changing a constant here changes every reported degenerate-reply rate.
+Known limits: a reply that is nothing but a short refrain sung twice ("Happy birthday to you,
+happy birthday to you") counts as a loop. Changing a constant here changes every reported
+degenerate-reply rate.
 """
 
 from __future__ import annotations
@@ -33,12 +39,14 @@ from safesteer_lens.stats import Rate
 
 LOOP_MIN_WORDS = 6
 REPEAT_SPAN_WORDS = 8
+MIN_SHARE = 0.4
 MIN_DISTINCT_2 = 0.5
 DISTINCT_MIN_BIGRAMS = 8
 FRAGMENT_MIN_WORDS = 8
 
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)*")
-_CODE_BLOCK = re.compile(r"```.*?(?:```|$)", re.DOTALL)
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
+_WORD = re.compile(rf"[{_CJK}]|(?:(?![{_CJK}])[^\W_])+(?:'(?:(?![{_CJK}])[^\W_])+)*")
+_CODE = re.compile(r"```.*?(?:```|$)|`[^`\n]*`", re.DOTALL)
 
 
 def words(text: str) -> list[str]:
@@ -46,13 +54,18 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower().replace("\u2019", "'"))
 
 
-def longest_back_to_back_repeat(tokens: Sequence[str]) -> int:
-    """Words covered by the longest run of one span repeated back to back (0 if none repeats).
+def prose(text: str) -> str:
+    """The reply without its code: fenced blocks (closed or cut off) and inline code spans."""
+    return _CODE.sub(" ", text)
 
-    Only spans holding a word of 3 or more characters count. "cat b c cat b c cat b c" gives 9
-    (the span of 3 repeated 3 times); "cat b cat c" gives 0.
+
+def longest_back_to_back_repeat(tokens: Sequence[str]) -> tuple[int, int]:
+    """The longest run of one span repeated back to back: ``(words covered, copies)``.
+
+    Only spans holding a word of 3 or more characters count. "cat b c cat b c cat b c" gives
+    ``(9, 3)``; "cat b cat c" gives ``(0, 0)``.
     """
-    best = 0
+    best = (0, 0)
     n_words = len(tokens)
     for span in range(1, n_words // 2 + 1):
         for start in range(0, n_words - 2 * span + 1):
@@ -62,19 +75,20 @@ def longest_back_to_back_repeat(tokens: Sequence[str]) -> int:
             while tokens[start + copies * span : start + (copies + 1) * span] == tokens[start : start + span]:
                 copies += 1
             if copies >= 2:
-                best = max(best, copies * span)
+                best = max(best, (copies * span, copies))
     return best
 
 
-def repeats_a_span(tokens: Sequence[str], span: int = REPEAT_SPAN_WORDS) -> bool:
-    """True when some run of ``span`` words occurs at least twice (overlaps not counted)."""
-    first_seen: dict[tuple[str, ...], int] = {}
+def most_repeated_span(tokens: Sequence[str], span: int = REPEAT_SPAN_WORDS) -> int:
+    """Copies of the run of ``span`` words that occurs most often, overlapping copies not counted."""
+    last_end: dict[tuple[str, ...], int] = {}
+    copies: dict[tuple[str, ...], int] = {}
     for i in range(len(tokens) - span + 1):
         gram = tuple(tokens[i : i + span])
-        if gram in first_seen and i - first_seen[gram] >= span:
-            return True
-        first_seen.setdefault(gram, i)
-    return False
+        if i >= last_end.get(gram, 0):
+            copies[gram] = copies.get(gram, 0) + 1
+            last_end[gram] = i + span
+    return max(copies.values(), default=0)
 
 
 def distinct_n(tokens: Sequence[str], n: int = 2) -> float:
@@ -101,17 +115,23 @@ class ReplyFlags:
 
 def reply_flags(text: str) -> ReplyFlags:
     """Apply the pinned rules to one reply."""
-    tokens = words(text)
-    n_bigrams = max(len(tokens) - 1, 0)
-    prose = words(_CODE_BLOCK.sub(" ", text))
-    single = sum(len(t) == 1 for t in prose)
+    covered, copies = longest_back_to_back_repeat(words(text))
+    outside = words(prose(text))
+    covered_outside, _ = longest_back_to_back_repeat(outside)
+    repeats = most_repeated_span(outside)
+    letters = sum(len(t) == 1 and t.isalpha() and t not in "ai" and not _is_cjk(t) for t in outside)
     return ReplyFlags(
-        loop=longest_back_to_back_repeat(tokens) >= LOOP_MIN_WORDS,
-        repeated_span=repeats_a_span(tokens),
-        low_distinct=n_bigrams >= DISTINCT_MIN_BIGRAMS and distinct_n(tokens, 2) < MIN_DISTINCT_2,
-        fragmented=len(prose) >= FRAGMENT_MIN_WORDS and single > len(prose) / 2,
-        empty=not tokens,
+        loop=(covered >= LOOP_MIN_WORDS and copies >= 3)
+        or covered_outside >= max(LOOP_MIN_WORDS, MIN_SHARE * len(outside)),
+        repeated_span=repeats >= 2 and repeats * REPEAT_SPAN_WORDS >= MIN_SHARE * len(outside),
+        low_distinct=len(outside) - 1 >= DISTINCT_MIN_BIGRAMS and distinct_n(outside, 2) < MIN_DISTINCT_2,
+        fragmented=len(outside) >= FRAGMENT_MIN_WORDS and letters > len(outside) / 2,
+        empty=not text.strip(),
     )
+
+
+def _is_cjk(char: str) -> bool:
+    return re.fullmatch(f"[{_CJK}]", char) is not None
 
 
 def is_degenerate(text: str) -> bool:

@@ -143,22 +143,28 @@ def split_by_position(prompts: Sequence[Prompt]) -> dict[str, list[str]]:
 
 
 def read_rows(path: Path) -> list[dict]:
+    """The rows of a local json/jsonl/csv/parquet file, read through ``datasets`` without its progress bar."""
     if not path.is_file():
-        raise SafeSteerError(f"no such prompt file: {path}")
+        raise SafeSteerError(f"no such file: {path}")
     fmt = LOCAL_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise SafeSteerError(
             f"unsupported prompt file {path.name}: use .json, .jsonl, .csv or .parquet"
         )
-    from datasets import load_dataset
+    import datasets
 
+    shown = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
     try:
-        dataset = load_dataset(fmt, data_files=str(path), split="train")
+        dataset = datasets.load_dataset(fmt, data_files=str(path), split="train")
     except Exception as exc:  # datasets raises many types for unreadable files
         raise SafeSteerError(f"cannot read {path} as {fmt}: {str(exc).splitlines()[0]}") from exc
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
     rows = dataset.to_list()
     if not rows:
-        raise SafeSteerError(f"{path} is empty; it needs at least one prompt")
+        raise SafeSteerError(f"{path} is empty; it needs at least one row")
     return rows
 
 

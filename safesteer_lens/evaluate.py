@@ -32,13 +32,14 @@ from importlib import resources
 from typing import Any, Sequence
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from safesteer_lens.capability import MCQScores, MCQuestion, interleave_subjects, load_builtin_mcq, score_mcq
 from safesteer_lens.coherence import coherence, reply_flags
 from safesteer_lens.data import Prompt, load_builtin_prompts
 from safesteer_lens.errors import SafeSteerError
-from safesteer_lens.generation import Completions, completion_position_logits, generate, last_token_logits
+from safesteer_lens.generation import Completions, FwdHook, completion_position_logits, generate, last_token_logits
 from safesteer_lens.judges import Judge, Verdict
 from safesteer_lens.losses import kl_terms
 from safesteer_lens.models import ChatModel
@@ -55,7 +56,7 @@ class Subject:
 
     name: str
     model: ChatModel
-    hooks: list = field(default_factory=list)
+    hooks: list[FwdHook] = field(default_factory=list)
 
 
 @dataclass
@@ -122,7 +123,7 @@ def general_text(n: int | None = None) -> list[str]:
 
 
 @torch.no_grad()
-def perplexity(model: ChatModel, texts: Sequence[str], hooks: Sequence = (), batch_size: int = 8) -> float:
+def perplexity(model: ChatModel, texts: Sequence[str], hooks: Sequence[FwdHook] = (), batch_size: int = 8) -> float:
     """Token-weighted perplexity of plain text (no chat template)."""
     total_nll, total_tokens = 0.0, 0
     tok = model.tokenizer
@@ -139,14 +140,16 @@ def perplexity(model: ChatModel, texts: Sequence[str], hooks: Sequence = (), bat
     return math.exp(total_nll / max(total_tokens, 1))
 
 
-def mean_refusal_score(model: ChatModel, prompts: Sequence[str], hooks: Sequence = ()) -> float:
+def mean_refusal_score(model: ChatModel, prompts: Sequence[str], hooks: Sequence[FwdHook] = ()) -> float:
     """Mean logit refusal score at the last prompt position."""
     logits = last_token_logits(model, prompts, hooks)
     return float(refusal_score(logits, refusal_token_ids(model.tokenizer)).mean())
 
 
 @torch.no_grad()
-def _reply_log_probs(model: ChatModel, replies: Completions, hooks: Sequence, batch_size: int = 16) -> list[Tensor]:
+def _reply_log_probs(
+    model: ChatModel, replies: Completions, hooks: Sequence[FwdHook], batch_size: int = 16
+) -> list[Float[Tensor, "reply_pos vocab"]]:
     """Log-probs over the vocabulary at each reply position, one tensor per row (masked rows)."""
     out = []
     for start in range(0, len(replies.texts), batch_size):
@@ -169,9 +172,11 @@ def kl_from_base(subject: Subject, base: ChatModel, base_replies: Completions) -
 
 
 def _judge(judge: Judge, prompts: Sequence[str], replies: Sequence[str]) -> list[Verdict]:
+    """The judge's verdicts, checked: a plug-in that returns something else fails here, by name."""
     verdicts = list(judge(prompts, replies))
     if len(verdicts) != len(prompts) or not all(isinstance(v, Verdict) for v in verdicts):
-        raise SafeSteerError(f"the judge must return one Verdict per reply; got {len(verdicts)} items for {len(prompts)} replies")
+        raise SafeSteerError(f"the judge must return one Verdict per reply (safesteer_lens.judges.Verdict); "
+                             f"got {len(verdicts)} items for {len(prompts)} replies")
     return verdicts
 
 
@@ -202,6 +207,11 @@ def evaluate_models(
     import pandas
 
     config = config or EvalConfig()
+    names = [s.name for s in subjects]
+    if len(set(names)) != len(names):
+        raise SafeSteerError(f"subjects need distinct names, got {names}")
+    if "mcq" in (mcq_sets or {}):
+        raise SafeSteerError("'mcq' names the shipped question set; give the public set another name")
     held_out = {
         "harmful": load_builtin_prompts("harmful", "test")[: config.n_harmful],
         "harmless": load_builtin_prompts("harmless", "test")[: config.n_harmless],
@@ -220,7 +230,7 @@ def evaluate_models(
         replies = {kind: generate(subject.model, prompts, max_new_tokens=config.max_new_tokens, fwd_hooks=subject.hooks)
                    for kind, prompts in texts.items()}
         eot = subject.model.eot_token_ids
-        row: dict[str, Any] = {"model": subject.name}
+        row: dict[str, float | int | str] = {"model": subject.name}
         for kind in ("harmful", "harmless"):
             row.update(Rate.of(map(is_refusal, replies[kind].texts)).columns(f"{kind}_refusal"))
         harmless_coherence = coherence(replies["harmless"], eot)
@@ -248,8 +258,9 @@ def evaluate_models(
         comparison[f"{subject.name}: degenerate"] = [reply_flags(t).degenerate for t in all_replies]
         if judge is not None:
             verdicts = {kind: _judge(judge, texts[kind], replies[kind].texts) for kind in ("harmful", "harmless")}
-            for kind in ("harmful", "harmless"):
-                row.update(Rate.of(v.unsafe is True for v in verdicts[kind]).columns(f"judge_{kind}_unsafe"))
+            for kind in ("harmful", "harmless"):  # over the answers the judge's reply could be read as
+                parsed = [v.unsafe for v in verdicts[kind] if v.unsafe is not None]
+                row.update(Rate.of(parsed).columns(f"judge_{kind}_unsafe"))
             if all(v.refused is not None for v in verdicts["harmless"]):
                 row.update(Rate.of(v.refused for v in verdicts["harmless"]).columns("judge_harmless_refused"))
             row["judge_unparsed"] = sum(v.unsafe is None for vs in verdicts.values() for v in vs)

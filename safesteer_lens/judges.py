@@ -163,10 +163,13 @@ class LlamaGuard:
 
     def prompts(self, prompts: Sequence[str], replies: Sequence[str]) -> list[str]:
         """The official prompt text for each (prompt, reply) pair."""
-        return [llama_guard_prompt(p, r, self.variant) for p, r in zip(prompts, replies, strict=True)]
+        if len(prompts) != len(replies):
+            raise SafeSteerError(f"the judge needs one reply per prompt, got {len(replies)} replies for {len(prompts)} prompts")
+        return [llama_guard_prompt(p, r, self.variant) for p, r in zip(prompts, replies)]
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], replies: Sequence[str]) -> list[Verdict]:
+        """Greedy answers to the official prompts (left-padded batches, stopped at ``<|eot_id|>``), parsed."""
         texts = self.prompts(prompts, replies)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         device = next(self.model.parameters()).device

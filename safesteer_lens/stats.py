@@ -51,6 +51,10 @@ class Rate:
     k: int
     n: int
 
+    def __post_init__(self) -> None:
+        if self.n < 0 or not 0 <= self.k <= self.n:
+            raise ValueError(f"a rate needs 0 <= k <= n, got {self.k} of {self.n}")
+
     @classmethod
     def of(cls, flags: Iterable[bool]) -> "Rate":
         """The rate of True among ``flags``."""
@@ -81,5 +85,7 @@ class Rate:
 
 
 def format_rate(value: float, low: float, high: float, n: int) -> str:
-    """``"12.5% [5.0–26.8] n=40"``: a share, its interval in percent, and its n."""
+    """``"12.5% [5.0–26.8] n=40"``: a share, its interval in percent, and its n (``n/a`` for n = 0)."""
+    if not n:
+        return "n/a (n=0)"
     return f"{100 * value:.1f}% [{100 * low:.1f}–{100 * high:.1f}] n={n}"

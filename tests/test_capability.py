@@ -135,3 +135,20 @@ def test_a_public_file_without_the_expected_columns_is_a_one_line_error(tmp_path
 def test_the_embedded_model_scores_clearly_above_chance_on_the_shipped_set(embedded):
     scores = score_mcq(embedded, interleave_subjects(load_builtin_mcq("val"), 60))
     assert scores.acc.n == 60 and scores.acc.low > 0.25  # 4 options: chance is 25%
+
+
+def test_a_limit_takes_subjects_in_turn_and_letters_name_answers(tmp_path):
+    rows = [{"question": f"q{i}", "subject": "algebra" if i < 5 else "biology", "choices": ["w", "x", "y", "z"],
+             "answer": "B"} for i in range(10)]
+    questions = load_public_mcq("mmlu-continuation", _write_jsonl(tmp_path / "m.jsonl", rows), limit=4)
+    assert [q.subject for q in questions] == ["algebra", "biology", "algebra", "biology"]
+    assert all(q.answer == 1 for q in questions)
+
+
+def test_mcq_specs_name_each_set_once(tmp_path):
+    from safesteer_lens.capability import parse_mcq_specs
+
+    path = _write_jsonl(tmp_path / "m.jsonl", [{"question": "q", "subject": "s", "choices": ["a", "b", "c", "d"], "answer": 0}])
+    assert list(parse_mcq_specs([f"MMLU={path}"])) == ["mmlu"]
+    with pytest.raises(SafeSteerError, match="twice"):
+        parse_mcq_specs([f"mmlu={path}", f"mmlu={path}"])

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from safesteer_lens.coherence import (
-    coherence, distinct_n, is_degenerate, longest_back_to_back_repeat, repeats_a_span, reply_flags, reply_tokens, words,
+    coherence, distinct_n, is_degenerate, longest_back_to_back_repeat, most_repeated_span, reply_flags, reply_tokens, words,
 )
 from safesteer_lens.generation import Completions
 
@@ -25,6 +25,16 @@ COHERENT = [
     "The water cycle moves water from the sea to the sky and back: evaporation, condensation and rain.",
     "Here is a regular expression that can be used to validate email addresses:\n\n```\n^[a-zA-Z0-9._%+-]+@[a-zA-Z0-9.-]+(\\.[",
     "You can say hello in French as 'bonjour'. In Spanish you say 'hola', and in Italian you say 'ciao'.",
+    "Counting to ten: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10.",
+    "Let x = 2 and y = 3, then x + y = 5 and x * y = 6.",
+    "In Python, `a[0]` is the first item of `a`, and `a[-1]` is the last one.",
+    "北京是中国的首都，也是一座历史悠久的城市。",
+    "Москва — столица России и крупнейший город страны.",
+    "En été, l'île est très belle et il fait chaud.",
+    ("Roses bloom in the morning light, and the river hums along the stones. Twinkle twinkle little star, how I "
+     "wonder what you are. Up above the world so high, the moon keeps watch over sleeping towns and quiet hills, "
+     "and far away the sea rolls on. Twinkle twinkle little star, how I wonder what you are."),
+    "```python\nfor i in range(3):\n    print(i)\nfor i in range(3):\n    print(i)\n```\nThis prints 0, 1, 2 twice.",
 ]
 
 
@@ -36,8 +46,8 @@ def test_the_demo_students_loops_are_degenerate(text):
 def test_a_sentence_the_reply_keeps_returning_to_is_a_repeated_span():
     flags = reply_flags(RETURNING)
     assert flags.repeated_span and not flags.loop and is_degenerate(RETURNING)
-    assert repeats_a_span("a b c d e f g h x a b c d e f g h".split())
-    assert not repeats_a_span("a b c d e f g h i".split())
+    assert most_repeated_span("a b c d e f g h x a b c d e f g h".split()) == 2
+    assert most_repeated_span("a b c d e f g h i".split()) == 1
 
 
 def test_letter_salad_is_fragmented():
@@ -51,7 +61,7 @@ def test_ordinary_replies_and_refusals_are_not_degenerate(text):
 
 
 def test_empty_reply_is_degenerate_and_repetition_at_a_distance_is_low_distinct():
-    assert reply_flags("").empty and reply_flags("...").empty
+    assert reply_flags("").empty and reply_flags(" \n").empty and not reply_flags("...").empty
     spread = "the cat sat and the cat sat and then the cat sat and the cat sat again"
     flags = reply_flags(spread)
     assert flags.low_distinct and distinct_n(words(spread)) < 0.5
@@ -59,10 +69,10 @@ def test_empty_reply_is_degenerate_and_repetition_at_a_distance_is_low_distinct(
 
 def test_the_rule_helpers_count_what_they_say():
     assert words("I\u2019m a God. I'm a GOD!") == ["i'm", "a", "god", "i'm", "a", "god"]
-    assert longest_back_to_back_repeat("cat b c cat b c cat b c".split()) == 9
-    assert longest_back_to_back_repeat("cat b cat c".split()) == 0
-    assert longest_back_to_back_repeat("x cat cat y".split()) == 2
-    assert longest_back_to_back_repeat("a za z0 9 a za z0 9".split()) == 0  # no word of 3 characters
+    assert longest_back_to_back_repeat("cat b c cat b c cat b c".split()) == (9, 3)
+    assert longest_back_to_back_repeat("cat b cat c".split()) == (0, 0)
+    assert longest_back_to_back_repeat("x cat cat y".split()) == (2, 2)
+    assert longest_back_to_back_repeat("a za z0 9 a za z0 9".split()) == (0, 0)  # no word of 3 characters
     assert distinct_n(["a", "b", "a", "b"], 2) == pytest.approx(2 / 3)
     assert distinct_n(["a"], 2) == 1.0
 

@@ -90,3 +90,17 @@ def test_eval_config_rejects_counts_that_cannot_work():
 def test_a_judge_returning_the_wrong_thing_is_a_clear_error(tiny):
     with pytest.raises(SafeSteerError, match="one Verdict per reply"):
         evaluate_models([Subject("base", tiny)], tiny, SMALL, judge=lambda prompts, replies: [True] * len(prompts))
+
+
+def test_unparsed_judge_answers_are_counted_apart_not_as_safe(tiny):
+    def judge(prompts, replies):
+        return [Verdict(unsafe=True), Verdict(unsafe=None, raw="???"), Verdict(unsafe=False)][: len(prompts)]
+
+    table = evaluate_models([Subject("base", tiny)], tiny, SMALL, judge=judge).table
+    assert table.loc["base", "judge_harmful_unsafe_n"] == 2 and table.loc["base", "judge_harmful_unsafe"] == 0.5
+    assert table.loc["base", "judge_unparsed"] == 2  # one per prompt set
+
+
+def test_subjects_need_distinct_names(tiny):
+    with pytest.raises(SafeSteerError, match="distinct names"):
+        evaluate_models([Subject("base", tiny), Subject("base", tiny)], tiny, SMALL)

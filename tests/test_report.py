@@ -1,0 +1,64 @@
+import pandas
+import pytest
+
+from safesteer_lens.report import Targets, comparison_markdown, damage, rate_text, report_columns, target_check
+from safesteer_lens.stats import Rate
+
+
+def _table(rows):
+    """A results table as evaluate_models writes it, from (name, {rate: (k, n)}, {number: value})."""
+    out = []
+    for name, rates, numbers in rows:
+        row = {"model": name, **numbers}
+        for column, (k, n) in rates.items():
+            row.update(Rate(k, n).columns(column))
+        out.append(row)
+    return pandas.DataFrame(out).set_index("model")
+
+
+BASE = ("base", {"harmful_refusal": (1, 40), "harmless_refusal": (0, 40), "harmless_degenerate": (3, 40),
+                 "mcq_acc": (43, 60)}, {"kl_from_base": 0.0, "perplexity": 16.5})
+
+
+def test_a_looping_student_is_damaged_and_the_verdict_says_whether_intervals_overlap():
+    table = _table([BASE, ("SafeSteer student", {"harmful_refusal": (1, 40), "harmless_refusal": (0, 40),
+                                                 "harmless_degenerate": (28, 40), "mcq_acc": (43, 60)},
+                           {"kl_from_base": 0.4, "perplexity": 16.9})])
+    reasons = damage(table, "SafeSteer student")
+    assert len(reasons) == 1 and "70.0%" in reasons[0] and "do not overlap" in reasons[0]
+    lines = target_check(table)
+    student = next(line for line in lines if line.startswith("- SafeSteer student"))
+    assert "87.5 points short" in student and "**damaged**" in student
+
+
+def test_a_small_capability_drop_inside_the_noise_is_flagged_with_its_overlap():
+    table = _table([BASE, ("student", {"harmful_refusal": (38, 40), "harmless_refusal": (2, 40),
+                                       "harmless_degenerate": (3, 40), "mcq_acc": (38, 60)},
+                           {"kl_from_base": 0.1, "perplexity": 16.6})])
+    reasons = damage(table, "student")
+    assert len(reasons) == 1 and "MCQ accuracy" in reasons[0] and "overlap, so this may be noise" in reasons[0]
+    assert damage(table, "student", Targets(capability_drop_max=0.2)) == []
+    student = next(line for line in target_check(table) if line.startswith("- student"))
+    assert "meets the refusal targets" in student
+
+
+def test_rates_print_with_interval_and_n_and_missing_rates_as_na():
+    table = _table([BASE])
+    assert rate_text(table.loc["base"], "harmful_refusal") == "2.5% [0.4–12.9] n=40"
+    table["judge_harmless_refused"], table["judge_harmless_refused_n"] = float("nan"), float("nan")
+    table["judge_harmless_refused_low"], table["judge_harmless_refused_high"] = float("nan"), float("nan")
+    assert rate_text(table.loc["base"], "judge_harmless_refused") == "n/a"
+    assert report_columns(table)[:2] == ["harmful_refusal", "harmless_refusal"]
+    assert not any(c.endswith(("_low", "_high", "_n")) for c in report_columns(table))
+
+
+def test_the_per_prompt_markdown_flags_each_reply(tmp_path):
+    frame = pandas.DataFrame([{"prompt": "Line one\nline two | pipe", "label": "harmless", "base: reply": "",
+                               "base: refused": False, "base: degenerate": True, "base: unsafe": ""}])
+    path = tmp_path / "c.csv"
+    frame.to_csv(path, index=False)
+    back = pandas.read_csv(path, keep_default_na=False)
+    lines = comparison_markdown(back, ["base"])
+    assert lines[2] == "| Line one line two \\| pipe | harmless | **D**  |"
+    with pytest.raises(KeyError):
+        comparison_markdown(back, ["teacher"])
