@@ -34,7 +34,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from safesteer_lens.data import LOCAL_FORMATS, read_rows
+from safesteer_lens.data import LOCAL_FORMATS, read_hub_rows, read_rows
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.generation import FwdHook
 from safesteer_lens.models import ChatModel
@@ -202,7 +202,8 @@ def load_public_mcq(name: str, source: str | Path | None = None, limit: int | No
     if source is not None and Path(source).suffix.lower() in LOCAL_FORMATS:
         rows = read_rows(Path(source))
     else:
-        rows = _read_hub_rows(spec, str(source) if source else spec.hub_id, key)
+        rows = read_hub_rows(str(source) if source else spec.hub_id, spec.hub_config, spec.hub_split, key,
+                             f"--mcq {key}=FILE.parquet")
     missing = [c for c in spec.columns if c not in rows[0]]
     if missing:
         raise SafeSteerError(
@@ -217,20 +218,6 @@ def load_public_mcq(name: str, source: str | Path | None = None, limit: int | No
             raise SafeSteerError(f"{key} row {i} of {source or spec.hub_id} cannot be read ({exc}); "
                                  f"check that its columns hold what {key} holds") from exc
     return interleave_subjects(out, limit)
-
-
-def _read_hub_rows(spec: PublicMCQ, hub_id: str, key: str) -> list[dict]:
-    from datasets import load_dataset
-
-    try:
-        dataset = load_dataset(hub_id, spec.hub_config, split=spec.hub_split)
-    except Exception as exc:  # offline, gated, renamed: all end the same way for the user
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SafeSteerError(
-            f"could not fetch {key} from the hub ({hub_id}: {first}); download it elsewhere and pass "
-            f"the local file, e.g. --mcq {key}=FILE.parquet"
-        ) from exc
-    return dataset.to_list()
 
 
 def parse_mcq_specs(specs: Sequence[str], limit: int | None = None) -> dict[str, list[MCQuestion]]:

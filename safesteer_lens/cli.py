@@ -213,7 +213,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from safesteer_lens.steering import add_hooks
 
     config = EvalConfig(n_harmful=args.n, n_harmless=args.n, max_new_tokens=args.max_new_tokens,
-                        n_mcq=args.n_mcq, mcq_split=args.mcq_split)
+                        n_mcq=args.n_mcq, split=args.split)
     direction = load_direction(args.run)
     students = list(args.students or [])
     if not students and (Path(args.run) / "student").is_dir():
@@ -366,8 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-new-tokens", type=int, default=48, help="greedy reply length")
     evaluate.add_argument("--n-mcq", type=int, default=60,
                           help="shipped multiple-choice questions, subjects in turn (0: none; the test split has 180)")
-    evaluate.add_argument("--mcq-split", choices=["val", "test"], default="test",
-                          help="split of the shipped questions (choose settings on val, report test)")
+    evaluate.add_argument("--split", choices=["val", "test"], default="test",
+                          help="split of the held-out prompts and shipped questions (choose settings on val, report test)")
     evaluate.add_argument("--mcq", action="append",
                           help="public multiple-choice set NAME=FILE_OR_HUB_ID, NAME one of mmlu, mmlu-continuation, "
                                "arc-easy, arc-challenge, hellaswag (repeatable)")

@@ -229,7 +229,8 @@ def load_public_prompts(name: str, source: str | Path | None = None, limit: int 
     if source is not None and Path(source).suffix.lower() in LOCAL_FORMATS:
         rows = read_rows(Path(source))
     else:
-        rows = _read_hub(spec, str(source) if source else spec.hub_id, key)
+        rows = read_hub_rows(str(source) if source else spec.hub_id, spec.hub_config, spec.hub_split, key,
+                             f"load_public_prompts({key!r}, source='file.csv|jsonl|json|parquet')")
     prompt_col = _find_column(rows, spec.prompt_columns)
     if prompt_col is None:
         raise SafeSteerError(
@@ -255,16 +256,24 @@ def load_public_prompts(name: str, source: str | Path | None = None, limit: int 
     return out
 
 
-def _read_hub(spec: PublicSet, hub_id: str, key: str) -> list[dict]:
+def read_hub_rows(hub_id: str, config: str | None, split: str, name: str, hint: str) -> list[dict]:
+    """The rows of one split of a hub dataset, or a one-line error that says to pass a local file.
+
+    Args:
+        hub_id: The dataset's hub id.
+        config: Its configuration name, if any.
+        split: Which split.
+        name: The set's name, for the message.
+        hint: How to pass a local copy instead (the end of the message).
+    """
     from datasets import load_dataset
 
     try:
-        dataset = load_dataset(hub_id, spec.hub_config, split=spec.hub_split)
+        dataset = load_dataset(hub_id, config, split=split)
     except Exception as exc:  # offline, gated, renamed: all end the same way for the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SafeSteerError(
-            f"could not fetch {key} from the hub ({hub_id}: {first}); download it elsewhere "
-            f"and pass the local file: load_public_prompts({key!r}, source='file.csv|jsonl|json|parquet')"
+            f"could not fetch {name} from the hub ({hub_id}: {first}); download it elsewhere and pass the local file: {hint}"
         ) from exc
     return dataset.to_list()
 

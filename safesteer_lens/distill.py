@@ -337,7 +337,7 @@ def _save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
         Path(tmp).unlink(missing_ok=True)
         last = "none"
         if (run_dir / CHECKPOINT).exists():
-            last = f"step {torch.load(run_dir / CHECKPOINT, map_location='cpu', weights_only=False)['step']}"
+            last = f"step {torch.load(run_dir / CHECKPOINT, map_location='cpu', weights_only=True)['step']}"
         raise SafeSteerError(
             f"could not write a checkpoint at step {state['step']} ({exc.strerror or exc}); "
             f"the last good checkpoint is {last}; free disk space and rerun with --resume"
@@ -423,8 +423,13 @@ def train(
     metrics: list[dict[str, Any]] = []
     start_step = 0
     if resume and (run_dir / CHECKPOINT).exists():
-        # mmap: the ranks of a machine share one page cache of the file instead of each reading a copy
-        state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False, mmap=True)
+        # weights_only: a run directory is data, and unpickling arbitrary objects from it could run
+        # code planted there. mmap: the ranks of a machine share one page cache of the file.
+        try:
+            state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # truncated, foreign or carrying objects beyond tensors and plain data
+            raise SafeSteerError(f"{run_dir / CHECKPOINT} cannot be read as a checkpoint ({str(exc).splitlines()[0][:160]}); "
+                                 "rerun this stage without --resume") from exc
         if state.get("format") != CHECKPOINT_FORMAT:
             raise SafeSteerError("checkpoint.pt was written by an older safesteer-lens; rerun this stage without --resume")
         _check_resumable(state, config, model_dtype(config.precision, student))

@@ -64,15 +64,16 @@ class EvalConfig:
     """Settings of :func:`evaluate_models`.
 
     Attributes:
-        n_harmful: Held-out harmful prompts (built-in test split).
-        n_harmless: Held-out harmless prompts (built-in test split).
+        n_harmful: Held-out harmful prompts (built-in prompts of ``split``).
+        n_harmless: Held-out harmless prompts (built-in prompts of ``split``).
         max_new_tokens: Greedy reply length; long enough that a reply reads as a whole.
         n_kl_prompts: Harmless prompts whose base replies measure the KL.
         n_general: General-text paragraphs for perplexity.
         n_examples: Sample completions kept per prompt set for the report.
         n_mcq: Shipped multiple-choice questions (subjects in turn); None for the whole split.
-        mcq_split: Split of the shipped questions: ``test`` for reported numbers, ``val``
-            while choosing settings.
+        split: Split of the held-out prompts and of the shipped questions: ``test`` for
+            reported numbers, ``val`` while choosing settings (a number measured on the
+            prompts settings were tuned on is not a result).
     """
 
     n_harmful: int = 65
@@ -82,7 +83,7 @@ class EvalConfig:
     n_general: int = 24
     n_examples: int = 6
     n_mcq: int | None = 60
-    mcq_split: str = "test"
+    split: str = "test"
 
     def __post_init__(self) -> None:
         for name in ("n_harmful", "n_harmless", "max_new_tokens", "n_kl_prompts", "n_general"):
@@ -92,8 +93,8 @@ class EvalConfig:
             raise SafeSteerError(f"n_examples must be 0 or more, got {self.n_examples}")
         if self.n_mcq is not None and self.n_mcq < 0:
             raise SafeSteerError(f"n_mcq must be 0 (no capability check) or more, got {self.n_mcq}")
-        if self.mcq_split not in ("val", "test"):
-            raise SafeSteerError(f"mcq_split must be 'val' or 'test', got {self.mcq_split!r}")
+        if self.split not in ("val", "test"):
+            raise SafeSteerError(f"split must be 'val' (choosing settings) or 'test' (reporting), got {self.split!r}")
 
 
 @dataclass
@@ -213,11 +214,11 @@ def evaluate_models(
     if "mcq" in (mcq_sets or {}):
         raise SafeSteerError("'mcq' names the shipped question set; give the public set another name")
     held_out = {
-        "harmful": load_builtin_prompts("harmful", "test")[: config.n_harmful],
-        "harmless": load_builtin_prompts("harmless", "test")[: config.n_harmless],
+        "harmful": load_builtin_prompts("harmful", config.split)[: config.n_harmful],
+        "harmless": load_builtin_prompts("harmless", config.split)[: config.n_harmless],
     }
     texts = {kind: [p.prompt for p in prompts] for kind, prompts in held_out.items()}
-    questions = {"mcq": interleave_subjects(load_builtin_mcq(config.mcq_split), config.n_mcq)} if config.n_mcq != 0 else {}
+    questions = {"mcq": interleave_subjects(load_builtin_mcq(config.split), config.n_mcq)} if config.n_mcq != 0 else {}
     questions.update(mcq_sets or {})
     general = general_text(config.n_general)
     base_replies = generate(base, texts["harmless"][: config.n_kl_prompts], max_new_tokens=config.max_new_tokens)

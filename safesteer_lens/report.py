@@ -48,28 +48,52 @@ def training_curves(runs: dict[str, Any]) -> go.Figure:
     return fig
 
 
+def _error_bars(table: Any, name: Any, column: str) -> dict | None:
+    """Plotly error bars for one model's rate: its 95% Wilson interval, where the table has it."""
+    if f"{column}_low" not in table.columns:
+        return None
+    row = table.loc[name]
+    return {"type": "data", "symmetric": False, "array": [row[f"{column}_high"] - row[column]],
+            "arrayminus": [row[column] - row[f"{column}_low"]], "thickness": 1.5}
+
+
+def _rate_scatter(table: Any, x: str, y: str) -> go.Figure:
+    """One marker per model (its own colour and symbol, named in the legend) with both intervals."""
+    fig = go.Figure()
+    palette = plotly.colors.qualitative.Plotly
+    symbols = ("circle", "diamond", "square", "triangle-up", "x", "star")
+    for i, name in enumerate(table.index):
+        fig.add_trace(go.Scatter(
+            x=[table.loc[name, x]], y=[table.loc[name, y]], mode="markers", name=str(name),
+            marker={"size": 14, "color": palette[i % len(palette)], "symbol": symbols[i % len(symbols)], "opacity": 0.85},
+            error_x=_error_bars(table, name, x), error_y=_error_bars(table, name, y),
+        ))
+    fig.update_layout(legend={"orientation": "h", "y": -0.25}, height=480, width=720)
+    return fig
+
+
 def refusal_tradeoff(table: Any) -> go.Figure:
-    """Refusal on harmful prompts against over-refusal on harmless prompts, one point per model.
-
-    Error bars are the 95% Wilson intervals of both rates, where the table has them.
-    """
-    def bars(column: str) -> dict | None:
-        if f"{column}_low" not in table.columns:
-            return None
-        return {"type": "data", "symmetric": False, "array": table[f"{column}_high"] - table[column],
-                "arrayminus": table[column] - table[f"{column}_low"], "thickness": 1}
-
-    fig = go.Figure(
-        go.Scatter(
-            x=table["harmless_refusal"], y=table["harmful_refusal"], mode="markers+text",
-            text=list(table.index), textposition="top center", marker={"size": 14},
-            error_x=bars("harmless_refusal"), error_y=bars("harmful_refusal"),
-        )
-    )
+    """Refusal on harmful prompts against over-refusal on harmless prompts, with 95% intervals."""
+    fig = _rate_scatter(table, "harmless_refusal", "harmful_refusal")
     fig.add_shape(type="rect", x0=0, x1=0.1, y0=0.9, y1=1.0, line={"dash": "dot", "color": "green"})
     fig.update_layout(
         title="Refusal vs over-refusal, 95% intervals (target: top-left box)", xaxis_title="harmless prompts refused",
-        yaxis_title="harmful prompts refused", xaxis_range=[-0.05, 1.05], yaxis_range=[-0.05, 1.1], height=450, width=700,
+        yaxis_title="harmful prompts refused", xaxis_range=[-0.05, 1.05], yaxis_range=[-0.05, 1.1],
+    )
+    return fig
+
+
+def damage_figure(table: Any) -> go.Figure:
+    """What training cost: degenerate replies to harmless prompts against MCQ accuracy, with 95% intervals.
+
+    A model that keeps itself sits where the base does: few degenerate replies, the base's
+    accuracy. Perplexity on prose cannot show this; the replies can.
+    """
+    fig = _rate_scatter(table, "harmless_degenerate", "mcq_acc")
+    fig.update_layout(
+        title="Damage: degenerate chat replies vs capability (95% intervals)",
+        xaxis_title="replies to harmless prompts that are degenerate", yaxis_title="shipped MCQ accuracy (acc)",
+        xaxis_range=[-0.05, 1.05], yaxis_range=[0, 1.05],
     )
     return fig
 
@@ -282,6 +306,7 @@ def write_report(run_dir: str | Path, base: ChatModel, table: Any, config: Any) 
         "safety_tokens": safety_tokens_bar(tokens),
         "training_curves": training_curves(curves),
         "refusal_tradeoff": refusal_tradeoff(table),
+        **({"damage": damage_figure(table)} if {"harmless_degenerate", "mcq_acc"} <= set(table.columns) else {}),
         "representation_shift": representation_shift(states),
     }
     fig_dir = run_dir / "figures"

@@ -152,3 +152,8 @@ def test_mcq_specs_name_each_set_once(tmp_path):
     assert list(parse_mcq_specs([f"MMLU={path}"])) == ["mmlu"]
     with pytest.raises(SafeSteerError, match="twice"):
         parse_mcq_specs([f"mmlu={path}", f"mmlu={path}"])
+
+
+def test_a_hub_set_offline_says_to_pass_a_local_file():
+    with pytest.raises(SafeSteerError, match="could not fetch arc-easy from the hub.*--mcq arc-easy=FILE"):
+        load_public_mcq("arc-easy")  # the tests run with HF_HUB_OFFLINE=1

@@ -51,7 +51,7 @@ def test_evaluate_writes_the_tables_and_the_per_prompt_comparison(run_dir, capsy
 
     (run_dir / "evaluate.json").write_text('{"key": "from a pipeline run"}')
     assert main(["evaluate", "--run", str(run_dir), "--device", "cpu", "--n", "2", "--max-new-tokens", "3",
-                 "--n-mcq", "6", "--mcq-split", "val"]) == 0
+                 "--n-mcq", "6", "--split", "val"]) == 0
     assert "comparison.csv" in capsys.readouterr().out
     comparison = pandas.read_csv(run_dir / "comparison.csv")
     assert len(comparison) == 4 and {"base: reply", "teacher: refused", "teacher: degenerate"} <= set(comparison.columns)

@@ -244,3 +244,21 @@ def test_a_sampler_in_another_precision_than_the_scoring_is_refused(tiny_dir, ru
     with pytest.raises(SafeSteerError, match="samples in torch.float32 but precision 'bfloat16'"):
         sample_rollouts(student, ["Hi"] * 8, config, 0, sampler=RolloutSampler(student))
     assert len(sample_rollouts(student, ["Hi"] * 8, config, 0, sampler=rollout_sampler(student, config)).texts) == 4
+
+
+class _Planted:
+    """A pickle payload that would create a file if a loader ever unpickled it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_resume_never_runs_code_planted_in_the_checkpoint(tiny, run_dir):
+    marker = run_dir / "planted-code-ran"
+    torch.save({"format": 1, "step": 1, "payload": _Planted(marker)}, run_dir / "checkpoint.pt")
+    with pytest.raises(SafeSteerError, match="cannot be read as a checkpoint.*without --resume"):
+        train(run_dir, tiny_config(), teacher=tiny, progress=False, export=False, resume=True)
+    assert not marker.exists()

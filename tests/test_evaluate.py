@@ -83,8 +83,8 @@ def test_the_comparison_has_one_row_per_held_out_prompt_with_every_models_flags(
 def test_eval_config_rejects_counts_that_cannot_work():
     with pytest.raises(SafeSteerError, match="n_harmful must be at least 1"):
         EvalConfig(n_harmful=0)
-    with pytest.raises(SafeSteerError, match="mcq_split"):
-        EvalConfig(mcq_split="train")
+    with pytest.raises(SafeSteerError, match="split must be 'val'"):
+        EvalConfig(split="train")
 
 
 def test_a_judge_returning_the_wrong_thing_is_a_clear_error(tiny):
@@ -104,3 +104,12 @@ def test_unparsed_judge_answers_are_counted_apart_not_as_safe(tiny):
 def test_subjects_need_distinct_names(tiny):
     with pytest.raises(SafeSteerError, match="distinct names"):
         evaluate_models([Subject("base", tiny), Subject("base", tiny)], tiny, SMALL)
+
+
+def test_the_validation_split_gives_other_prompts_and_questions(tiny):
+    from dataclasses import replace
+
+    test = evaluate_models([Subject("base", tiny)], tiny, SMALL)
+    val = evaluate_models([Subject("base", tiny)], tiny, replace(SMALL, split="val"))
+    assert set(val.comparison["prompt_id"]).isdisjoint(test.comparison["prompt_id"])
+    assert set(val.mcq["base"]["mcq"].per_question["id"]).isdisjoint(test.mcq["base"]["mcq"].per_question["id"])
