@@ -12,6 +12,7 @@ import sys
 from typing import Callable, Sequence
 
 from safesteer_lens.errors import SafeSteerError
+from safesteer_lens.losses import LOSSES
 from safesteer_lens.models import DEFAULT_MODEL
 from safesteer_lens.precision import PRECISIONS
 from safesteer_lens.sharding import SHARDING
@@ -321,8 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="stage 3: distil the steered teacher into a student on S")
     train.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory with the direction and safety tokens")
-    train.add_argument("--loss", choices=["safesteer", "full-reverse", "forward", "jsd", "renorm"], default=None,
-                       help="default: safesteer (reverse KL over S)")
+    train.add_argument("--loss", choices=LOSSES, default=None,
+                       help="default: safesteer (the paper's reverse KL over S); safesteer-bounded adds a rest-of-vocabulary "
+                            "bucket, so the loss is a true KL (>= 0, zero when the student matches the teacher on S)")
     train.add_argument("--preset", choices=["demo", "paper"], default="demo")
     train.add_argument("--model", default=None, help="default: the model named in direction.json")
     train.add_argument("--device", default=None, help="where the student trains (default: cuda if available)")

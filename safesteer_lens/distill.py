@@ -63,7 +63,7 @@ class TrainConfig:
 
     Attributes:
         loss: ``safesteer`` (localized reverse KL over S), ``full-reverse``, ``forward``,
-            ``jsd`` or ``renorm``.
+            ``jsd`` or ``renorm``; ``safesteer-bounded`` is the S-plus-rest reverse KL.
         n_prompts: Harmful training prompts (built-in train split).
         samples_per_prompt: Student rollouts per prompt (M).
         max_new_tokens: Rollout length cap.

@@ -11,6 +11,16 @@ then the mean over sequences (so a long reply does not outweigh a short one).
 
   It needs only each model's log-sum-exp and the |S| gathered logits, never a full float32
   log-softmax. It is *not* bounded below by 0: each term is smallest at ``p_s = p_t / e``.
+* ``safesteer-bounded``: the reverse KL between the two distributions coarsened to S plus one
+  "rest" bucket holding everything outside S (``r = 1 - sum_{v in S} p(v)``)::
+
+      L_t = sum_{v in S} p_s(v) log(p_s(v) / p_t(v)) + r_s log(r_s / r_t)
+
+  A true KL divergence, so it is >= 0 and zero exactly when ``p_s = p_t`` on every token of S.
+  The paper's loss above has no such floor: on a small model where S holds ~1% of the
+  student's mass it barely pulls, while AdamW still moves every weight by about lr per step.
+  The rest bucket is what the student may not keep: mass it holds outside S costs it in
+  proportion to how much the teacher moved there.
 * ``full-reverse``: KL(p_s || p_t) over the whole vocabulary (plain on-policy distillation).
 * ``forward``: KL(p_t || p_s).
 * ``jsd``: generalised Jensen-Shannon divergence with weight ``beta`` on the teacher
@@ -32,7 +42,7 @@ from torch import Tensor
 
 from safesteer_lens.errors import SafeSteerError
 
-LOSSES = ("safesteer", "full-reverse", "forward", "jsd", "renorm")
+LOSSES = ("safesteer", "safesteer-bounded", "full-reverse", "forward", "jsd", "renorm")
 Logits = Float[Tensor, "batch time vocab"]
 Mask = Bool[Tensor, "batch time"]
 
@@ -84,6 +94,27 @@ def renormalised_reverse_kl_terms(
     return kl_terms(log_qs, log_qt)
 
 
+def bounded_localized_reverse_kl_terms(
+    student: Logits, teacher: Logits, safety_ids: Tensor, chunk: int = 64
+) -> Float[Tensor, "batch time"]:
+    """Per-token reverse KL over S plus one bucket for the rest of the vocabulary.
+
+    The rest's log-probability is the log-sum-exp of the logits outside S minus the full
+    log-sum-exp, not ``log(1 - P(S))``, so it stays exact when S holds nearly all the mass.
+    Computed in time chunks: each needs one float32 copy of a chunk's logits with S masked out.
+    """
+    out = []
+    for start in range(0, student.shape[1], chunk):
+        parts = []
+        for logits in (student[:, start : start + chunk].float(), teacher[:, start : start + chunk].float()):
+            lse = torch.logsumexp(logits, -1, keepdim=True)
+            log_s = logits[..., safety_ids] - lse
+            log_rest = torch.logsumexp(logits.index_fill(-1, safety_ids, float("-inf")), -1, keepdim=True) - lse
+            parts.append(torch.cat([log_s, log_rest], -1))
+        out.append(kl_terms(parts[0], parts[1]))
+    return torch.cat(out, 1)
+
+
 def _full_vocab_terms(
     student: Logits, teacher: Logits, kind: str, beta: float, chunk: int
 ) -> Float[Tensor, "batch time"]:
@@ -116,18 +147,18 @@ def distillation_loss(
     """One of :data:`LOSSES` as a scalar; gradients flow through ``student`` only.
 
     Args:
-        kind: ``safesteer``, ``full-reverse``, ``forward``, ``jsd`` or ``renorm``.
+        kind: ``safesteer``, ``safesteer-bounded``, ``full-reverse``, ``forward``, ``jsd`` or ``renorm``.
         student: Student logits at the completion positions.
         teacher: Teacher logits at the same positions (detached here).
         mask: True at tokens that count (completion up to and including end of turn).
-        safety_ids: The safety token ids S (``safesteer`` and ``renorm``).
+        safety_ids: The safety token ids S (``safesteer``, ``safesteer-bounded`` and ``renorm``).
         beta: Teacher weight of the generalised JSD, strictly between 0 and 1.
         chunk: Time steps per chunk for full-vocabulary losses.
     """
     if student.shape != teacher.shape:
         raise SafeSteerError(f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ")
     teacher = teacher.detach()
-    if kind in ("safesteer", "renorm"):
+    if kind in ("safesteer", "safesteer-bounded", "renorm"):
         if safety_ids is None or len(safety_ids) == 0:
             raise SafeSteerError(f"the {kind} loss needs the safety token ids S")
         ids = torch.as_tensor(safety_ids, device=student.device, dtype=torch.long)
@@ -136,9 +167,11 @@ def distillation_loss(
                 f"safety token id {int(ids.max())} is outside the vocabulary of size {student.shape[-1]}; "
                 "the tokens were chosen for another model: rerun `safesteer tokens`"
             )
-        terms_fn: Callable[..., Tensor] = (
-            localized_reverse_kl_terms if kind == "safesteer" else renormalised_reverse_kl_terms
-        )
+        terms_fn: Callable[..., Tensor] = {
+            "safesteer": localized_reverse_kl_terms,
+            "safesteer-bounded": bounded_localized_reverse_kl_terms,
+            "renorm": renormalised_reverse_kl_terms,
+        }[kind]
         terms = terms_fn(student, teacher, ids)
     elif kind in ("full-reverse", "forward", "jsd"):
         if kind == "jsd" and not 0 < beta < 1:

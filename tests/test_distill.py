@@ -262,3 +262,19 @@ def test_resume_never_runs_code_planted_in_the_checkpoint(tiny, run_dir):
     with pytest.raises(SafeSteerError, match="cannot be read as a checkpoint.*without --resume"):
         train(run_dir, tiny_config(), teacher=tiny, progress=False, export=False, resume=True)
     assert not marker.exists()
+
+
+def test_the_bounded_loss_trains_and_falls(tiny, run_dir):
+    config = tiny_config(loss="safesteer-bounded", n_prompts=2, epochs=6, sequences_per_step=4)
+    losses = [m["loss"] for m in train(run_dir, config, teacher=tiny, progress=False, export=False).metrics]
+    assert len(losses) == 6 and all(loss >= 0 for loss in losses)
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2
+
+
+def test_cli_offers_every_loss():
+    from safesteer_lens.cli import build_parser
+    from safesteer_lens.losses import LOSSES
+
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    loss_action = next(a for a in train_parser._actions if a.dest == "loss")
+    assert tuple(loss_action.choices) == LOSSES and "safesteer-bounded" in LOSSES

@@ -23,6 +23,9 @@ def _reference(kind, s_logits, t_logits, ids=None, beta=0.5):
         pt = torch.softmax(t_logits[0, pos], -1).tolist()
         if kind == "safesteer":
             v = sum(ps[i] * (math.log(ps[i]) - math.log(pt[i])) for i in ids)
+        elif kind == "safesteer-bounded":
+            rs, rt = 1 - sum(ps[i] for i in ids), 1 - sum(pt[i] for i in ids)
+            v = sum(ps[i] * math.log(ps[i] / pt[i]) for i in ids) + rs * math.log(rs / rt)
         elif kind == "renorm":
             zs, zt = sum(ps[i] for i in ids), sum(pt[i] for i in ids)
             v = sum(ps[i] / zs * (math.log(ps[i] / zs) - math.log(pt[i] / zt)) for i in ids)
@@ -42,6 +45,7 @@ def _reference(kind, s_logits, t_logits, ids=None, beta=0.5):
 # Pinned values, computed once from the reference formulas above (not from the implementation).
 PINNED = {
     "safesteer": 0.031731,
+    "safesteer-bounded": 0.413004,
     "renorm": 0.060057,
     "full-reverse": 0.612797,
     "forward": 0.460241,
@@ -116,3 +120,34 @@ def test_safety_mass_sums_softmax_over_s_from_logits_or_log_probs():
     expected = torch.softmax(STUDENT, -1)[..., S].sum(-1)
     assert torch.allclose(safety_mass(STUDENT, S), expected, atol=1e-6)
     assert torch.allclose(safety_mass(torch.log_softmax(STUDENT, -1), S), expected, atol=1e-6)
+
+
+def test_the_bounded_loss_is_a_kl_with_its_minimum_where_the_student_matches_the_teacher_on_s():
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 3, 16)
+    ids = [1, 4, 9]
+    assert distillation_loss("safesteer-bounded", teacher.clone(), teacher, torch.ones(2, 3, dtype=torch.bool),
+                             safety_ids=ids).item() == pytest.approx(0.0, abs=1e-6)
+    for _ in range(5):
+        student = torch.randn(2, 3, 16)
+        assert distillation_loss("safesteer-bounded", student, teacher, torch.ones(2, 3, dtype=torch.bool), safety_ids=ids) >= 0
+    # matching the teacher on S (and so on the rest's total) is a stationary point, whatever happens inside the rest
+    student = teacher.clone()
+    student[..., [0, 2]] += torch.tensor([0.5, -0.5]).log1p()  # move mass between two tokens outside S ...
+    rest = [i for i in range(16) if i not in ids]
+    keep = torch.logsumexp(teacher[..., rest], -1) - torch.logsumexp(student[..., rest], -1)
+    student[..., rest] += keep.unsqueeze(-1)  # ... keeping the rest's total, so p_s = p_t on S
+    student.requires_grad_(True)
+    loss = distillation_loss("safesteer-bounded", student, teacher, torch.ones(2, 3, dtype=torch.bool), safety_ids=ids)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-6) and student.grad.abs().max() < 1e-6
+
+
+def test_the_bounded_loss_stays_exact_when_s_holds_nearly_all_the_mass():
+    student = torch.tensor([[[30.0, 30.0, 0.0, 0.0]]])  # rest mass ~ 2e-13: log(1 - P(S)) would round to log(0)
+    teacher = torch.tensor([[[0.0, 0.0, 0.0, 0.0]]])
+    got = distillation_loss("safesteer-bounded", student, teacher, torch.ones(1, 1, dtype=torch.bool), safety_ids=[0, 1]).item()
+    ps = torch.softmax(student[0, 0].double(), -1)
+    rs = float(ps[2:].sum())
+    expected = 2 * float(ps[0]) * math.log(float(ps[0]) / 0.25) + rs * math.log(rs / 0.5)
+    assert math.isfinite(got) and got == pytest.approx(expected, rel=1e-5)
