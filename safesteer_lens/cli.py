@@ -65,6 +65,14 @@ def cmd_chat(args: argparse.Namespace) -> None:
         print(f"user: {prompt}\nassistant: {text.strip()}\n")
 
 
+def _count_or_share(text: str) -> int | float:
+    """``--top-k``: an integer count, or a share strictly between 0 and 1 written with a point."""
+    try:
+        return float(text) if "." in text or "e" in text.lower() else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count such as 200 or a share such as 0.05, got {text!r}") from None
+
+
 def parse_layers(text: str | None) -> list[int] | None:
     """``"8-20"``, ``"10,11,12"`` or ``"4,8-12"`` to a list of layer indices."""
     if not text:
@@ -312,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     tokens.add_argument("--horizon", type=int, default=7, help="H: tokens per teacher rollout")
     tokens.add_argument("--samples", type=int, default=8, help="M: rollouts per prompt")
     tokens.add_argument("--n-prompts", type=int, default=32, help="harmless prompts (built-in train split)")
-    tokens.add_argument("--top-k", type=int, default=200, help="K': tokens each position votes for")
+    tokens.add_argument("--top-k", type=_count_or_share, default=200,
+                        help="K': tokens each position votes for, a count (200) or a share of the eligible tokens (0.05)")
     tokens.add_argument("--set-size", type=int, default=50, help="|S|")
     tokens.add_argument("--prob-floor", type=float, default=1e-4, help="minimum mean teacher probability")
     tokens.add_argument("--method", choices=["vote", "mean-delta"], default="vote")

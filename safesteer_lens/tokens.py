@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,6 +37,17 @@ from safesteer_lens.models import ChatModel
 from safesteer_lens.steering import add_hooks
 
 TOKENS_JSON = "safety_tokens.json"
+SATURATION_FACTOR = 4  # fewer than 4 K' eligible tokens: votes stop telling tokens apart
+
+
+class SaturationWarning(UserWarning):
+    """The probability floor leaves so few eligible tokens that K' votes per position saturate."""
+
+
+def votes_per_position(top_k_votes: int | float, n_allowed: int) -> int:
+    """K' as a count: a count is used as given (at most the eligible tokens), a share of them is rounded."""
+    k = max(1, round(top_k_votes * n_allowed)) if isinstance(top_k_votes, float) else top_k_votes
+    return min(k, n_allowed)
 
 
 @dataclass
@@ -47,7 +59,9 @@ class TokenConfig:
         samples_per_prompt: Rollouts per prompt (M; paper: 8).
         n_prompts: Harmless prompts used (from the built-in train split by default).
         temperature: Sampling temperature of the teacher rollouts (paper: 1).
-        top_k_votes: Tokens each position votes for (K'; paper: 200).
+        top_k_votes: Tokens each position votes for (K'; paper: 200). A float strictly between
+            0 and 1 is a share of the eligible tokens (those past the floor and the bans), so
+            K' keeps its meaning on a small vocabulary where the floor leaves few eligible.
         set_size: Size of S (paper: 50).
         prob_floor: Minimum mean teacher probability (paper: 1e-8 / 1e-7 on 150k vocabularies;
             1e-4 keeps junk sub-words out of SmolLM2's 49k vocabulary).
@@ -61,7 +75,7 @@ class TokenConfig:
     samples_per_prompt: int = 8
     n_prompts: int = 32
     temperature: float = 1.0
-    top_k_votes: int = 200
+    top_k_votes: int | float = 200
     set_size: int = 50
     prob_floor: float = 1e-4
     method: str = "vote"
@@ -272,7 +286,19 @@ def select_safety_tokens(
     allowed = torch.cat(teacher_probs).mean(0) >= config.prob_floor
     if config.ban_special:
         allowed &= ~special_token_mask(model)
-    votes = vote(delta, config.top_k_votes, allowed)
+    n_allowed = int(allowed.sum())
+    if n_allowed == 0:
+        raise SafeSteerError(f"no token passes prob_floor={config.prob_floor:g}; lower --prob-floor (e.g. 1e-4)")
+    top_k = votes_per_position(config.top_k_votes, n_allowed)
+    saturated = n_allowed < SATURATION_FACTOR * top_k
+    if saturated and config.method == "vote":
+        warnings.warn(
+            f"only {n_allowed} tokens pass prob_floor={config.prob_floor:g}, and each position votes for K'={top_k} "
+            f"of them, so most eligible tokens get a vote at every position and S is decided by ties; "
+            f"lower --prob-floor or give --top-k as a share of the eligible tokens (e.g. 0.05)",
+            SaturationWarning, stacklevel=2,
+        )
+    votes = vote(delta, top_k, allowed)
     mean_delta = delta.mean(0)
     chosen = rank_tokens(votes, mean_delta, config.set_size, config.method, allowed)
     tokens = [
@@ -285,7 +311,9 @@ def select_safety_tokens(
         direction={"layer": direction.layer, "coeff": direction.coeff, "prompts_hash": direction.prompts_hash},
         n_rollouts=n_rollouts,
         n_valid_positions=int(delta.shape[0]),
-        n_allowed=int(allowed.sum()),
+        n_allowed=n_allowed,
+        top_k_votes_used=top_k,
+        saturated=saturated,
         prompts_hash=prompts_hash(prompts),
     )
     return SafetyTokens(tokens, settings)
@@ -299,7 +327,9 @@ def validate_config(config: TokenConfig, model: ChatModel) -> None:
         raise SafeSteerError(f"samples_per_prompt must be at least 1, got {config.samples_per_prompt}")
     if not 1 <= config.set_size <= model.d_vocab:
         raise SafeSteerError(f"set_size must be between 1 and the vocabulary size {model.d_vocab}, got {config.set_size}")
-    if not 1 <= config.top_k_votes <= model.d_vocab:
-        raise SafeSteerError(f"top_k_votes must be between 1 and {model.d_vocab}, got {config.top_k_votes}")
+    k = config.top_k_votes
+    if isinstance(k, bool) or not ((isinstance(k, int) and 1 <= k <= model.d_vocab) or (isinstance(k, float) and 0 < k < 1)):
+        raise SafeSteerError(f"top_k_votes must be a count between 1 and {model.d_vocab} or a share strictly between 0 and 1 "
+                             f"of the eligible tokens, got {k!r}")
     if config.method not in ("vote", "mean-delta"):
         raise SafeSteerError(f"unknown selection method {config.method!r}: use 'vote' or 'mean-delta'")

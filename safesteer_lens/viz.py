@@ -109,9 +109,12 @@ def safety_tokens_bar(tokens: SafetyTokens, title: str | None = None) -> go.Figu
         )
     )
     settings = tokens.settings
+    k_used = settings.get("top_k_votes_used", settings.get("top_k_votes"))
+    eligible = f", {settings['n_allowed']} eligible" if "n_allowed" in settings else ""
+    saturated = " <b>(saturated: votes cannot tell most eligible tokens apart)</b>" if settings.get("saturated") else ""
     fig.update_layout(
         title=title or f"Safety tokens S (|S| = {len(tokens)}, H = {settings.get('horizon')}, "
-        f"K' = {settings.get('top_k_votes')}, {settings.get('n_valid_positions')} voting positions)",
+        f"K' = {k_used}{eligible}, {settings.get('n_valid_positions')} voting positions){saturated}",
         xaxis_title="votes", height=max(400, 16 * len(tokens) + 120), width=800,
         margin={"l": 160},
     )

@@ -82,3 +82,14 @@ def test_evaluate_bad_input_exits_2_with_one_line(run_dir, tmp_path, extra, mess
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_top_k_takes_a_count_or_a_share():
+    import argparse
+
+    from safesteer_lens.cli import _count_or_share
+
+    assert _count_or_share("200") == 200 and isinstance(_count_or_share("200"), int)
+    assert _count_or_share("0.05") == 0.05 and _count_or_share("5e-2") == 0.05
+    with pytest.raises(argparse.ArgumentTypeError, match="a count such as 200"):
+        _count_or_share("many")

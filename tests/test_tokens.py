@@ -12,9 +12,11 @@ from safesteer_lens.tokens import (
     load_safety_tokens,
     rank_tokens,
     select_safety_tokens,
+    SaturationWarning,
     special_token_mask,
     valid_positions,
     vote,
+    votes_per_position,
 )
 
 
@@ -74,8 +76,8 @@ def test_same_seed_same_set_and_special_tokens_banned(tiny, tiny_direction):
 
 def test_probability_floor_removes_rare_tokens(tiny, tiny_direction):
     loose = select_safety_tokens(tiny, tiny_direction, TokenConfig(**SMALL), progress=False)
-    strict = select_safety_tokens(tiny, tiny_direction, TokenConfig(**{**SMALL, "prob_floor": 0.01}), progress=False)
-    assert strict.settings["n_allowed"] < loose.settings["n_allowed"]
+    strict = select_safety_tokens(tiny, tiny_direction, TokenConfig(**{**SMALL, "prob_floor": 0.002}), progress=False)
+    assert 0 < strict.settings["n_allowed"] < loose.settings["n_allowed"]
 
 
 def test_bad_settings_are_rejected(tiny, tiny_direction):
@@ -107,3 +109,37 @@ def test_cli_tokens_writes_artifact_and_report(tiny_dir, tiny_direction, tmp_pat
     report = (tmp_path / "tokens_report.html").read_text()
     assert "H = 1" in report and "S mass" in report and "Teacher vs base" in report
     assert main(["tokens", "--run", str(tmp_path), "--horizon", "0"]) == 2
+
+
+def test_k_prime_as_a_share_of_the_eligible_tokens():
+    assert votes_per_position(200, 520) == 200 and votes_per_position(200, 50) == 50
+    assert votes_per_position(0.05, 520) == 26 and votes_per_position(0.001, 100) == 1
+
+
+def test_a_floor_that_leaves_few_eligible_tokens_warns_and_a_share_does_not(tiny, tiny_direction):
+    strict = {**SMALL, "prob_floor": 0.002, "top_k_votes": 200}  # a near-uniform 512-token model: few pass
+    with pytest.warns(SaturationWarning, match="pass prob_floor.*share of the eligible tokens"):
+        saturated = select_safety_tokens(tiny, tiny_direction, TokenConfig(**strict), progress=False)
+    assert saturated.settings["saturated"] and saturated.settings["n_allowed"] < 4 * 200
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SaturationWarning)
+        shared = select_safety_tokens(tiny, tiny_direction, TokenConfig(**{**strict, "top_k_votes": 0.1}), progress=False)
+    eligible = shared.settings["n_allowed"]
+    assert shared.settings["top_k_votes_used"] == max(1, round(0.1 * eligible)) and not shared.settings["saturated"]
+
+
+def test_vote_ties_are_broken_by_mean_delta_not_by_id():
+    votes = torch.tensor([0, 3, 3, 3, 1])
+    mean_delta = torch.tensor([0.0, 0.1, 0.9, 0.5, 2.0])
+    allowed = torch.ones(5, dtype=torch.bool)
+    assert rank_tokens(votes, mean_delta, 2, "vote", allowed) == [2, 3]
+
+
+def test_a_floor_no_token_passes_and_a_bad_k_prime_are_clear_errors(tiny, tiny_direction):
+    with pytest.raises(SafeSteerError, match="no token passes prob_floor"):
+        select_safety_tokens(tiny, tiny_direction, TokenConfig(**{**SMALL, "prob_floor": 2.0}), progress=False)
+    for bad in (0, 1.5, 0.0, True):
+        with pytest.raises(SafeSteerError, match="top_k_votes must be a count"):
+            select_safety_tokens(tiny, tiny_direction, TokenConfig(**{**SMALL, "top_k_votes": bad}), progress=False)
