@@ -255,6 +255,28 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         evaluation.table.to_csv(args.csv)
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    """Train and evaluate a grid of settings x seeds from the run's direction and S."""
+    from dataclasses import replace
+
+    from safesteer_lens.distill import PRESETS
+    from safesteer_lens.evaluate import EvalConfig
+    from safesteer_lens.sweep import load_grid_file, parse_grid, run_sweep
+
+    if bool(args.grid) == bool(args.grid_file):
+        raise SafeSteerError("give the grid either as --grid KEY=V1,V2 ... or as --grid-file FILE.json")
+    grid = parse_grid(args.grid) if args.grid else load_grid_file(args.grid_file)
+    eval_config = EvalConfig(n_harmful=args.n, n_harmless=args.n, max_new_tokens=args.max_new_tokens, n_kl_prompts=16,
+                             n_general=12, n_mcq=args.n_mcq, split=args.split)
+    train_config = PRESETS[args.preset]
+    if args.precision:
+        train_config = replace(train_config, precision=args.precision)
+    table = run_sweep(args.run, grid, train_config, eval_config, keep_students=args.keep_students)
+    shown = [c for c in ("harmful_refusal", "harmless_refusal", "harmless_degenerate", "mcq_acc", "pareto") if c in table]
+    _print_table(table[[*grid, *shown]] if set(grid) <= set(table.columns) else table[shown])
+    print(f"wrote {args.run}/sweep/sweep.csv and sweep.html ({len(table) - 1} trials, evaluated on the {args.split} split)")
+
+
 def _print_table(table: "object") -> None:
     """The results table without its interval columns (they are in results.csv and the report)."""
     import pandas
@@ -388,6 +410,21 @@ def build_parser() -> argparse.ArgumentParser:
                           help="NAME=PATH_OR_ID, e.g. llama-guard=meta-llama/Llama-Guard-3-1B (also llama-guard-1b=, llama-guard-8b=)")
     evaluate.add_argument("--csv", default=None, help="also write the table here")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    sweep = sub.add_parser("sweep", help="train and evaluate a grid of training settings x seeds (resumable)")
+    sweep.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory with the direction and safety tokens")
+    sweep.add_argument("--grid", nargs="+", help="KEY=V1,V2 ... over TrainConfig fields, e.g. lr=3e-5,1e-4 "
+                                                 "loss=safesteer,safesteer-bounded seed=0,1,2")
+    sweep.add_argument("--grid-file", default=None, help='the grid as JSON, e.g. {"lr": [3e-5, 1e-4], "seed": [0, 1, 2]}')
+    sweep.add_argument("--preset", choices=["demo", "paper"], default="demo", help="the training settings the grid overrides")
+    sweep.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
+    sweep.add_argument("--split", choices=["val", "test"], default="val",
+                       help="evaluation split: val (default) to choose settings; report the chosen ones on test")
+    sweep.add_argument("--n", type=int, default=40, help="held-out prompts per class")
+    sweep.add_argument("--n-mcq", type=int, default=60, help="shipped questions (the val split has 60)")
+    sweep.add_argument("--max-new-tokens", type=int, default=48)
+    sweep.add_argument("--keep-students", action="store_true", help="keep each trial's weights and checkpoint")
+    sweep.set_defaults(func=cmd_sweep)
     return parser
 
 

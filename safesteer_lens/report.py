@@ -131,7 +131,7 @@ def representation_shift(states: dict[str, torch.Tensor]) -> go.Figure:
     return fig
 
 
-def _save_figure(fig: go.Figure, directory: Path, name: str) -> list[str]:
+def save_figure(fig: go.Figure, directory: Path, name: str) -> list[str]:
     """HTML always; PNG when static export works here. Returns the files written."""
     directory.mkdir(parents=True, exist_ok=True)
     fig.write_html(directory / f"{name}.html", include_plotlyjs="cdn")
@@ -310,7 +310,7 @@ def write_report(run_dir: str | Path, base: ChatModel, table: Any, config: Any) 
         "representation_shift": representation_shift(states),
     }
     fig_dir = run_dir / "figures"
-    files = {name: _save_figure(fig, fig_dir, name) for name, fig in figures.items()}
+    files = {name: save_figure(fig, fig_dir, name) for name, fig in figures.items()}
     subjects = [c for c in examples["harmful"][0] if c != "prompt"] if examples["harmful"] else []
     tables = [
         completions_table(examples[kind], ["prompt", *subjects]).update_layout(title=f"{kind} prompts (held out)")

@@ -1,0 +1,243 @@
+"""Sweeps: train and evaluate a grid of training settings x seeds from one run's direction and S.
+
+A recipe is only worth reporting if it holds across seeds, and the levers (loss, learning
+rate, rollout length, steps) interact. :func:`run_sweep` trains one student per grid point,
+one at a time, each from the same ``direction.*`` and ``safety_tokens.json``, and evaluates
+it with :func:`~safesteer_lens.evaluate.evaluate_models` on the **validation** split by
+default: settings are chosen on validation prompts and reported on test prompts. Layout::
+
+    RUN/sweep/
+      base.json                 the base model's row (evaluated once per evaluation setting)
+      <trial>/trial.json        the trial's settings and its evaluation row (written last)
+      <trial>/metrics.jsonl     its training curve (weights are deleted after evaluation
+                                unless keep_students=True)
+      sweep.csv  sweep.html     every trial's row; the trade-off figure
+
+A trial whose ``trial.json`` holds the same settings and evaluation is skipped; one that was
+interrupted resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import plotly.graph_objects as go
+
+from safesteer_lens.distill import CHECKPOINT, STUDENT_DIR, TrainConfig, train
+from safesteer_lens.errors import SafeSteerError
+from safesteer_lens.evaluate import EvalConfig, Subject, evaluate_models
+from safesteer_lens.models import ChatModel, load_model
+
+SWEEP_DIR = "sweep"
+RUN_ARTIFACTS = ("direction.json", "direction.safetensors", "safety_tokens.json")
+# A trial's settings may be any TrainConfig field that is a number or a name.
+SWEEPABLE = {f.name: type(getattr(TrainConfig(), f.name)) for f in fields(TrainConfig)
+             if isinstance(getattr(TrainConfig(), f.name), (int, float, str))}
+
+
+def parse_value(key: str, text: str) -> int | float | str:
+    """One grid value, typed like the :class:`TrainConfig` field it sets."""
+    kind = SWEEPABLE[key]
+    try:
+        value = kind(text)
+    except ValueError:
+        raise SafeSteerError(f"--grid {key}={text!r}: {key} takes a {kind.__name__}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SafeSteerError(f"--grid {key}={text!r}: values must be finite")
+    return value
+
+
+def parse_grid(specs: Sequence[str]) -> dict[str, list[Any]]:
+    """``["lr=3e-5,1e-4", "seed=0,1,2"]`` -> ``{"lr": [3e-5, 1e-4], "seed": [0, 1, 2]}``."""
+    grid: dict[str, list[Any]] = {}
+    for spec in specs:
+        key, _, values = spec.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in SWEEPABLE:
+            raise SafeSteerError(f"--grid {spec!r}: unknown setting {key!r}; use TrainConfig fields: {', '.join(SWEEPABLE)}")
+        if key in grid or not values:
+            raise SafeSteerError(f"--grid {spec!r}: give each setting once, as KEY=V1,V2,...")
+        grid[key] = [parse_value(key, v.strip()) for v in values.split(",") if v.strip()]
+    if not grid:
+        raise SafeSteerError("an empty grid: pass settings such as --grid lr=3e-5,1e-4 seed=0,1,2")
+    return grid
+
+
+def load_grid_file(path: str | Path) -> dict[str, list[Any]]:
+    """A grid from a JSON file mapping each setting to a list of values (``{"lr": [3e-5, 1e-4]}``)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SafeSteerError(f"cannot read the grid file {path}: {exc}; it must be JSON like {{\"lr\": [3e-5, 1e-4]}}") from exc
+    if not isinstance(data, dict) or not all(isinstance(v, list) and v for v in data.values()):
+        raise SafeSteerError(f"{path} must map each setting to a non-empty list of values, e.g. {{\"seed\": [0, 1, 2]}}")
+    return parse_grid([f"{k}={','.join(str(v) for v in values)}" for k, values in data.items()])
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One grid point: the :class:`TrainConfig` fields it overrides."""
+
+    settings: tuple[tuple[str, Any], ...]
+
+    @property
+    def name(self) -> str:
+        """A directory name that reads as the settings (``loss=safesteer-bounded_lr=0.0001_seed=1``)."""
+        return "_".join(f"{k}={v}" for k, v in self.settings)
+
+    def config(self, base: TrainConfig) -> TrainConfig:
+        """The base settings with this trial's overrides, validated."""
+        config = replace(base, **dict(self.settings))
+        config.validate()
+        return config
+
+
+def trials(grid: dict[str, list[Any]]) -> list[Trial]:
+    """Every combination of the grid, in a stable order (the last setting varies fastest)."""
+    keys = list(grid)
+    return [Trial(tuple(zip(keys, values))) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def _row(evaluation: Any, name: str) -> dict[str, Any]:
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in evaluation.table.loc[name].items()}
+
+
+def run_sweep(
+    run_dir: str | Path,
+    grid: dict[str, list[Any]],
+    train_config: TrainConfig | None = None,
+    eval_config: EvalConfig | None = None,
+    model: ChatModel | None = None,
+    keep_students: bool = False,
+    progress: bool = True,
+) -> Any:
+    """Train and evaluate every grid point; return the sweep table (pandas, one row per trial + base).
+
+    Args:
+        run_dir: A run directory with ``direction.*`` and ``safety_tokens.json``.
+        grid: Settings to vary (:func:`parse_grid`); ``seed`` among them for a seed study.
+        train_config: The settings the grid overrides (default: the ``demo`` training preset).
+        eval_config: How each student is evaluated (default: the demo evaluation on the
+            validation split).
+        model: The base model, already loaded (default: the model named in ``direction.json``).
+        keep_students: Keep each trial's exported weights (540 MB each at 135M) and checkpoint.
+        progress: Show progress bars and a line per trial.
+    """
+    import pandas
+
+    from safesteer_lens.directions import load_direction
+    from safesteer_lens.distill import PRESETS
+
+    run_dir = Path(run_dir)
+    missing = [name for name in RUN_ARTIFACTS if not (run_dir / name).is_file()]
+    if missing:
+        raise SafeSteerError(f"{run_dir} lacks {', '.join(missing)}; run `safesteer direction` and `safesteer tokens` first")
+    train_config = train_config or PRESETS["demo"]
+    eval_config = eval_config or EvalConfig(n_harmful=40, n_harmless=40, n_kl_prompts=16, n_general=12, split="val")
+    points = trials(grid)
+    configs = [t.config(train_config) for t in points]  # every trial validated before anything is written
+    say = print if progress else (lambda *a, **k: None)
+    base = model or load_model(load_direction(run_dir).model)
+    out = run_dir / SWEEP_DIR
+    out.mkdir(exist_ok=True)
+    eval_key = _key(asdict(eval_config))
+
+    base_path = out / "base.json"
+    cached = json.loads(base_path.read_text()) if base_path.is_file() else {}
+    if cached.get("key") != eval_key:
+        say("sweep: evaluating the base model")
+        cached = {"key": eval_key, "row": _row(evaluate_models([Subject("base", base)], base, eval_config), "base")}
+        _write_json(base_path, cached)
+    rows = [{"trial": "base", **cached["row"]}]
+
+    for number, (trial, config) in enumerate(zip(points, configs), 1):
+        trial_dir = out / trial.name
+        record_path = trial_dir / "trial.json"
+        key = _key(asdict(config), eval_key)
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        if record.get("key") != key:
+            say(f"sweep [{number}/{len(points)}] {trial.name}: training")
+            trial_dir.mkdir(exist_ok=True)
+            for name in RUN_ARTIFACTS:
+                shutil.copy2(run_dir / name, trial_dir / name)
+            if record:  # settings changed since this trial ran: start it again
+                record_path.unlink()
+                for stale in ("metrics.jsonl", CHECKPOINT):
+                    (trial_dir / stale).unlink(missing_ok=True)
+            result = train(trial_dir, config, teacher=base, resume=(trial_dir / CHECKPOINT).exists(), progress=progress)
+            evaluation = evaluate_models([Subject(trial.name, result.student)], base, eval_config)
+            record = {"key": key, "settings": dict(trial.settings), "row": _row(evaluation, trial.name)}
+            _write_json(record_path, record)
+            if not keep_students:
+                shutil.rmtree(trial_dir / STUDENT_DIR, ignore_errors=True)
+                (trial_dir / CHECKPOINT).unlink(missing_ok=True)
+        else:
+            say(f"sweep [{number}/{len(points)}] {trial.name}: done, skipped")
+        rows.append({"trial": trial.name, **record["settings"], **record["row"]})
+
+    table = pandas.DataFrame(rows).set_index("trial")
+    table["pareto"] = pareto_mask(table)
+    tmp = out / ".sweep.csv.tmp"
+    table.to_csv(tmp)
+    tmp.replace(out / "sweep.csv")
+    from safesteer_lens.report import save_figure
+
+    save_figure(sweep_figure(table), out, "sweep")
+    return table
+
+
+def pareto_mask(table: Any) -> list[bool]:
+    """Trials no other trial beats on both counts: more harmful prompts refused, fewer harmless ones."""
+    points = list(zip(table["harmful_refusal"], table["harmless_refusal"]))
+    return [not any(h2 >= h and o2 <= o and (h2, o2) != (h, o) for h2, o2 in points) for h, o in points]
+
+
+def sweep_figure(table: Any) -> go.Figure:
+    """Harmful refused against harmless refused per trial, with 95% intervals.
+
+    Marker size is MCQ accuracy, colour the share of degenerate replies to harmless prompts;
+    the Pareto frontier is the dotted line and the base model a star.
+    """
+    fig = go.Figure()
+    trials_only = table.drop(index="base", errors="ignore")
+
+    def bars(frame: Any, column: str) -> dict:
+        return {"type": "data", "symmetric": False, "array": frame[f"{column}_high"] - frame[column],
+                "arrayminus": frame[column] - frame[f"{column}_low"], "thickness": 1}
+
+    size = 8 + 30 * trials_only["mcq_acc"] if "mcq_acc" in trials_only else 12
+    fig.add_trace(go.Scatter(
+        x=trials_only["harmless_refusal"], y=trials_only["harmful_refusal"], mode="markers", name="trials",
+        text=list(trials_only.index), hovertemplate="%{text}<br>harmless %{x:.1%}<br>harmful %{y:.1%}<extra></extra>",
+        marker={"size": size, "color": trials_only.get("harmless_degenerate"), "colorscale": "Reds", "cmin": 0, "cmax": 1,
+                "showscale": True, "colorbar": {"title": "degenerate<br>(harmless)"}, "line": {"width": 1, "color": "black"}},
+        error_x=bars(trials_only, "harmless_refusal"), error_y=bars(trials_only, "harmful_refusal"),
+    ))
+    front = trials_only[trials_only["pareto"]].sort_values("harmless_refusal") if "pareto" in trials_only else trials_only.iloc[:0]
+    fig.add_trace(go.Scatter(x=front["harmless_refusal"], y=front["harmful_refusal"], mode="lines", name="Pareto frontier",
+                             line={"dash": "dot", "color": "black"}))
+    if "base" in table.index:
+        fig.add_trace(go.Scatter(x=[table.loc["base", "harmless_refusal"]], y=[table.loc["base", "harmful_refusal"]],
+                                 mode="markers", name="base", marker={"symbol": "star", "size": 16, "color": "royalblue"}))
+    fig.add_shape(type="rect", x0=0, x1=0.1, y0=0.9, y1=1.0, line={"dash": "dot", "color": "green"})
+    fig.update_layout(title="Sweep: refusal trade-off (size: MCQ accuracy, colour: degenerate replies; 95% intervals)",
+                      xaxis_title="harmless prompts refused", yaxis_title="harmful prompts refused",
+                      xaxis_range=[-0.05, 1.05], yaxis_range=[-0.05, 1.1], height=520, width=780)
+    return fig

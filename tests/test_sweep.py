@@ -1,0 +1,79 @@
+import json
+
+import pandas
+import pytest
+
+from safesteer_lens.distill import TrainConfig
+from safesteer_lens.errors import SafeSteerError
+from safesteer_lens.evaluate import EvalConfig
+from safesteer_lens.sweep import load_grid_file, pareto_mask, parse_grid, run_sweep, sweep_figure, trials
+
+TINY_TRAIN = TrainConfig(n_prompts=2, samples_per_prompt=2, max_new_tokens=4, sequences_per_step=4, micro_batch=2,
+                         lr=3e-3, checkpoint_every=1, warmup_fraction=0.0)
+TINY_EVAL = EvalConfig(n_harmful=2, n_harmless=2, max_new_tokens=4, n_kl_prompts=2, n_general=2, n_examples=1,
+                       n_mcq=6, split="val")
+
+
+def test_grid_values_are_typed_like_the_train_config():
+    grid = parse_grid(["lr=3e-5,1e-4", "loss=safesteer,safesteer-bounded", "seed=0,1,2", "max-new-tokens=12"])
+    assert grid == {"lr": [3e-5, 1e-4], "loss": ["safesteer", "safesteer-bounded"], "seed": [0, 1, 2], "max_new_tokens": [12]}
+    points = trials(grid)
+    assert len(points) == 12 and points[0].name == "lr=3e-05_loss=safesteer_seed=0_max_new_tokens=12"
+    assert points[1].name.endswith("seed=1_max_new_tokens=12")  # the last setting but one varies before it
+
+
+@pytest.mark.parametrize("specs,message", [
+    (["learning_rate=1e-4"], "unknown setting"),
+    (["seed=zero"], "seed takes a int"),
+    (["lr=inf"], "finite"),
+    (["seed=0", "seed=1"], "give each setting once"),
+    ([], "empty grid"),
+])
+def test_bad_grids_are_one_line_errors(specs, message):
+    with pytest.raises(SafeSteerError, match=message):
+        parse_grid(specs)
+
+
+def test_a_trial_with_impossible_settings_is_rejected_before_anything_runs(tiny, run_dir):
+    with pytest.raises(SafeSteerError, match="unknown loss"):
+        run_sweep(run_dir, parse_grid(["loss=nope"]), TINY_TRAIN, TINY_EVAL, model=tiny, progress=False)
+    assert not (run_dir / "sweep").exists()
+
+
+def test_grid_file(tmp_path):
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps({"lr": [1e-4], "seed": [0, 1]}))
+    assert load_grid_file(path) == {"lr": [1e-4], "seed": [0, 1]}
+    path.write_text("[1, 2]")
+    with pytest.raises(SafeSteerError, match="non-empty list"):
+        load_grid_file(path)
+
+
+def test_pareto_frontier():
+    table = pandas.DataFrame({"harmful_refusal": [0.9, 0.8, 0.9, 0.5], "harmless_refusal": [0.2, 0.1, 0.3, 0.4]})
+    assert pareto_mask(table) == [True, True, False, False]
+
+
+def test_a_sweep_trains_evaluates_and_skips_what_is_done(tiny, run_dir):
+    grid = parse_grid(["lr=1e-3,3e-3", "loss=safesteer-bounded"])
+    table = run_sweep(run_dir, grid, TINY_TRAIN, TINY_EVAL, model=tiny, progress=False)
+    assert list(table.index) == ["base", "lr=0.001_loss=safesteer-bounded", "lr=0.003_loss=safesteer-bounded"]
+    assert {"harmful_refusal_low", "harmless_degenerate", "mcq_acc", "pareto", "lr"} <= set(table.columns)
+    assert table.loc["base", "harmful_refusal_n"] == 2
+    sweep = run_dir / "sweep"
+    assert (sweep / "sweep.csv").is_file() and (sweep / "sweep.html").is_file()
+    trial = sweep / "lr=0.001_loss=safesteer-bounded"
+    assert (trial / "metrics.jsonl").is_file() and not (trial / "student").exists() and not (trial / "checkpoint.pt").exists()
+    stamp = (trial / "trial.json").stat().st_mtime_ns
+    again = run_sweep(run_dir, grid, TINY_TRAIN, TINY_EVAL, model=tiny, progress=False)
+    assert (trial / "trial.json").stat().st_mtime_ns == stamp  # done: skipped, not retrained
+    pandas.testing.assert_frame_equal(again, pandas.read_csv(sweep / "sweep.csv", index_col="trial"), check_dtype=False)
+    figure = sweep_figure(again)
+    assert [t.name for t in figure.data] == ["trials", "Pareto frontier", "base"]
+
+
+def test_the_cli_sweep_needs_exactly_one_grid(run_dir, capsys):
+    from safesteer_lens.cli import main
+
+    assert main(["sweep", "--run", str(run_dir)]) == 2
+    assert "--grid" in capsys.readouterr().err
