@@ -239,5 +239,6 @@ def sweep_figure(table: Any) -> go.Figure:
     fig.add_shape(type="rect", x0=0, x1=0.1, y0=0.9, y1=1.0, line={"dash": "dot", "color": "green"})
     fig.update_layout(title="Sweep: refusal trade-off (size: MCQ accuracy, colour: degenerate replies; 95% intervals)",
                       xaxis_title="harmless prompts refused", yaxis_title="harmful prompts refused",
-                      xaxis_range=[-0.05, 1.05], yaxis_range=[-0.05, 1.1], height=520, width=780)
+                      xaxis_range=[-0.05, 1.05], yaxis_range=[-0.05, 1.1], height=560, width=780,
+                      legend={"orientation": "h", "y": -0.18})
     return fig
