@@ -92,6 +92,7 @@ def cmd_direction(args: argparse.Namespace) -> None:
     from safesteer_lens.directions import DirectionConfig, find_direction
     from safesteer_lens.models import load_model
     from safesteer_lens.pages import write_direction_report
+    from safesteer_lens.probes import probe_accuracy, save_probes
 
     config = DirectionConfig(
         method=args.method, layers=parse_layers(args.layers), n_train=args.n_train,
@@ -103,8 +104,11 @@ def cmd_direction(args: argparse.Namespace) -> None:
     harmless = split_by_position(load_prompt_file(args.harmless, "harmless")) if args.harmless else None
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     direction = find_direction(model, config, harmful=harmful, harmless=harmless)
+    probes = probe_accuracy(model, train=(harmful["train"], harmless["train"]) if harmful and harmless else None,
+                            test=(harmful["val"], harmless["val"]) if harmful and harmless else None)
     direction.save(args.out)
-    page = write_direction_report(direction, args.out)
+    save_probes(probes, args.out)
+    page = write_direction_report(direction, args.out, probes)
     ev = direction.evaluation
     print(f"method {direction.method}, layer {direction.layer}, position {direction.position}, coeff {direction.coeff:g}")
     print("held-out greedy replies that open as refusals:")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 import plotly.graph_objects as go
 
@@ -19,7 +19,7 @@ from safesteer_lens.models import ChatModel
 from safesteer_lens.token_views import HtmlView, contrast_view, mask_view, token_set_comparison
 from safesteer_lens.tokens import SafetyTokens, TokenConfig, select_safety_tokens
 from safesteer_lens.steering import add_hooks
-from safesteer_lens.viz import direction_figures, safety_tokens_bar
+from safesteer_lens.viz import direction_figures, probe_figure, safety_tokens_bar
 
 Item = Union[go.Figure, HtmlView]
 
@@ -44,10 +44,13 @@ def write_page(items: Sequence[Item], path: str | Path, title: str) -> Path:
     return path
 
 
-def write_direction_report(direction: Direction, run_dir: str | Path) -> Path:
-    """``direction_report.html``: score heatmaps, coefficient sweep, steered vs unsteered replies."""
+def write_direction_report(direction: Direction, run_dir: str | Path, probes: Any | None = None) -> Path:
+    """``direction_report.html``: probes per layer, score heatmaps, coefficient sweep, steered vs unsteered replies."""
+    figures = list(direction_figures(direction).values())
+    if probes is not None:
+        figures.insert(0, probe_figure(probes, direction.layer))
     return write_page(
-        list(direction_figures(direction).values()),
+        figures,
         Path(run_dir) / "direction_report.html",
         f"Refusal direction for {direction.model}",
     )

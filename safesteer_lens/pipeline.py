@@ -7,7 +7,7 @@ downstream of it, because their inputs change.
 
 Run directory layout::
 
-    direction.safetensors  direction.json  direction_report.html      stage 1
+    direction.safetensors  direction.json  probes.csv  direction_report.html   stage 1
     safety_tokens.json     tokens_report.html                          stage 2
     metrics.jsonl  checkpoint.pt  student/  train.json                 stage 3 (SafeSteer)
     ablation-full-reverse/{metrics.jsonl, student/, train.json}        stage 3 ablation
@@ -34,6 +34,7 @@ from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.evaluate import EvalConfig, Evaluation, Subject, evaluate_models
 from safesteer_lens.models import DEFAULT_MODEL, ChatModel, load_model, resolve_device
 from safesteer_lens.pages import write_direction_report, write_tokens_report
+from safesteer_lens.probes import probe_accuracy, save_probes
 from safesteer_lens.parallel import current_world, rank_device
 from safesteer_lens.precision import compute_dtype, dtype_name
 from safesteer_lens.sharding import check_sharding
@@ -252,8 +253,10 @@ def _direction_and_tokens(
     if "direction" in rerun or not _stamp_ok(stamp, direction_key) or not (out / "direction.json").exists():
         say("[1/6] direction: finding the refusal direction and the teacher's coefficient")
         direction = find_direction(base, config.direction, progress=progress)
+        probes = probe_accuracy(base)
         direction.save(out)
-        write_direction_report(direction, out)
+        save_probes(probes, out)
+        write_direction_report(direction, out, probes)
         _write_stamp(stamp, direction_key)
         rerun = (*rerun, "tokens")
     else:

@@ -7,7 +7,7 @@ Figures are plain ``plotly.graph_objects.Figure`` objects: they render inline in
 from __future__ import annotations
 
 import html
-from typing import Sequence
+from typing import Any, Sequence
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -118,4 +118,22 @@ def safety_tokens_bar(tokens: SafetyTokens, title: str | None = None) -> go.Figu
         xaxis_title="votes", height=max(400, 16 * len(tokens) + 120), width=800,
         margin={"l": 160},
     )
+    return fig
+
+
+def probe_figure(probes: "Any", teacher_layer: int | None = None) -> go.Figure:
+    """Held-out accuracy per layer of a linear probe and of the 1-D difference in means, with 95% bands."""
+    fig = go.Figure()
+    for column, name, colour in (("probe_acc", "linear probe", "#1f77b4"), ("diff_means_acc", "difference in means (1-D)", "#ff7f0e")):
+        layers = list(probes.index)
+        fig.add_trace(go.Scatter(x=layers + layers[::-1], y=list(probes[f"{column}_high"]) + list(probes[f"{column}_low"])[::-1],
+                                 fill="toself", line={"width": 0}, fillcolor=colour, opacity=0.15, hoverinfo="skip",
+                                 showlegend=False))
+        fig.add_trace(go.Scatter(x=layers, y=probes[column], mode="lines+markers", name=name, line={"color": colour}))
+    fig.add_hline(y=0.5, line={"dash": "dot", "color": "grey"}, annotation_text="chance")
+    if teacher_layer is not None:
+        fig.add_vline(x=teacher_layer, line={"dash": "dash", "color": "green"}, annotation_text="teacher's layer")
+    fig.update_layout(title="Where the model tells harmful from harmless requests apart (held-out accuracy, 95% bands)",
+                      xaxis_title="layer (resid_pre, last prompt token)", yaxis_title="accuracy", yaxis_range=[0.3, 1.02],
+                      height=420, width=900)
     return fig
