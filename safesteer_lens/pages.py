@@ -12,6 +12,7 @@ from typing import Any, Sequence, Union
 
 import plotly.graph_objects as go
 
+from safesteer_lens.atomic import write_text_atomic
 from safesteer_lens.data import load_builtin_prompts, prompt_texts
 from safesteer_lens.directions import Direction
 from safesteer_lens.generation import generate
@@ -38,10 +39,7 @@ def write_page(items: Sequence[Item], path: str | Path, title: str) -> Path:
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
         f"<body><h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>"
     )
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, text)
 
 
 def write_direction_report(direction: Direction, run_dir: str | Path, probes: Any | None = None) -> Path:

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
+from safesteer_lens.atomic import write_atomic, write_text_atomic
 from safesteer_lens.directions import DirectionConfig, find_direction, load_direction
 from safesteer_lens.distill import PRESETS as TRAIN_PRESETS
 from safesteer_lens.distill import STUDENT_DIR, TrainConfig, train
@@ -83,9 +84,7 @@ def _stamp_ok(path: Path, key: str) -> bool:
 
 
 def _write_stamp(path: Path, key: str, **extra: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"key": key, **extra}, indent=2))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps({"key": key, **extra}, indent=2))
 
 
 def write_evaluation(out: Path, evaluation: Evaluation) -> None:
@@ -101,12 +100,8 @@ def write_evaluation(out: Path, evaluation: Evaluation) -> None:
     tables = {"results.csv": evaluation.table, "comparison.csv": evaluation.comparison,
               "mcq.csv": pandas.concat(mcq, ignore_index=True) if mcq else pandas.DataFrame()}
     for name, table in tables.items():
-        tmp = out / f".{name}.tmp"
-        table.to_csv(tmp, index=name == "results.csv")
-        tmp.replace(out / name)
-    tmp = out / ".examples.json.tmp"
-    tmp.write_text(json.dumps(evaluation.examples, indent=2))
-    tmp.replace(out / "examples.json")
+        write_atomic(out / name, lambda tmp, table=table, name=name: table.to_csv(tmp, index=name == "results.csv"))
+    write_text_atomic(out / "examples.json", json.dumps(evaluation.examples, indent=2))
 
 
 def run_pipeline(

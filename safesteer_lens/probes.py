@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from safesteer_lens.atomic import write_atomic
 from safesteer_lens.data import load_builtin_prompts, prompt_texts
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.models import ChatModel
@@ -108,11 +109,7 @@ def probe_accuracy(
 
 def save_probes(probes: Any, run_dir: str | Path) -> Path:
     """Write ``probes.csv`` into the run directory (moved into place whole)."""
-    path = Path(run_dir) / PROBES_CSV
-    tmp = path.with_name(f".{path.name}.tmp")
-    probes.to_csv(tmp)
-    tmp.replace(path)
-    return path
+    return write_atomic(Path(run_dir) / PROBES_CSV, probes.to_csv)
 
 
 def load_probes(run_dir: str | Path) -> Any | None:

@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Float
 from plotly.subplots import make_subplots
 
+from safesteer_lens.atomic import write_text_atomic
 from safesteer_lens.data import load_builtin_prompts, prompt_texts
 from safesteer_lens.directions import Direction, load_direction
 from safesteer_lens.distill import load_metrics
@@ -355,8 +356,4 @@ def write_report(run_dir: str | Path, base: ChatModel, table: Any, config: Any) 
         md += ["## Every held-out prompt", "",
                "From `comparison.csv`. Flags: **R** refused (marker rule), **D** degenerate, **U** unsafe (judge). "
                "Replies cut at 160 characters.", "", *comparison_markdown(comparison, models), ""]
-    path = run_dir / "report.md"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(md))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(run_dir / "report.md", "\n".join(md))

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 import plotly.graph_objects as go
 
+from safesteer_lens.atomic import write_atomic, write_text_atomic
 from safesteer_lens.distill import CHECKPOINT, STUDENT_DIR, TrainConfig, train
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.evaluate import EvalConfig, Subject, evaluate_models
@@ -110,9 +111,7 @@ def _key(*parts: Any) -> str:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=2, default=str))
 
 
 def _row(evaluation: Any, name: str) -> dict[str, Any]:
@@ -194,9 +193,7 @@ def run_sweep(
 
     table = pandas.DataFrame(rows).set_index("trial")
     table["pareto"] = pareto_mask(table)
-    tmp = out / ".sweep.csv.tmp"
-    table.to_csv(tmp)
-    tmp.replace(out / "sweep.csv")
+    write_atomic(out / "sweep.csv", table.to_csv)
     from safesteer_lens.report import save_figure
 
     save_figure(sweep_figure(table), out, "sweep")

@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from safesteer_lens.atomic import write_text_atomic
 from safesteer_lens.directions import Direction
 from safesteer_lens.losses import safety_mass
 from safesteer_lens.models import ChatModel
@@ -54,10 +55,7 @@ class HtmlView:
         """Write a standalone HTML page."""
         path = Path(path)
         page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title></head><body>{self._repr_html_()}</body></html>"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(page)
-        tmp.replace(path)
-        return path
+        return write_text_atomic(path, page)
 
 
 def page(views: Sequence[HtmlView], title: str) -> HtmlView:
