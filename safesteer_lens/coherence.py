@@ -144,15 +144,25 @@ class Coherence:
     """Coherence of a set of greedy replies.
 
     Attributes:
-        degenerate: Share of degenerate replies.
-        ended: Share of replies that stopped at the end-of-turn token within the token budget
-            (a reply cut off by ``max_new_tokens`` did not end properly).
+        degenerate_flags: Per reply, whether it is degenerate (:func:`is_degenerate`).
+        ended_flags: Per reply, whether it stopped at the end-of-turn token within the token
+            budget (a reply cut off by ``max_new_tokens`` did not end properly).
         mean_tokens: Mean reply length in tokens, the end-of-turn token not counted.
     """
 
-    degenerate: Rate
-    ended: Rate
+    degenerate_flags: tuple[bool, ...]
+    ended_flags: tuple[bool, ...]
     mean_tokens: float
+
+    @property
+    def degenerate(self) -> Rate:
+        """Share of degenerate replies."""
+        return Rate.of(self.degenerate_flags)
+
+    @property
+    def ended(self) -> Rate:
+        """Share of replies that ended properly."""
+        return Rate.of(self.ended_flags)
 
 
 def reply_ended(replies: Completions, eot_ids: Sequence[int]) -> list[bool]:
@@ -161,17 +171,18 @@ def reply_ended(replies: Completions, eot_ids: Sequence[int]) -> list[bool]:
     return (eot & replies.completion_mask).any(dim=1).tolist()
 
 
-def reply_tokens(replies: Completions, eot_ids: Sequence[int]) -> list[int]:
-    """Per reply, the tokens it generated before its end-of-turn token."""
-    ended = torch.tensor(reply_ended(replies, eot_ids), dtype=torch.long)
-    return (replies.completion_mask.long().sum(dim=1).cpu() - ended).tolist()
+def reply_tokens(replies: Completions, eot_ids: Sequence[int], ended: Sequence[bool] | None = None) -> list[int]:
+    """Per reply, the tokens it generated before its end-of-turn token (``ended``: :func:`reply_ended`, if known)."""
+    ended = reply_ended(replies, eot_ids) if ended is None else ended
+    return (replies.completion_mask.long().sum(dim=1).cpu() - torch.tensor(list(ended), dtype=torch.long)).tolist()
 
 
 def coherence(replies: Completions, eot_ids: Sequence[int]) -> Coherence:
     """Degenerate-reply share, properly ended share and mean length of a set of replies."""
-    lengths = reply_tokens(replies, eot_ids)
+    ended = reply_ended(replies, eot_ids)
+    lengths = reply_tokens(replies, eot_ids, ended)
     return Coherence(
-        degenerate=Rate.of(is_degenerate(t) for t in replies.texts),
-        ended=Rate.of(reply_ended(replies, eot_ids)),
+        degenerate_flags=tuple(is_degenerate(t) for t in replies.texts),
+        ended_flags=tuple(ended),
         mean_tokens=sum(lengths) / len(lengths) if lengths else 0.0,
     )

@@ -36,7 +36,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from safesteer_lens.capability import MCQScores, MCQuestion, interleave_subjects, load_builtin_mcq, score_mcq
-from safesteer_lens.coherence import coherence, reply_flags
+from safesteer_lens.coherence import coherence
 from safesteer_lens.data import Prompt, load_builtin_prompts
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.generation import Completions, FwdHook, completion_position_logits, generate, last_token_logits
@@ -230,15 +230,15 @@ def evaluate_models(
     for subject in subjects:
         replies = {kind: generate(subject.model, prompts, max_new_tokens=config.max_new_tokens, fwd_hooks=subject.hooks)
                    for kind, prompts in texts.items()}
-        eot = subject.model.eot_token_ids
+        refused = {kind: [is_refusal(t) for t in out.texts] for kind, out in replies.items()}
+        coherent = {kind: coherence(out, subject.model.eot_token_ids) for kind, out in replies.items()}
         row: dict[str, float | int | str] = {"model": subject.name}
         for kind in ("harmful", "harmless"):
-            row.update(Rate.of(map(is_refusal, replies[kind].texts)).columns(f"{kind}_refusal"))
-        harmless_coherence = coherence(replies["harmless"], eot)
-        row.update(harmless_coherence.degenerate.columns("harmless_degenerate"))
-        row.update(coherence(replies["harmful"], eot).degenerate.columns("harmful_degenerate"))
-        row.update(harmless_coherence.ended.columns("harmless_ended"))
-        row["harmless_reply_tokens"] = harmless_coherence.mean_tokens
+            row.update(Rate.of(refused[kind]).columns(f"{kind}_refusal"))
+        row.update(coherent["harmless"].degenerate.columns("harmless_degenerate"))
+        row.update(coherent["harmful"].degenerate.columns("harmful_degenerate"))
+        row.update(coherent["harmless"].ended.columns("harmless_ended"))
+        row["harmless_reply_tokens"] = coherent["harmless"].mean_tokens
         mcq[subject.name] = {name: score_mcq(subject.model, qs, subject.hooks) for name, qs in questions.items()}
         for name, scores in mcq[subject.name].items():
             row.update(scores.acc.columns(f"{name}_acc"))
@@ -255,8 +255,8 @@ def evaluate_models(
             row.update(Rate.of(map(is_refusal, out.texts)).columns(column))
         all_replies = replies["harmful"].texts + replies["harmless"].texts
         comparison[f"{subject.name}: reply"] = [t.strip() for t in all_replies]
-        comparison[f"{subject.name}: refused"] = [is_refusal(t) for t in all_replies]
-        comparison[f"{subject.name}: degenerate"] = [reply_flags(t).degenerate for t in all_replies]
+        comparison[f"{subject.name}: refused"] = refused["harmful"] + refused["harmless"]
+        comparison[f"{subject.name}: degenerate"] = [*coherent["harmful"].degenerate_flags, *coherent["harmless"].degenerate_flags]
         if judge is not None:
             verdicts = {kind: _judge(judge, texts[kind], replies[kind].texts) for kind in ("harmful", "harmless")}
             for kind in ("harmful", "harmless"):  # over the answers the judge's reply could be read as
