@@ -277,7 +277,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         train_config = replace(train_config, precision=args.precision)
     table = run_sweep(args.run, grid, train_config, eval_config, keep_students=args.keep_students)
     shown = [c for c in ("harmful_refusal", "harmless_refusal", "harmless_degenerate", "mcq_acc", "pareto") if c in table]
-    _print_table(table[[*grid, *shown]] if set(grid) <= set(table.columns) else table[shown])
+    _print_table(table[[*grid, *shown]])
     print(f"wrote {args.run}/sweep/sweep.csv and sweep.html ({len(table) - 1} trials, evaluated on the {args.split} split)")
 
 

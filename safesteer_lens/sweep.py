@@ -24,7 +24,7 @@ import itertools
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,9 +38,8 @@ from safesteer_lens.models import ChatModel, load_model
 
 SWEEP_DIR = "sweep"
 RUN_ARTIFACTS = ("direction.json", "direction.safetensors", "safety_tokens.json")
-# A trial's settings may be any TrainConfig field that is a number or a name.
-SWEEPABLE = {f.name: type(getattr(TrainConfig(), f.name)) for f in fields(TrainConfig)
-             if isinstance(getattr(TrainConfig(), f.name), (int, float, str))}
+# A trial's settings may be any TrainConfig field that is a number or a name, typed like its default.
+SWEEPABLE = {name: type(value) for name, value in asdict(TrainConfig()).items() if isinstance(value, (int, float, str))}
 
 
 def parse_value(key: str, text: str) -> int | float | str:
