@@ -151,7 +151,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             "loss": args.loss, "n_prompts": args.n_prompts, "samples_per_prompt": args.samples,
             "max_new_tokens": args.max_new_tokens, "sequences_per_step": args.sequences_per_step,
             "lr": args.lr, "seed": args.seed, "epochs": args.epochs, "rollouts": args.rollouts,
-            "precision": args.precision,
+            "precision": args.precision, "anchor_weight": args.anchor_weight, "anchor_loss": args.anchor_loss,
         }.items()
         if value is not None
     }
@@ -374,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rollouts", choices=["fast", "plain"], default=None,
                        help="fast (default): sdpa twin, one prefill per prompt, compiled on CUDA; plain: through the bridge")
     train.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
+    train.add_argument("--anchor-weight", type=float, default=None,
+                       help="weight of the harmless anchor: the student's replies to harmless train prompts held to "
+                            "the unsteered base (0: off)")
+    train.add_argument("--anchor-loss", choices=LOSSES, default=None, help="the anchor's loss (default safesteer-bounded)")
     train.add_argument("--resume", action="store_true", help="continue from checkpoint.pt")
     train.add_argument("--teacher-device", default=None, help="put the frozen teacher on another device (e.g. cuda:1)")
     train.add_argument("--shard", choices=SHARDING, default="none", help=SHARD_HELP)

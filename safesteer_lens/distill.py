@@ -93,6 +93,14 @@ class TrainConfig:
             sdpa twin of the student, one prefill per prompt, compiled decoding on CUDA);
             ``plain`` generates through the bridge like every other stage. Both sample the
             same distribution.
+        anchor_weight: Weight of the harmless anchor; 0 turns it off. With it, every step
+            also samples the student's replies to as many harmless training prompts (built-in
+            harmless train split) and adds ``anchor_weight`` times the ``anchor_loss`` between
+            the student and the *unsteered* base on them. The harmful prompts alone never
+            show the student where not to refuse; the anchor does, on the student's own
+            replies, with no general data beyond the harmless prompts the method already uses.
+        anchor_loss: The anchor's loss (one of the losses, ``safesteer-bounded`` by default):
+            over S it holds the student to the base's own use of the refusal tokens.
     """
 
     loss: str = "safesteer"
@@ -113,6 +121,8 @@ class TrainConfig:
     student_dtype: str = "float32"
     precision: str = "auto"
     rollouts: str = "fast"
+    anchor_weight: float = 0.0
+    anchor_loss: str = "safesteer-bounded"
 
     @property
     def prompts_per_step(self) -> int:
@@ -141,6 +151,10 @@ class TrainConfig:
             raise SafeSteerError(f"unknown rollouts {self.rollouts!r}: use one of {', '.join(ROLLOUT_ENGINES)}")
         if not self.lr > 0:
             raise SafeSteerError(f"lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.anchor_weight) and self.anchor_weight >= 0):
+            raise SafeSteerError(f"anchor_weight must be 0 (off) or positive, got {self.anchor_weight}")
+        if self.anchor_loss not in LOSSES:
+            raise SafeSteerError(f"unknown anchor_loss {self.anchor_loss!r}: use one of {', '.join(LOSSES)}")
 
 
 PRESETS: dict[str, TrainConfig] = {
@@ -443,6 +457,10 @@ def train(
     prompts = prompt_texts(load_builtin_prompts("harmful", "train"))[: config.n_prompts]
     if len(prompts) < config.n_prompts:
         raise SafeSteerError(f"n_prompts is {config.n_prompts} but the built-in train split has {len(prompts)}; use at most {len(prompts)}")
+    anchor_prompts = prompt_texts(load_builtin_prompts("harmless", "train"))[: config.n_prompts] if config.anchor_weight else []
+    if config.anchor_weight and len(anchor_prompts) < config.n_prompts:
+        raise SafeSteerError(f"the anchor needs n_prompts ({config.n_prompts}) harmless train prompts but there are "
+                             f"{len(anchor_prompts)}; use n_prompts at most {len(anchor_prompts)}")
     safety_ids = torch.tensor(tokens.ids, device=student.device)
     teacher_hooks = add_hooks(teacher, direction.vector, direction.layer, direction.coeff)
     end_step = config.total_steps if max_steps is None else min(config.total_steps, start_step + max_steps)
@@ -455,7 +473,7 @@ def train(
         try:
             row = train_step(
                 student, teacher, teacher_hooks, direction, safety_ids, optimizer, scheduler, prompts, config, step,
-                sampler=sampler, world=world,
+                sampler=sampler, world=world, anchor_prompts=anchor_prompts,
             )
         except NonFiniteLoss as exc:
             kept = f"checkpoint.pt holds step {last_saved}" if last_saved is not None else "no checkpoint was written yet"
@@ -502,18 +520,30 @@ def train_step(
     step: int,
     sampler: RolloutSampler | None = None,
     world: World = World(),
+    anchor_prompts: list[str] | None = None,
 ) -> dict[str, Any]:
     """One optimizer step: rollouts, teacher scoring, loss, backward, clip, AdamW; returns metrics.
 
     ``sampler`` is the student's :class:`RolloutSampler`, built once by :func:`train`; with
     ``config.rollouts == "fast"`` and none given, one is built for this step. Under several
     processes (``world``), this rank handles its share of the step's prompts and the metrics
-    are those of the whole step.
+    are those of the whole step. With ``config.anchor_weight`` > 0 the step also samples
+    replies to as many of ``anchor_prompts`` (harmless) and adds their weighted anchor loss
+    against the unsteered base (the teacher model without its hooks).
     """
+    anchored = config.anchor_weight > 0
+    if anchored and not anchor_prompts:
+        raise SafeSteerError("anchor_weight is set but no anchor prompts were given; pass the harmless train prompts")
     t0 = time.perf_counter()
     rollouts = sample_rollouts(student, prompts, config, step, sampler, world)
+    anchor_rollouts = sample_rollouts(student, anchor_prompts, config, step, sampler, world, stream=1) if anchored else None
     t1 = time.perf_counter()
-    stats = accumulate_gradients(student, teacher, teacher_hooks, direction, safety_ids, rollouts, config, step, world)
+    stats = accumulate_gradients(student, teacher, teacher_hooks, direction, safety_ids, rollouts, config, step, world,
+                                 reduce=not anchored)
+    anchor: dict[str, float] = {}
+    if anchor_rollouts is not None:
+        anchor = accumulate_gradients(student, teacher, [], direction, safety_ids, anchor_rollouts, config, step, world,
+                                      loss=config.anchor_loss, scale=config.anchor_weight)
     # the norm of the whole (summed) gradient, so the same on every rank, sharded or not
     grad_norm = to_float(torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm))
     if not math.isfinite(grad_norm):
@@ -523,16 +553,19 @@ def train_step(
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     t2 = time.perf_counter()
+    tokens = stats["completion_tokens"] + (anchor["completion_tokens"] if anchor else 0.0)
     return {
         "step": step,
         "lr": scheduler.get_last_lr()[0],
         **{k: round(stats[k], 6) for k in ("loss", "kl_s", "kl_full", "s_mass_student", "s_mass_teacher")},
+        **({"anchor_loss": round(anchor["loss"], 6), "anchor_kl_s": round(anchor["kl_s"], 6),
+            "anchor_refusal": anchor["refusals"] / anchor["rows"]} if anchor else {}),
         "grad_norm": round(grad_norm, 6),
         "rollout_refusal": stats["refusals"] / stats["rows"],
         "projection": round(stats["projection_sum"] / stats["projection_count"], 6),
         "completion_tokens": int(stats["completion_tokens"]),
-        "rollout_tokens_per_s": round(stats["completion_tokens"] / (t1 - t0), 1),
-        "update_tokens_per_s": round(stats["tokens"] / (t2 - t1), 1),
+        "rollout_tokens_per_s": round(tokens / (t1 - t0), 1),
+        "update_tokens_per_s": round((stats["tokens"] + (anchor["tokens"] if anchor else 0.0)) / (t2 - t1), 1),
         "seconds": round(t2 - t0, 2),
         "precision": dtype_name(model_dtype(config.precision, student)),
         "example": rollouts.texts[0][:160],
@@ -546,15 +579,17 @@ def sample_rollouts(
     step: int,
     sampler: RolloutSampler | None = None,
     world: World = World(),
+    stream: int = 0,
 ) -> Completions:
     """This rank's rollouts for ``step``: ``samples_per_prompt`` replies to each of its prompts.
 
     With the fast sampler every row is seeded by its index in the whole step, so the rollouts
-    do not depend on how many processes share the step.
+    do not depend on how many processes share the step. ``stream`` tells apart the seeds of
+    several prompt sets sampled in one step (1 for the harmless anchor).
     """
     step_prompts = _step_prompts(prompts, config, step)
     start, stop = world.shard(len(step_prompts), "prompts")
-    seed = config.seed * 1_000_003 + step
+    seed = config.seed * 1_000_003 + step + stream * 7_777_777
     dtype = model_dtype(config.precision, student)
     if sampler is not None and sampler.dtype != dtype:
         raise SafeSteerError(
@@ -583,7 +618,8 @@ def sample_rollouts(
 
 def _check_resumable(state: dict[str, Any], config: TrainConfig, dtype: torch.dtype) -> None:
     """One-line errors for a checkpoint that this run cannot continue, naming what differs."""
-    saved = {"precision": "float32", **state["config"]}  # checkpoints from before --precision: float32
+    # settings a checkpoint may predate, at the values it was trained with
+    saved = {"precision": "float32", "anchor_weight": 0.0, "anchor_loss": "safesteer-bounded", **state["config"]}
     changed = [key for key in asdict(config) if saved.get(key) != getattr(config, key)]
     if changed:
         what = ", ".join(f"{key} ({saved.get(key)!r} there, {getattr(config, key)!r} now)" for key in changed)
@@ -625,8 +661,15 @@ def accumulate_gradients(
     config: TrainConfig,
     step: int,
     world: World = World(),
+    loss: str | None = None,
+    scale: float = 1.0,
+    reduce: bool = True,
 ) -> dict[str, float]:
     """Backpropagate the step's loss into the student's ``.grad`` and return the step's sums.
+
+    ``loss`` names the loss (default ``config.loss``) and ``scale`` multiplies it, for a second
+    term such as the harmless anchor; ``reduce=False`` leaves a whole student's gradients
+    unsummed over ranks, for a later call to sum once.
 
     Each micro-batch's loss is weighted by its share of the step's rollouts over *all* ranks,
     so after the gradients are summed over ranks they equal a single process's. A non-finite
@@ -648,16 +691,16 @@ def accumulate_gradients(
             s_logits = completion_logits(
                 student, rollouts, [_projection_hook(direction, captured), *guards], start, stop, config.samples_per_prompt
             )
-        loss = distillation_loss(config.loss, s_logits, t_logits, mask, safety_ids, beta=config.jsd_beta)
-        if world.sum([float(not torch.isfinite(loss))])[0]:
-            bad_loss = loss.item()
+        value = distillation_loss(loss or config.loss, s_logits, t_logits, mask, safety_ids, beta=config.jsd_beta)
+        if world.sum([float(not torch.isfinite(value))])[0]:
+            bad_loss = value.item()
             break
         weight = (stop - start) / n_global
         # a sharded student reduce-scatters in every backward: deferring it to the last
         # micro-batch would hold a whole unsharded gradient on every rank in between
-        (loss * weight).backward()
+        (value * (weight * scale)).backward()
         with torch.no_grad():
-            sums["loss"] += loss.item() * weight
+            sums["loss"] += value.item() * weight
             sums["kl_s"] += sequence_mean(localized_reverse_kl_terms(s_logits, t_logits, safety_ids), mask).item() * weight
             sums["kl_full"] += distillation_loss("full-reverse", s_logits, t_logits, mask).item() * weight
             sums["s_mass_student"] += sequence_mean(safety_mass(s_logits, safety_ids), mask).item() * weight
@@ -672,11 +715,11 @@ def accumulate_gradients(
     if bad_loss is not None:
         for p in student.hf_model.parameters():
             p.grad = None
-        value = bad_loss if not math.isfinite(bad_loss) else "NaN or infinite on another process"
-        raise NonFiniteLoss(f"the loss became {value} at step {step}; training stopped before the update")
+        shown = bad_loss if not math.isfinite(bad_loss) else "NaN or infinite on another process"
+        raise NonFiniteLoss(f"the loss became {shown} at step {step}; training stopped before the update")
     keys = list(sums)
     totals = dict(zip(keys, world.sum([sums[k] for k in keys])))
-    if not is_sharded(student):
+    if reduce and not is_sharded(student):
         world.all_reduce_gradients(student.hf_model.parameters())
     return totals
 

@@ -125,6 +125,10 @@ def test_bad_settings_are_rejected():
         TrainConfig(sequences_per_step=6, samples_per_prompt=4).validate()
     with pytest.raises(SafeSteerError, match="unknown loss"):
         TrainConfig(loss="kl").validate()
+    with pytest.raises(SafeSteerError, match="anchor_weight must be 0"):
+        TrainConfig(anchor_weight=-1.0).validate()
+    with pytest.raises(SafeSteerError, match="unknown anchor_loss"):
+        TrainConfig(anchor_loss="kl").validate()
 
 
 def test_cli_train_on_tiny(run_dir, tiny_dir, capsys):
@@ -136,6 +140,14 @@ def test_cli_train_on_tiny(run_dir, tiny_dir, capsys):
     rows = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 1
     assert json.loads(rows[0])["precision"] == "bfloat16"
+
+
+def test_cli_train_takes_the_anchor(run_dir):
+    code = main(["train", "--run", str(run_dir), "--n-prompts", "2", "--samples", "2", "--max-new-tokens", "4",
+                 "--sequences-per-step", "4", "--anchor-weight", "0.5", "--anchor-loss", "full-reverse"])
+    assert code == 0
+    row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"anchor_loss", "anchor_kl_s", "anchor_refusal"} <= set(row)
 
 
 def test_shared_prompt_scoring_gives_the_same_logits_and_gradients(tiny_dir):
@@ -278,3 +290,52 @@ def test_cli_offers_every_loss():
     train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
     loss_action = next(a for a in train_parser._actions if a.dest == "loss")
     assert tuple(loss_action.choices) == LOSSES and "safesteer-bounded" in LOSSES
+
+
+def test_the_anchor_starts_at_zero_then_holds_the_student_to_the_base(tiny, run_dir):
+    # at step 0 the student is the base, so the anchor's KL to the unsteered base is exactly 0
+    # (the steered teacher's is not); later steps move the student and the anchor pulls back
+    config = tiny_config(anchor_weight=2.0, n_prompts=4, epochs=2)
+    metrics = train(run_dir, config, teacher=tiny, progress=False, export=False).metrics
+    assert abs(metrics[0]["anchor_loss"]) < 1e-6 and metrics[0]["loss"] > 1e-4
+    assert all(m["anchor_loss"] > 1e-6 for m in metrics[1:])
+    assert all(0 <= m["anchor_refusal"] <= 1 for m in metrics)
+    plain = train(run_dir, tiny_config(n_prompts=4, epochs=2), teacher=tiny, progress=False, export=False).metrics
+    assert "anchor_loss" not in plain[0]
+    assert plain[0]["loss"] == pytest.approx(metrics[0]["loss"])  # the same harmful rollouts at step 0
+    assert metrics[-1]["loss"] != pytest.approx(plain[-1]["loss"])  # and the anchor changed the updates
+
+
+def test_the_anchor_weight_scales_its_gradient_and_scores_against_the_unsteered_base(tiny, run_dir):
+    from safesteer_lens.directions import load_direction
+    from safesteer_lens.distill import accumulate_gradients, sample_rollouts
+    from safesteer_lens.models import load_model
+
+    student = load_model(tiny.name)
+    params = list(student.hf_model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    direction = load_direction(run_dir)
+    ids = torch.arange(20, 60)
+    config = tiny_config(precision="float32")  # bfloat16 rounding would blur the factor of 3
+    harmless = sample_rollouts(student, ["How do I bake bread?", "Name a colour."] * 2, config, 0, stream=1)
+    grads = []
+    for scale in (1.0, 3.0):
+        stats = accumulate_gradients(student, tiny, [], direction, ids, harmless, config, 0, loss="full-reverse", scale=scale)
+        grads.append(torch.cat([p.grad.flatten() for p in params if p.grad is not None]))
+        assert abs(stats["loss"]) < 1e-6  # an untrained student is the unsteered base
+        for p in params:
+            p.grad = None
+    # the KL's gradient vanishes at its minimum: perturb the student so it has one to scale
+    with torch.no_grad():
+        params[-1].add_(0.05 * torch.randn_like(params[-1]))
+    grads = []
+    for scale in (1.0, 3.0):
+        accumulate_gradients(student, tiny, [], direction, ids, harmless, config, 0, loss="full-reverse", scale=scale)
+        grads.append(torch.cat([p.grad.flatten() for p in params if p.grad is not None]))
+        for p in params:
+            p.grad = None
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], 3 * grads[0], rtol=1e-4, atol=1e-7)
+    other = sample_rollouts(student, ["How do I bake bread?", "Name a colour."] * 2, config, 0, stream=0)
+    assert other.texts != harmless.texts  # the anchor's rollouts have their own seeds
