@@ -29,7 +29,7 @@ from dataclasses import replace
 from safesteer_lens.directions import load_direction
 from safesteer_lens.evaluate import Subject, evaluate_models
 from safesteer_lens.models import load_model
-from safesteer_lens.pipeline import ABLATION_DIR, PIPELINE_PRESETS
+from safesteer_lens.pipeline import FULL_REVERSE, PIPELINE_PRESETS
 from safesteer_lens.steering import add_hooks
 
 
@@ -45,7 +45,7 @@ def main() -> None:
         Subject("base", base),
         Subject("teacher", base, add_hooks(base, direction.vector, direction.layer, direction.coeff)),
         Subject("SafeSteer student", load_model(f"{args.run}/student", device="cpu")),
-        Subject("full-reverse student", load_model(f"{args.run}/{ABLATION_DIR}/student", device="cpu")),
+        Subject("full-reverse student", load_model(f"{args.run}/{FULL_REVERSE.dir_name}/student", device="cpu")),
     ]
     new = PIPELINE_PRESETS["demo"].evaluate
     settings = {"baseline": replace(new, max_new_tokens=24, n_mcq=0), "new": new}

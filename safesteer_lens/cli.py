@@ -152,6 +152,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             "max_new_tokens": args.max_new_tokens, "sequences_per_step": args.sequences_per_step,
             "lr": args.lr, "seed": args.seed, "epochs": args.epochs, "rollouts": args.rollouts,
             "precision": args.precision, "anchor_weight": args.anchor_weight, "anchor_loss": args.anchor_loss,
+            "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_targets": args.lora_targets,
         }.items()
         if value is not None
     }
@@ -275,10 +276,10 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     train_config = PRESETS[args.preset]
     if args.precision:
         train_config = replace(train_config, precision=args.precision)
-    table = run_sweep(args.run, grid, train_config, eval_config, keep_students=args.keep_students)
+    table = run_sweep(args.run, grid, train_config, eval_config, keep_students=args.keep_students, name=args.name)
     shown = [c for c in ("harmful_refusal", "harmless_refusal", "harmless_degenerate", "mcq_acc", "pareto") if c in table]
     _print_table(table[[*grid, *shown]])
-    print(f"wrote {args.run}/sweep/sweep.csv and sweep.html ({len(table) - 1} trials, evaluated on the {args.split} split)")
+    print(f"wrote {args.run}/{args.name}/sweep.csv and sweep.html ({len(table) - 1} trials, evaluated on the {args.split} split)")
 
 
 def _print_table(table: "object") -> None:
@@ -378,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weight of the harmless anchor: the student's replies to harmless train prompts held to "
                             "the unsteered base (0: off)")
     train.add_argument("--anchor-loss", choices=LOSSES, default=None, help="the anchor's loss (default safesteer-bounded)")
+    train.add_argument("--lora-rank", type=int, default=None,
+                       help="train rank-R LoRA adapters (peft) instead of every weight; merged into the export (0: off)")
+    train.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 16)")
+    train.add_argument("--lora-targets", default=None, help="comma-separated linear layers for LoRA (default: all projections)")
     train.add_argument("--resume", action="store_true", help="continue from checkpoint.pt")
     train.add_argument("--teacher-device", default=None, help="put the frozen teacher on another device (e.g. cuda:1)")
     train.add_argument("--shard", choices=SHARDING, default="none", help=SHARD_HELP)
@@ -432,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--n-mcq", type=int, default=60, help="shipped questions (the val split has 60)")
     sweep.add_argument("--max-new-tokens", type=int, default=48)
     sweep.add_argument("--keep-students", action="store_true", help="keep each trial's weights and checkpoint")
+    sweep.add_argument("--name", default="sweep", help="the sweep's directory under the run (one per study round)")
     sweep.set_defaults(func=cmd_sweep)
     return parser
 

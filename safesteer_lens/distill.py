@@ -34,6 +34,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from safesteer_lens.adapters import DEFAULT_TARGETS, LoraSpec, add_lora, merge_lora
 from safesteer_lens.data import load_builtin_prompts, prompt_texts
 from safesteer_lens.directions import Direction, load_direction
 from safesteer_lens.errors import SafeSteerError
@@ -101,6 +102,11 @@ class TrainConfig:
             replies, with no general data beyond the harmless prompts the method already uses.
         anchor_loss: The anchor's loss (one of the losses, ``safesteer-bounded`` by default):
             over S it holds the student to the base's own use of the refusal tokens.
+        lora_rank: 0 trains every weight; r >= 1 trains rank-r LoRA adapters through
+            ``peft`` instead (:mod:`safesteer_lens.adapters`), merged into the weights at the
+            end so the export is a plain model. Adapters want a larger ``lr`` (about 10x).
+        lora_alpha: The adapters' scale numerator (update = alpha / r * B A).
+        lora_targets: Comma-separated linear layers that get adapters.
     """
 
     loss: str = "safesteer"
@@ -123,6 +129,9 @@ class TrainConfig:
     rollouts: str = "fast"
     anchor_weight: float = 0.0
     anchor_loss: str = "safesteer-bounded"
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = DEFAULT_TARGETS
 
     @property
     def prompts_per_step(self) -> int:
@@ -153,6 +162,9 @@ class TrainConfig:
             raise SafeSteerError(f"lr must be positive, got {self.lr}")
         if not (math.isfinite(self.anchor_weight) and self.anchor_weight >= 0):
             raise SafeSteerError(f"anchor_weight must be 0 (off) or positive, got {self.anchor_weight}")
+        if self.lora_rank < 0 or not self.lora_alpha > 0 or (self.lora_rank and not self.lora_targets.strip(",  ")):
+            raise SafeSteerError(f"LoRA needs lora_rank >= 0 (0: off), lora_alpha > 0 and some lora_targets; got "
+                                 f"{self.lora_rank}, {self.lora_alpha}, {self.lora_targets!r}")
         if self.anchor_loss not in LOSSES:
             raise SafeSteerError(f"unknown anchor_loss {self.anchor_loss!r}: use one of {', '.join(LOSSES)}")
 
@@ -225,12 +237,18 @@ def completion_logits(
 
 
 def build_optimizer(student: ChatModel, config: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
-    """Unfreeze the student and return its AdamW optimizer and cosine schedule with warm-up."""
+    """Unfreeze the student and return its AdamW optimizer and cosine schedule with warm-up.
+
+    With ``config.lora_rank`` the student first gets its LoRA adapters, and only they train.
+    """
     from transformers import get_cosine_schedule_with_warmup
 
-    params = list(student.hf_model.parameters())
-    for p in params:
-        p.requires_grad_(True)
+    if config.lora_rank:
+        params = add_lora(student, LoraSpec(config.lora_rank, config.lora_alpha, config.lora_targets), seed=config.seed)
+    else:
+        params = list(student.hf_model.parameters())
+        for p in params:
+            p.requires_grad_(True)
     # fused: one kernel for the whole update instead of a chain of per-tensor ops
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
     scheduler = get_cosine_schedule_with_warmup(
@@ -412,6 +430,8 @@ def train(
     config.validate()
     world = current_world()
     check_sharding(shard, world)
+    if config.lora_rank and shard != "none":
+        raise SafeSteerError("LoRA students train whole on every process: use shard='none' (data parallel) with lora_rank")
     _check_rollout_engine(config, world)
     world.shard(config.prompts_per_step, "prompts")  # fail early if a step does not split
     if config.n_prompts % config.prompts_per_step:
@@ -499,6 +519,8 @@ def train(
             last_saved = step + 1
     for p in params:
         p.requires_grad_(False)
+    if end_step == config.total_steps:
+        merge_lora(student)  # a finished LoRA student is a plain model again
     if export and end_step == config.total_steps and (world.is_main or sharded):
         weights = full_state(student)[0]  # on the host, gathered if sharded
         if world.is_main:
@@ -619,7 +641,8 @@ def sample_rollouts(
 def _check_resumable(state: dict[str, Any], config: TrainConfig, dtype: torch.dtype) -> None:
     """One-line errors for a checkpoint that this run cannot continue, naming what differs."""
     # settings a checkpoint may predate, at the values it was trained with
-    saved = {"precision": "float32", "anchor_weight": 0.0, "anchor_loss": "safesteer-bounded", **state["config"]}
+    saved = {"precision": "float32", "anchor_weight": 0.0, "anchor_loss": "safesteer-bounded", "lora_rank": 0,
+             "lora_alpha": 16.0, "lora_targets": DEFAULT_TARGETS, **state["config"]}
     changed = [key for key in asdict(config) if saved.get(key) != getattr(config, key)]
     if changed:
         what = ", ".join(f"{key} ({saved.get(key)!r} there, {getattr(config, key)!r} now)" for key in changed)

@@ -266,8 +266,12 @@ class ChatModel:
         if self._hf_paths is None:
             from transformers import AutoModelForCausalLM
 
+            from safesteer_lens.adapters import add_lora_like
+
             with torch.device("meta"):
-                expected = set(AutoModelForCausalLM.from_config(self.hf_model.config).state_dict())
+                fresh = AutoModelForCausalLM.from_config(self.hf_model.config)
+                add_lora_like(self.hf_model, fresh)  # a student's LoRA adapters, under plain names
+                expected = set(fresh.state_dict())
             paths: dict[str, str] = {}
             for path in self.hf_model.state_dict(keep_vars=True):
                 name = path.replace("._original_component", "")

@@ -9,8 +9,8 @@ Run directory layout::
 
     direction.safetensors  direction.json  probes.csv  direction_report.html   stage 1
     safety_tokens.json     tokens_report.html                          stage 2
-    metrics.jsonl  checkpoint.pt  student/  train.json                 stage 3 (SafeSteer)
-    ablation-full-reverse/{metrics.jsonl, student/, train.json}        stage 3 ablation
+    metrics.jsonl  checkpoint.pt  student/  train.json                 stage 3 (the recipe's student)
+    ablation-<name>/{metrics.jsonl, student/, train.json}              stage 4, one per comparison student
     results.csv  comparison.csv  mcq.csv  examples.json  evaluate.json  evaluation
     report.md  report.html  figures/                                   report
 """
@@ -43,18 +43,61 @@ from safesteer_lens.steering import add_hooks
 from safesteer_lens.tokens import TokenConfig, select_safety_tokens
 
 STAGES = ("direction", "tokens", "train", "ablation", "evaluate", "report")
-ABLATION_DIR = "ablation-full-reverse"
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """A comparison student, trained beside the recipe's from the same direction and S.
+
+    It takes the run's training settings with ``overrides`` (say, another loss, no anchor),
+    so it has the same steps, prompts and rollouts: the table then shows what the changed
+    settings do, and nothing else.
+
+    Attributes:
+        name: Directory suffix (``ablation-<name>``) and stamp name.
+        label: Its row in the results table (ends in "student", which the report keys on).
+        overrides: The :class:`TrainConfig` fields it changes, as ``(field, value)`` pairs.
+    """
+
+    name: str
+    label: str
+    overrides: tuple[tuple[str, Any], ...]
+
+    @property
+    def dir_name(self) -> str:
+        return f"ablation-{self.name}"
+
+    def config(self, train: TrainConfig) -> TrainConfig:
+        return replace(train, **dict(self.overrides))
+
+
+FULL_REVERSE = Ablation("full-reverse", "full-reverse OPD student", (("loss", "full-reverse"), ("anchor_weight", 0.0)))
+PAPER_LOSS = Ablation("paper-loss", "paper-loss SafeSteer student", (("loss", "safesteer"), ("anchor_weight", 0.0)))
+BOUNDED = Ablation("bounded", "bounded-loss student (no anchor)", (("loss", "safesteer-bounded"), ("anchor_weight", 0.0)))
 
 
 @dataclass
 class PipelineConfig:
-    """All settings of one end-to-end run."""
+    """All settings of one end-to-end run.
+
+    Attributes:
+        direction: Stage 1.
+        tokens: Stage 2.
+        train: Stage 3: the recipe's student, reported as "SafeSteer student".
+        evaluate: The evaluation of base, teacher and every student.
+        ablations: Comparison students on the same budget (stage 4), each a row of the table.
+    """
 
     direction: DirectionConfig = field(default_factory=DirectionConfig)
     tokens: TokenConfig = field(default_factory=TokenConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
-    ablation_loss: str = "full-reverse"
+    ablations: tuple[Ablation, ...] = (FULL_REVERSE,)
+
+    def __post_init__(self) -> None:
+        names = [a.name for a in self.ablations]
+        if len(set(names)) != len(names) or len({a.label for a in self.ablations}) != len(names):
+            raise SafeSteerError(f"ablation names and labels must be unique, got {names}")
 
 
 PIPELINE_PRESETS: dict[str, PipelineConfig] = {
@@ -64,6 +107,7 @@ PIPELINE_PRESETS: dict[str, PipelineConfig] = {
         tokens=TokenConfig(n_prompts=24),
         train=TRAIN_PRESETS["demo"],
         evaluate=EvalConfig(n_harmful=40, n_harmless=40, max_new_tokens=48, n_kl_prompts=16, n_general=12, n_mcq=60),
+        ablations=(PAPER_LOSS, FULL_REVERSE, BOUNDED),
     ),
     # The paper's settings (DESIGN.md), for GPU users with hub models.
     "paper": PipelineConfig(
@@ -141,6 +185,8 @@ def run_pipeline(
             raise SafeSteerError(f"unknown preset {preset!r}: use one of {', '.join(PIPELINE_PRESETS)}")
         config = PIPELINE_PRESETS[preset]
     config.train.validate()
+    for ablation in config.ablations:
+        ablation.config(config.train).validate()
     if judge is not None:
         from safesteer_lens.judges import check_judge
 
@@ -166,20 +212,20 @@ def run_pipeline(
         base = None
         _free_device_memory()
 
-    # ---- stage 3: SafeSteer student, and the full-vocabulary ablation with the same budget
+    # ---- stages 3 and 4: the recipe's student, and the comparison students on the same budget
     students: dict[str, Path] = {}
-    for number, stage, loss, run_dir in (
-        (3, "train", config.train.loss, out),
-        (4, "ablation", config.ablation_loss, out / ABLATION_DIR),
+    for number, stage, label, train_config, run_dir in (
+        (3, "train", "SafeSteer student", config.train, out),
+        *((4, "ablation", a.label, a.config(config.train), out / a.dir_name) for a in config.ablations),
     ):
-        train_config = replace(config.train, loss=loss)
+        loss = train_config.loss
         # what "auto" means on this machine, so a run moved to other hardware trains again
         matmuls = dtype_name(compute_dtype(train_config.precision, resolve_device(None)))
         key = _hash([tokens_key, asdict(train_config), matmuls])
         stamp = run_dir / "train.json"
         stale = stage in rerun or not _stamp_ok(stamp, key) or not (run_dir / STUDENT_DIR).exists()
         if world.main_says(stale):
-            say(f"[{number}/6] {stage}: training a student with the {loss} loss")
+            say(f"[{number}/6] {stage}: training the {label} ({loss} loss)")
             if world.is_main:
                 _prepare_train_dir(out, run_dir)
             world.barrier()
@@ -189,8 +235,8 @@ def run_pipeline(
                 _write_stamp(stamp, key, loss=loss)
             rerun = (*rerun, "evaluate")
         else:
-            say(f"[{number}/6] {stage}: current, skipped")
-        students[loss] = run_dir / STUDENT_DIR
+            say(f"[{number}/6] {stage}: {label}: current, skipped")
+        students[label] = run_dir / STUDENT_DIR
     if not world.is_main:  # evaluation and the report are rank 0's
         world.barrier()
         import pandas
@@ -208,8 +254,7 @@ def run_pipeline(
             Subject("base", base),
             Subject(f"teacher (layer {direction.layer}, coeff {direction.coeff:g})", base,
                     add_hooks(base, direction.vector, direction.layer, direction.coeff)),
-            Subject("SafeSteer student", load_model(str(students[config.train.loss]), device=base.device)),
-            Subject(f"{config.ablation_loss} OPD student", load_model(str(students[config.ablation_loss]), device=base.device)),
+            *(Subject(label, load_model(str(path), device=base.device)) for label, path in students.items()),
         ]
         from safesteer_lens.judges import load_judge
 

@@ -101,10 +101,13 @@ def sampling_twin(model: ChatModel, attn_implementation: str = "sdpa") -> Any:
     """
     from transformers import AutoModelForCausalLM
 
+    from safesteer_lens.adapters import add_lora_like
+
     with torch.device("meta"):
         twin = AutoModelForCausalLM.from_config(
             model.hf_model.config, attn_implementation=attn_implementation
         )
+        add_lora_like(model.hf_model, twin)  # a LoRA student's adapters are shared like any weight
     shared = model.hf_state_dict(copy=False)
     trainable = {name: t.requires_grad for name, t in shared.items()}
     twin.load_state_dict(shared, strict=False, assign=True)

@@ -125,6 +125,7 @@ def run_sweep(
     model: ChatModel | None = None,
     keep_students: bool = False,
     progress: bool = True,
+    name: str = SWEEP_DIR,
 ) -> Any:
     """Train and evaluate every grid point; return the sweep table (pandas, one row per trial + base).
 
@@ -137,6 +138,8 @@ def run_sweep(
         model: The base model, already loaded (default: the model named in ``direction.json``).
         keep_students: Keep each trial's exported weights (540 MB each at 135M) and checkpoint.
         progress: Show progress bars and a line per trial.
+        name: The sweep's directory under ``run_dir``: separate sweeps of one run (say, one
+            per round of a study) keep separate tables.
     """
     import pandas
 
@@ -144,7 +147,9 @@ def run_sweep(
     from safesteer_lens.distill import PRESETS
 
     run_dir = Path(run_dir)
-    missing = [name for name in RUN_ARTIFACTS if not (run_dir / name).is_file()]
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise SafeSteerError(f"sweep name {name!r} must be one plain directory name, such as 'sweep' or 'lr-study'")
+    missing = [artifact for artifact in RUN_ARTIFACTS if not (run_dir / artifact).is_file()]
     if missing:
         raise SafeSteerError(f"{run_dir} lacks {', '.join(missing)}; run `safesteer direction` and `safesteer tokens` first")
     train_config = train_config or PRESETS["demo"]
@@ -153,7 +158,7 @@ def run_sweep(
     configs = [t.config(train_config) for t in points]  # every trial validated before anything is written
     say = print if progress else (lambda *a, **k: None)
     base = model or load_model(load_direction(run_dir).model)
-    out = run_dir / SWEEP_DIR
+    out = run_dir / name
     out.mkdir(exist_ok=True)
     eval_key = _key(asdict(eval_config))
 
@@ -173,8 +178,8 @@ def run_sweep(
         if record.get("key") != key:
             say(f"sweep [{number}/{len(points)}] {trial.name}: training")
             trial_dir.mkdir(exist_ok=True)
-            for name in RUN_ARTIFACTS:
-                shutil.copy2(run_dir / name, trial_dir / name)
+            for artifact in RUN_ARTIFACTS:
+                shutil.copy2(run_dir / artifact, trial_dir / artifact)
             if record:  # settings changed since this trial ran: start it again
                 record_path.unlink()
                 for stale in ("metrics.jsonl", CHECKPOINT):
@@ -196,6 +201,32 @@ def run_sweep(
     from safesteer_lens.report import save_figure
 
     save_figure(sweep_figure(table), out, "sweep")
+    return table
+
+
+def load_trials(run_dir: str | Path, names: Sequence[str] = (SWEEP_DIR,)) -> Any:
+    """Every finished trial of one or more sweeps of a run, as one table (plus each sweep's base row).
+
+    For a study in rounds: each round is its own sweep (``name``), and the frontier is drawn
+    over all of them. Reads only the small ``trial.json`` records, so it is instant and needs
+    no model. Rows are indexed ``<sweep>/<trial>``; the base row (the same in every sweep
+    evaluated the same way) appears once, as ``base``.
+    """
+    import pandas
+
+    rows: list[dict[str, Any]] = []
+    base: dict[str, Any] | None = None
+    for name in names:
+        out = Path(run_dir) / name
+        if not out.is_dir():
+            raise SafeSteerError(f"{out} does not exist; run `safesteer sweep --run {run_dir} --name {name}` first")
+        if base is None and (out / "base.json").is_file():
+            base = {"trial": "base", **json.loads((out / "base.json").read_text())["row"]}
+        for record_path in sorted(out.glob("*/trial.json")):
+            record = json.loads(record_path.read_text())
+            rows.append({"trial": f"{name}/{record_path.parent.name}", "sweep": name, **record["settings"], **record["row"]})
+    table = pandas.DataFrame(([base] if base else []) + rows).set_index("trial")
+    table["pareto"] = pareto_mask(table)
     return table
 
 

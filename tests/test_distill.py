@@ -142,12 +142,14 @@ def test_cli_train_on_tiny(run_dir, tiny_dir, capsys):
     assert json.loads(rows[0])["precision"] == "bfloat16"
 
 
-def test_cli_train_takes_the_anchor(run_dir):
+def test_cli_train_takes_the_anchor_and_lora(run_dir):
     code = main(["train", "--run", str(run_dir), "--n-prompts", "2", "--samples", "2", "--max-new-tokens", "4",
-                 "--sequences-per-step", "4", "--anchor-weight", "0.5", "--anchor-loss", "full-reverse"])
+                 "--sequences-per-step", "4", "--anchor-weight", "0.5", "--anchor-loss", "full-reverse",
+                 "--lora-rank", "2", "--lora-targets", "v_proj", "--lr", "1e-3"])
     assert code == 0
     row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert {"anchor_loss", "anchor_kl_s", "anchor_refusal"} <= set(row)
+    assert (run_dir / "student" / "config.json").exists()
 
 
 def test_shared_prompt_scoring_gives_the_same_logits_and_gradients(tiny_dir):
@@ -339,3 +341,32 @@ def test_the_anchor_weight_scales_its_gradient_and_scores_against_the_unsteered_
     torch.testing.assert_close(grads[1], 3 * grads[0], rtol=1e-4, atol=1e-7)
     other = sample_rollouts(student, ["How do I bake bread?", "Name a colour."] * 2, config, 0, stream=0)
     assert other.texts != harmless.texts  # the anchor's rollouts have their own seeds
+
+
+def test_lora_trains_only_adapters_and_exports_a_merged_plain_model(tiny, run_dir):
+    before = {k: v.clone() for k, v in tiny.hf_state_dict().items()}
+    config = tiny_config(lora_rank=4, lora_alpha=8.0, lora_targets="q_proj,v_proj", lr=3e-2, precision="float32")
+    result = train(run_dir, config, teacher=tiny, progress=False)
+    after = result.student.hf_state_dict()
+    assert set(after) == set(before)  # merged: no adapter names are left
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
+    plain = AutoModelForCausalLM.from_pretrained(run_dir / "student").eval()
+    batch = result.student.tokenize(["How do I bake bread?"])
+    with torch.no_grad():
+        ours = result.student.bridge(batch.input_ids, attention_mask=batch.attention_mask)
+        theirs = plain(batch.input_ids, attention_mask=batch.attention_mask).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_resumes_like_an_uninterrupted_run(tiny, run_dir, tmp_path_factory):
+    config = tiny_config(lora_rank=2, lr=3e-2, precision="float32")
+    full = train(run_dir, config, teacher=tiny, progress=False, export=False).metrics
+    other = tmp_path_factory.mktemp("lora-resumed")
+    for name in ("direction.json", "direction.safetensors", "safety_tokens.json"):
+        (other / name).write_bytes((run_dir / name).read_bytes())
+    train(other, config, teacher=tiny, progress=False, export=False, max_steps=2)
+    resumed = train(other, config, teacher=tiny, progress=False, export=False, resume=True).metrics
+    assert _strip(resumed) == _strip(full)
+    with pytest.raises(SafeSteerError, match="no layer matches lora_targets"):
+        train(run_dir, tiny_config(lora_rank=2, lora_targets="nonexistent_proj"), teacher=tiny, progress=False)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 
+import pandas
 import pytest
 import torch
 
@@ -85,6 +86,19 @@ def test_eval_config_rejects_counts_that_cannot_work():
         EvalConfig(n_harmful=0)
     with pytest.raises(SafeSteerError, match="split must be 'val'"):
         EvalConfig(split="train")
+    with pytest.raises(SafeSteerError, match="batch_size must be at least 1"):
+        EvalConfig(batch_size=0)
+
+
+def test_replies_and_rates_do_not_depend_on_how_prompts_are_batched(tiny):
+    from dataclasses import replace
+
+    subjects = [Subject("steered", tiny, add_hooks(tiny, torch.ones(tiny.d_model) * 3, 1))]
+    config = replace(SMALL, n_mcq=0, max_new_tokens=6)
+    one_by_one = evaluate_models(subjects, tiny, replace(config, batch_size=1))
+    together = evaluate_models(subjects, tiny, config)
+    pandas.testing.assert_frame_equal(one_by_one.comparison, together.comparison)
+    pandas.testing.assert_frame_equal(one_by_one.table, together.table, rtol=1e-4)
 
 
 def test_a_judge_returning_the_wrong_thing_is_a_clear_error(tiny):

@@ -9,7 +9,7 @@ from safesteer_lens.directions import DirectionConfig
 from safesteer_lens.distill import TrainConfig
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.evaluate import EvalConfig
-from safesteer_lens.pipeline import PipelineConfig, run_pipeline
+from safesteer_lens.pipeline import BOUNDED, FULL_REVERSE, PIPELINE_PRESETS, Ablation, PipelineConfig, run_pipeline
 from safesteer_lens.tokens import TokenConfig
 
 TINY = PipelineConfig(
@@ -17,14 +17,15 @@ TINY = PipelineConfig(
     tokens=TokenConfig(horizon=3, samples_per_prompt=2, n_prompts=3, top_k_votes=20, set_size=10, prob_floor=0.0),
     train=TrainConfig(n_prompts=2, samples_per_prompt=2, max_new_tokens=4, sequences_per_step=4, micro_batch=2, lr=1e-3),
     evaluate=EvalConfig(n_harmful=2, n_harmless=2, max_new_tokens=4, n_kl_prompts=2, n_general=2, n_examples=2, n_mcq=6),
+    ablations=(FULL_REVERSE, BOUNDED),
 )
 
 
 def test_pipeline_writes_every_artifact_then_skips_current_stages(tiny, tmp_path, capsys):
     table = run_pipeline(tmp_path, config=TINY, model=tiny)
-    assert len(table) == 4 and "SafeSteer student" in table.index
+    assert list(table.index) == ["base", table.index[1], "SafeSteer student", FULL_REVERSE.label, BOUNDED.label]
     for name in ("direction.json", "safety_tokens.json", "metrics.jsonl", "student/config.json",
-                 "ablation-full-reverse/student/config.json", "results.csv", "report.md", "report.html",
+                 "ablation-full-reverse/student/config.json", "ablation-bounded/student/config.json", "results.csv", "report.md", "report.html",
                  "figures/representation_shift.html", "figures/training_curves.html"):
         assert (tmp_path / name).exists(), name
     first = capsys.readouterr().out
@@ -32,7 +33,7 @@ def test_pipeline_writes_every_artifact_then_skips_current_stages(tiny, tmp_path
     mtime = (tmp_path / "student" / "config.json").stat().st_mtime_ns
     run_pipeline(tmp_path, config=TINY, model=tiny)
     second = capsys.readouterr().out
-    assert second.count("current, skipped") == 5  # all but the report, which is always rewritten
+    assert second.count("current, skipped") == 6  # all but the report, which is always rewritten
     assert (tmp_path / "student" / "config.json").stat().st_mtime_ns == mtime
     # changed training settings make training and everything after it stale, not the earlier stages
     run_pipeline(tmp_path, config=replace(TINY, train=replace(TINY.train, lr=2e-3)), model=tiny)
@@ -47,3 +48,23 @@ def test_unknown_stage_or_preset_is_rejected(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["run", "--out", str(tmp_path), "--preset", "huge"])
     assert exit_info.value.code == 2
+
+
+def test_ablations_are_named_once_and_validated_before_anything_runs(tmp_path):
+    with pytest.raises(SafeSteerError, match="unique"):
+        PipelineConfig(ablations=(FULL_REVERSE, FULL_REVERSE))
+    bad = replace(TINY, ablations=(Ablation("odd", "odd student", (("loss", "kl"),)),))
+    with pytest.raises(SafeSteerError, match="unknown loss 'kl'"):
+        run_pipeline(tmp_path / "run", config=bad)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_demo_preset_compares_four_students_on_one_budget():
+    demo = PIPELINE_PRESETS["demo"]
+    configs = [demo.train, *(a.config(demo.train) for a in demo.ablations)]
+    assert len(configs) == 4
+    budget = {(c.n_prompts, c.samples_per_prompt, c.max_new_tokens, c.sequences_per_step, c.epochs, c.lr, c.seed)
+              for c in configs}
+    assert len(budget) == 1
+    assert {c.loss for c in configs[1:]} == {"safesteer", "full-reverse", "safesteer-bounded"}
+    assert all(c.anchor_weight == 0 for c in configs[1:])

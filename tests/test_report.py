@@ -1,7 +1,7 @@
 import pandas
 import pytest
 
-from safesteer_lens.report import Targets, comparison_markdown, damage, rate_text, report_columns, target_check
+from safesteer_lens.report import Targets, closeness, comparison_markdown, damage, rate_text, report_columns, target_check
 from safesteer_lens.stats import Rate
 
 
@@ -28,7 +28,8 @@ def test_a_looping_student_is_damaged_and_the_verdict_says_whether_intervals_ove
     assert len(reasons) == 1 and "70.0%" in reasons[0] and "do not overlap" in reasons[0]
     lines = target_check(table)
     student = next(line for line in lines if line.startswith("- SafeSteer student"))
-    assert "87.5 points short" in student and "**damaged**" in student
+    assert "77.5 points short" in student and "**damaged**" in student
+    assert "degenerate harmless replies are 62.5 points over" in student
 
 
 def test_a_small_capability_drop_inside_the_noise_is_flagged_with_its_overlap():
@@ -39,7 +40,8 @@ def test_a_small_capability_drop_inside_the_noise_is_flagged_with_its_overlap():
     assert len(reasons) == 1 and "MCQ accuracy" in reasons[0] and "overlap, so this may be noise" in reasons[0]
     assert damage(table, "student", Targets(capability_drop_max=0.2)) == []
     student = next(line for line in target_check(table) if line.startswith("- student"))
-    assert "meets the refusal targets" in student
+    assert "meets the refusal targets" in student and "MCQ accuracy is 8.3 points below the base's (target: within 2)" in student
+    assert closeness(table, "student", Targets(mcq_drop_max=0.1)) == []
 
 
 def test_rates_print_with_interval_and_n_and_missing_rates_as_na():

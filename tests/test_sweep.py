@@ -6,7 +6,7 @@ import pytest
 from safesteer_lens.distill import TrainConfig
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.evaluate import EvalConfig
-from safesteer_lens.sweep import load_grid_file, pareto_mask, parse_grid, run_sweep, sweep_figure, trials
+from safesteer_lens.sweep import load_grid_file, load_trials, pareto_mask, parse_grid, run_sweep, sweep_figure, trials
 
 TINY_TRAIN = TrainConfig(n_prompts=2, samples_per_prompt=2, max_new_tokens=4, sequences_per_step=4, micro_batch=2,
                          lr=3e-3, checkpoint_every=1, warmup_fraction=0.0)
@@ -87,3 +87,17 @@ def test_the_cli_sweep_trains_and_prints_the_grid(run_dir, capsys):
     out = capsys.readouterr().out
     assert "n_prompts=4_max_new_tokens=3" in out and "1 trials, evaluated on the val split" in out
     assert (run_dir / "sweep" / "sweep.csv").is_file()
+
+
+def test_named_sweeps_keep_their_own_tables_and_load_trials_joins_them(tiny, run_dir):
+    run_sweep(run_dir, parse_grid(["lr=1e-3"]), TINY_TRAIN, TINY_EVAL, model=tiny, progress=False, name="round-1")
+    run_sweep(run_dir, parse_grid(["anchor_weight=0.5"]), TINY_TRAIN, TINY_EVAL, model=tiny, progress=False, name="round-2")
+    assert len(pandas.read_csv(run_dir / "round-1" / "sweep.csv")) == 2  # base and its own trial only
+    table = load_trials(run_dir, ["round-1", "round-2"])
+    assert list(table.index) == ["base", "round-1/lr=0.001", "round-2/anchor_weight=0.5"]
+    assert table.loc["round-2/anchor_weight=0.5", "anchor_weight"] == 0.5 and pandas.isna(table.loc["round-1/lr=0.001", "anchor_weight"])
+    assert table["pareto"].dtype == bool
+    with pytest.raises(SafeSteerError, match="one plain directory name"):
+        run_sweep(run_dir, parse_grid(["lr=1e-3"]), TINY_TRAIN, TINY_EVAL, model=tiny, progress=False, name="../elsewhere")
+    with pytest.raises(SafeSteerError, match="does not exist"):
+        load_trials(run_dir, ["round-3"])

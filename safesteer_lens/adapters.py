@@ -1,0 +1,121 @@
+"""Training fewer parameters: LoRA adapters through ``peft``, merged back into plain weights.
+
+A student trained with ``TrainConfig(lora_rank=r)`` keeps its base weights frozen and learns
+a rank-``r`` update ``(alpha / r) * B @ A`` beside each targeted linear layer. ``B`` starts at
+zero, so the student starts as the base model, exactly as in full fine-tuning.
+
+The adapters are ``peft``'s own ``LoraLayer`` modules, put inside the modules the
+TransformerLens bridge wraps (the bridge nests each original ``nn.Linear`` as
+``_original_component``; the adapter replaces that ``nn.Linear``), so every hook still fires
+and gradients reach the adapters through them. A plain Hugging Face model built from the same
+:class:`LoraSpec` (the rollout sampler's twin, a checkpoint's name table) gets the same
+adapters under the names a plain model gives them, so tensors can be shared and matched by
+name. At the end of training :func:`merge_lora` folds each update into its base weight and
+removes the adapters: the export is an ordinary model that plain ``transformers`` loads.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from safesteer_lens.errors import SafeSteerError
+
+LORA_ATTRIBUTE = "safesteer_lora"  # where a model carries the LoraSpec of its adapters
+DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Which layers get adapters and how large.
+
+    Attributes:
+        rank: The update's rank r.
+        alpha: Scale numerator: the update is ``(alpha / rank) * B @ A``.
+        targets: Comma-separated names of the linear layers to adapt (last name component,
+            e.g. ``q_proj,v_proj``).
+    """
+
+    rank: int
+    alpha: float
+    targets: str = DEFAULT_TARGETS
+
+    def names(self) -> list[str]:
+        return [t.strip() for t in self.targets.split(",") if t.strip()]
+
+    def peft_config(self, bridged: bool) -> Any:
+        """peft's ``LoraConfig``; ``bridged`` targets the ``nn.Linear`` the bridge nests."""
+        from peft import LoraConfig
+
+        names = "|".join(re.escape(n) for n in self.names())
+        suffix = r"\._original_component" if bridged else ""
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=0.0, bias="none",
+                          target_modules=rf".*\.({names}){suffix}")
+
+
+def lora_spec(module: torch.nn.Module) -> LoraSpec | None:
+    """The adapters a model carries, or None."""
+    return getattr(module, LORA_ATTRIBUTE, None)
+
+
+def _inject(module: torch.nn.Module, spec: LoraSpec, bridged: bool) -> None:
+    from peft import inject_adapter_in_model
+
+    try:
+        inject_adapter_in_model(spec.peft_config(bridged), module)
+    except ValueError as exc:  # peft: no module matched the targets
+        raise SafeSteerError(f"no layer matches lora_targets {spec.targets!r} ({str(exc).splitlines()[0][:120]}); "
+                             f"name linear layers of this model, e.g. {DEFAULT_TARGETS}") from exc
+    setattr(module, LORA_ATTRIBUTE, spec)
+
+
+def add_lora(model: Any, spec: LoraSpec, seed: int = 0) -> list[torch.nn.Parameter]:
+    """Give a loaded :class:`~safesteer_lens.models.ChatModel` LoRA adapters; return their parameters.
+
+    Only the adapters' parameters require gradients afterwards; the base weights are frozen.
+    ``A`` is initialised at random from ``seed`` (without touching the global generator), so a
+    run is reproducible; ``B`` is zero.
+    """
+    if spec.rank < 1:
+        raise SafeSteerError(f"lora rank must be at least 1, got {spec.rank}")
+    if lora_spec(model.hf_model) is not None:
+        raise SafeSteerError("this model already has LoRA adapters; merge them (adapters.merge_lora) first")
+    dtype = next(model.hf_model.parameters()).dtype
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        _inject(model.hf_model, spec, bridged=True)
+    model._hf_paths = None  # the name table now includes the adapters
+    adapters = []
+    for name, param in model.hf_model.named_parameters():
+        is_adapter = ".lora_" in name
+        param.requires_grad_(is_adapter)
+        if is_adapter:
+            param.data = param.data.to(dtype)
+            adapters.append(param)
+    return adapters
+
+
+def add_lora_like(source: torch.nn.Module, plain: torch.nn.Module) -> None:
+    """Give a plain Hugging Face model the adapters ``source`` carries (nothing if it has none)."""
+    spec = lora_spec(source)
+    if spec is not None:
+        _inject(plain, spec, bridged=False)
+
+
+def merge_lora(model: Any) -> None:
+    """Fold every adapter into its base weight and remove the adapters, in place."""
+    from peft.tuners.lora import LoraLayer
+
+    if lora_spec(model.hf_model) is None:
+        return
+    with torch.no_grad():
+        for name, module in list(model.hf_model.named_modules()):
+            if isinstance(module, LoraLayer):
+                module.merge()
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.hf_model.get_submodule(parent_name), child, module.get_base_layer())
+    delattr(model.hf_model, LORA_ATTRIBUTE)
+    model._hf_paths = None
