@@ -43,7 +43,8 @@ def _setup(args: argparse.Namespace):
     from safesteer_lens.tokens import load_safety_tokens
 
     torch.manual_seed(0)
-    config = preset("demo", precision=args.precision)
+    # one harmful step with the paper's loss, as the reference loop runs it (no harmless anchor)
+    config = preset("demo", loss="safesteer", anchor_weight=0.0, epochs=1, precision=args.precision)
     direction = load_direction(args.run)
     tokens = load_safety_tokens(args.run)
     prompts = prompt_texts(load_builtin_prompts("harmful", "train"))[: config.n_prompts]

@@ -170,12 +170,15 @@ class TrainConfig:
 
 
 PRESETS: dict[str, TrainConfig] = {
-    # Sized for 2 CPU cores and the embedded 135M model: 16 steps, about 4 minutes. Short
-    # rollouts put the budget on the opening tokens, where a refusal starts; lr 1e-4 because
-    # 2e-5 moved held-out harmful refusals only from 2% to 15% in 16 steps (measured).
+    # The recipe the study in studies/recipe/ chose on the validation split for the embedded
+    # 135M model on 2 CPU cores: the bounded loss (the paper's barely pulls on a model whose S
+    # holds ~1% of its mass), the harmless anchor (without it the student refuses everything),
+    # and two epochs (16 steps left the harmless refusal rate to the seed). Short rollouts put
+    # the budget on the opening tokens, where a refusal starts.
     "demo": TrainConfig(
+        loss="safesteer-bounded", anchor_weight=0.75, epochs=2,
         n_prompts=64, samples_per_prompt=4, max_new_tokens=12, lr=1e-4,
-        sequences_per_step=16, micro_batch=8, checkpoint_every=4,
+        sequences_per_step=16, micro_batch=8, checkpoint_every=8,
     ),
     # The paper's setting (DESIGN.md), for GPUs and hub models.
     "paper": TrainConfig(

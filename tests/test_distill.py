@@ -138,8 +138,8 @@ def test_cli_train_on_tiny(run_dir, tiny_dir, capsys):
     assert code == 0
     assert (run_dir / "student" / "config.json").exists()
     rows = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert len(rows) == 1
-    assert json.loads(rows[0])["precision"] == "bfloat16"
+    assert len(rows) == 2  # the demo preset's 2 epochs of one step
+    assert json.loads(rows[0])["precision"] == "bfloat16" and "anchor_loss" in json.loads(rows[0])
 
 
 def test_cli_train_takes_the_anchor_and_lora(run_dir):

@@ -55,7 +55,7 @@ def test_the_safesteer_command_trains_under_torchrun(run_dir):
     done = torchrun(str(script), "train", "--run-dir", str(run_dir), "--n-prompts", "4", "--samples", "2",
                     "--max-new-tokens", "4", "--sequences-per-step", "4")
     assert done.stdout.count("on 2 processes") == 1  # only rank 0 reports
-    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2  # 4 prompts, 2 per step
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4  # 4 prompts, 2 per step, the demo's 2 epochs
     assert (run_dir / "student" / "config.json").exists()
 
 
