@@ -19,9 +19,9 @@ import pandas
 from safesteer_lens.pipeline import PAPER_LOSS
 from safesteer_lens.sweep import load_trials, sweep_figure
 
-ROUNDS = ("sweep", "anchor", "seeds", "steps", "small-steps")
+ROUNDS = ("sweep", "anchor", "seeds", "steps", "small-steps", "lora")
 # the demo training preset while the validation rounds ran: a setting a round did not vary had this value
-PRESET_THEN = {"loss": "safesteer", "anchor_weight": 0.0, "lr": 1e-4, "epochs": 1, "sequences_per_step": 16}
+PRESET_THEN = {"loss": "safesteer", "anchor_weight": 0.0, "lr": 1e-4, "epochs": 1, "sequences_per_step": 16, "lora_rank": 0}
 HERE = Path(__file__).parent
 
 
