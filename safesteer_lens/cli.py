@@ -265,14 +265,14 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
     from safesteer_lens.distill import PRESETS
-    from safesteer_lens.evaluate import EvalConfig
+    from safesteer_lens.evaluate import DEMO_EVAL
     from safesteer_lens.sweep import load_grid_file, parse_grid, run_sweep
 
     if bool(args.grid) == bool(args.grid_file):
         raise SafeSteerError("give the grid either as --grid KEY=V1,V2 ... or as --grid-file FILE.json")
     grid = parse_grid(args.grid) if args.grid else load_grid_file(args.grid_file)
-    eval_config = EvalConfig(n_harmful=args.n, n_harmless=args.n, max_new_tokens=args.max_new_tokens, n_kl_prompts=16,
-                             n_general=12, n_mcq=args.n_mcq, split=args.split)
+    eval_config = replace(DEMO_EVAL, n_harmful=args.n, n_harmless=args.n, max_new_tokens=args.max_new_tokens,
+                          n_mcq=args.n_mcq, split=args.split)
     train_config = PRESETS[args.preset]
     if args.precision:
         train_config = replace(train_config, precision=args.precision)

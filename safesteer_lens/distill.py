@@ -35,6 +35,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from safesteer_lens.adapters import DEFAULT_TARGETS, LoraSpec, add_lora, merge_lora
+from safesteer_lens.atomic import write_text_atomic
 from safesteer_lens.data import load_builtin_prompts, prompt_texts
 from safesteer_lens.directions import Direction, load_direction
 from safesteer_lens.errors import SafeSteerError
@@ -56,6 +57,8 @@ STUDENT_DIR = "student"
 ROLLOUT_ENGINES = ("fast", "plain")
 TEACHER_LOGITS_BUDGET = 256 * 2**20  # bytes of float32 teacher logits held at once
 TIMING_KEYS = ("rollout_tokens_per_s", "update_tokens_per_s", "seconds")
+# TrainConfig fields a checkpoint may lack: it was written before they existed, at their defaults
+PREDATED_SETTINGS = ("anchor_weight", "anchor_loss", "lora_rank", "lora_alpha", "lora_targets")
 
 
 @dataclass
@@ -304,6 +307,14 @@ def _projection_hook(direction: Direction, store: list[Tensor]) -> tuple[str, Ca
     return (f"blocks.{direction.layer}.hook_resid_pre", hook)
 
 
+def _train_prompts(label: str, n: int) -> list[str]:
+    """The first ``n`` built-in ``label`` train prompts (harmful for training, harmless for the anchor)."""
+    prompts = prompt_texts(load_builtin_prompts(label, "train"))[:n]
+    if len(prompts) < n:
+        raise SafeSteerError(f"n_prompts is {n} but the built-in {label} train split has {len(prompts)}; use at most {len(prompts)}")
+    return prompts
+
+
 def _step_prompts(prompts: list[str], config: TrainConfig, step: int) -> list[str]:
     """The prompts of one step: a per-epoch shuffle (seeded), cut into consecutive slices."""
     per_epoch = math.ceil(len(prompts) / config.prompts_per_step)
@@ -477,13 +488,8 @@ def train(
     if world.is_main:
         _write_metrics(metrics_path, metrics)
 
-    prompts = prompt_texts(load_builtin_prompts("harmful", "train"))[: config.n_prompts]
-    if len(prompts) < config.n_prompts:
-        raise SafeSteerError(f"n_prompts is {config.n_prompts} but the built-in train split has {len(prompts)}; use at most {len(prompts)}")
-    anchor_prompts = prompt_texts(load_builtin_prompts("harmless", "train"))[: config.n_prompts] if config.anchor_weight else []
-    if config.anchor_weight and len(anchor_prompts) < config.n_prompts:
-        raise SafeSteerError(f"the anchor needs n_prompts ({config.n_prompts}) harmless train prompts but there are "
-                             f"{len(anchor_prompts)}; use n_prompts at most {len(anchor_prompts)}")
+    prompts = _train_prompts("harmful", config.n_prompts)
+    anchor_prompts = _train_prompts("harmless", config.n_prompts) if config.anchor_weight else []
     safety_ids = torch.tensor(tokens.ids, device=student.device)
     teacher_hooks = add_hooks(teacher, direction.vector, direction.layer, direction.coeff)
     end_step = config.total_steps if max_steps is None else min(config.total_steps, start_step + max_steps)
@@ -643,9 +649,10 @@ def sample_rollouts(
 
 def _check_resumable(state: dict[str, Any], config: TrainConfig, dtype: torch.dtype) -> None:
     """One-line errors for a checkpoint that this run cannot continue, naming what differs."""
-    # settings a checkpoint may predate, at the values it was trained with
-    saved = {"precision": "float32", "anchor_weight": 0.0, "anchor_loss": "safesteer-bounded", "lora_rank": 0,
-             "lora_alpha": 16.0, "lora_targets": DEFAULT_TARGETS, **state["config"]}
+    # settings a checkpoint may predate, at the values it was trained with: float32 matmuls,
+    # and the defaults of the options added since (anchor off, no LoRA)
+    defaults = asdict(TrainConfig())
+    saved = {"precision": "float32", **{k: defaults[k] for k in PREDATED_SETTINGS}, **state["config"]}
     changed = [key for key in asdict(config) if saved.get(key) != getattr(config, key)]
     if changed:
         what = ", ".join(f"{key} ({saved.get(key)!r} there, {getattr(config, key)!r} now)" for key in changed)
@@ -757,9 +764,7 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def load_metrics(run_dir: str | Path) -> "Any":

@@ -102,6 +102,12 @@ class EvalConfig:
             raise SafeSteerError(f"split must be 'val' (choosing settings) or 'test' (reporting), got {self.split!r}")
 
 
+# The demo's evaluation (2 CPU cores, 135M model): 40 + 40 held-out prompts and 60 questions.
+# `safesteer run --preset demo` reports it on the test split; sweeps choose settings with it
+# on the validation split.
+DEMO_EVAL = EvalConfig(n_harmful=40, n_harmless=40, max_new_tokens=48, n_kl_prompts=16, n_general=12, n_mcq=60)
+
+
 @dataclass
 class Evaluation:
     """What :func:`evaluate_models` measured.

@@ -32,7 +32,7 @@ from safesteer_lens.directions import DirectionConfig, find_direction, load_dire
 from safesteer_lens.distill import PRESETS as TRAIN_PRESETS
 from safesteer_lens.distill import STUDENT_DIR, TrainConfig, train
 from safesteer_lens.errors import SafeSteerError
-from safesteer_lens.evaluate import EvalConfig, Evaluation, Subject, evaluate_models
+from safesteer_lens.evaluate import DEMO_EVAL, EvalConfig, Evaluation, Subject, evaluate_models
 from safesteer_lens.models import DEFAULT_MODEL, ChatModel, load_model, resolve_device
 from safesteer_lens.pages import write_direction_report, write_tokens_report
 from safesteer_lens.probes import probe_accuracy, save_probes
@@ -43,6 +43,7 @@ from safesteer_lens.steering import add_hooks
 from safesteer_lens.tokens import TokenConfig, select_safety_tokens
 
 STAGES = ("direction", "tokens", "train", "ablation", "evaluate", "report")
+RECIPE_LABEL = "SafeSteer student"  # the row of the recipe's own student in the results table
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ PIPELINE_PRESETS: dict[str, PipelineConfig] = {
         direction=DirectionConfig(n_train=48, n_val=16, n_test=24),
         tokens=TokenConfig(n_prompts=24),
         train=TRAIN_PRESETS["demo"],
-        evaluate=EvalConfig(n_harmful=40, n_harmless=40, max_new_tokens=48, n_kl_prompts=16, n_general=12, n_mcq=60),
+        evaluate=DEMO_EVAL,
         ablations=(PAPER_LOSS, FULL_REVERSE, BOUNDED),
     ),
     # The paper's settings (DESIGN.md), for GPU users with hub models.
@@ -215,7 +216,7 @@ def run_pipeline(
     # ---- stages 3 and 4: the recipe's student, and the comparison students on the same budget
     students: dict[str, Path] = {}
     for number, stage, label, train_config, run_dir in (
-        (3, "train", "SafeSteer student", config.train, out),
+        (3, "train", RECIPE_LABEL, config.train, out),
         *((4, "ablation", a.label, a.config(config.train), out / a.dir_name) for a in config.ablations),
     ):
         loss = train_config.loss

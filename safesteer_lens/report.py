@@ -331,14 +331,16 @@ def write_report(run_dir: str | Path, base: ChatModel, table: Any, config: Any) 
     direction: Direction = load_direction(run_dir)
     tokens = load_safety_tokens(run_dir)
     examples = json.loads((run_dir / "examples.json").read_text())
-    curves = {"SafeSteer student": load_metrics(run_dir),
+    from safesteer_lens.pipeline import RECIPE_LABEL
+
+    curves = {RECIPE_LABEL: load_metrics(run_dir),
               **{a.label: load_metrics(run_dir / a.dir_name) for a in config.ablations}}
     harmless = prompt_texts(load_builtin_prompts("harmless", "test"))[:32]
     student = load_model(str(run_dir / "student"), device=base.device)
     states = {
         "base": final_states(base, harmless, []),
         "teacher": final_states(base, harmless, add_hooks(base, direction.vector, direction.layer, direction.coeff)),
-        "SafeSteer student": final_states(student, harmless, []),
+        RECIPE_LABEL: final_states(student, harmless, []),
     }
     figures = {
         "direction_scores": direction_score_heatmaps(direction),

@@ -33,7 +33,7 @@ import plotly.graph_objects as go
 from safesteer_lens.atomic import write_atomic, write_text_atomic
 from safesteer_lens.distill import CHECKPOINT, STUDENT_DIR, TrainConfig, train
 from safesteer_lens.errors import SafeSteerError
-from safesteer_lens.evaluate import EvalConfig, Subject, evaluate_models
+from safesteer_lens.evaluate import DEMO_EVAL, EvalConfig, Subject, evaluate_models
 from safesteer_lens.models import ChatModel, load_model
 
 SWEEP_DIR = "sweep"
@@ -153,7 +153,7 @@ def run_sweep(
     if missing:
         raise SafeSteerError(f"{run_dir} lacks {', '.join(missing)}; run `safesteer direction` and `safesteer tokens` first")
     train_config = train_config or PRESETS["demo"]
-    eval_config = eval_config or EvalConfig(n_harmful=40, n_harmless=40, n_kl_prompts=16, n_general=12, split="val")
+    eval_config = eval_config or replace(DEMO_EVAL, split="val")
     points = trials(grid)
     configs = [t.config(train_config) for t in points]  # every trial validated before anything is written
     say = print if progress else (lambda *a, **k: None)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas
 
-from safesteer_lens.pipeline import PAPER_LOSS
+from safesteer_lens.pipeline import PAPER_LOSS, RECIPE_LABEL
 from safesteer_lens.sweep import load_trials, sweep_figure
 
 ROUNDS = ("sweep", "anchor", "seeds", "steps", "small-steps", "lora")
@@ -42,7 +42,7 @@ def main() -> None:
 
     demo = pandas.read_csv(Path(args.test_run) / "results.csv", index_col="model")
     rows = [demo.loc[["base"]].assign(recipe="base", seed=float("nan")),
-            demo.loc[["SafeSteer student"]].rename(index=lambda _: "demo recipe, seed 0").assign(recipe="demo recipe", seed=0),
+            demo.loc[[RECIPE_LABEL]].rename(index=lambda _: "demo recipe, seed 0").assign(recipe="demo recipe", seed=0),
             demo.loc[[PAPER_LOSS.label]].rename(index=lambda _: "paper loss, seed 0").assign(recipe="paper loss", seed=0)]
     for sweep, recipe in (("test-recipe", "demo recipe"), ("test-paper", "paper loss")):
         trials = load_trials(args.test_run, [sweep]).drop(index="base")
