@@ -16,6 +16,7 @@ from safesteer_lens.losses import LOSSES
 from safesteer_lens.models import DEFAULT_MODEL
 from safesteer_lens.precision import PRECISIONS
 from safesteer_lens.sharding import SHARDING
+from safesteer_lens.tracking import TRACKERS
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -124,12 +125,13 @@ def cmd_tokens(args: argparse.Namespace) -> None:
     from safesteer_lens.pages import write_tokens_report
     from safesteer_lens.tokens import TokenConfig, select_safety_tokens
 
-    direction = load_direction(args.run)
     config = TokenConfig(
         horizon=args.horizon, samples_per_prompt=args.samples, n_prompts=args.n_prompts,
         top_k_votes=args.top_k, set_size=args.set_size, prob_floor=args.prob_floor,
         method=args.method, seed=args.seed,
     )
+    _import_direction(args)
+    direction = load_direction(args.run)
     model = load_model(args.model or direction.model, device=args.device, dtype=args.dtype)
     tokens = select_safety_tokens(model, direction, config)
     tokens.save(args.run)
@@ -161,6 +163,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     config = preset(args.preset, **overrides)
     config.validate()
+    _import_direction(args)
     direction = load_direction(args.run)
     world = current_world()  # under torchrun: joins the process group; one process: World()
     device = rank_device(args.device, world)
@@ -174,7 +177,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         else:
             teacher = load_model(name, device=args.teacher_device or device, dtype=args.dtype)
         result = train(args.run, config, teacher=teacher, resume=args.resume, device=device, shard=args.shard,
-                       low_memory_rollouts=args.low_memory_rollouts)
+                       low_memory_rollouts=args.low_memory_rollouts, report_to=args.report_to)
     finally:
         shutdown()
     if not world.is_main:
@@ -199,7 +202,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     world = current_world()  # under torchrun: joins the process group; one process: World()
     try:
         table = run_pipeline(args.out, args.model, config=config, rerun=args.rerun or (), shard=args.shard,
-                             low_memory_rollouts=args.low_memory_rollouts, judge=args.judge)
+                             low_memory_rollouts=args.low_memory_rollouts, judge=args.judge,
+                             report_to=args.report_to)
     finally:
         shutdown()
     if not world.is_main:
@@ -228,6 +232,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     config = EvalConfig(n_harmful=args.n, n_harmless=args.n, max_new_tokens=args.max_new_tokens,
                         n_mcq=args.n_mcq, split=args.split)
+    _import_direction(args)
     direction = load_direction(args.run)
     students = list(args.students or [])
     if not students and (Path(args.run) / "student").is_dir():
@@ -276,7 +281,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     train_config = PRESETS[args.preset]
     if args.precision:
         train_config = replace(train_config, precision=args.precision)
-    table = run_sweep(args.run, grid, train_config, eval_config, keep_students=args.keep_students, name=args.name)
+    _import_direction(args)
+    table = run_sweep(args.run, grid, train_config, eval_config, keep_students=args.keep_students, name=args.name,
+                      report_to=args.report_to)
     shown = [c for c in ("harmful_refusal", "harmless_refusal", "harmless_degenerate", "mcq_acc", "pareto") if c in table]
     _print_table(table[[*grid, *shown]])
     print(f"wrote {args.run}/{args.name}/sweep.csv and sweep.html ({len(table) - 1} trials, evaluated on the {args.split} split)")
@@ -303,6 +310,43 @@ PRECISION_HELP = (
     "matmul dtype of sampling and scoring: auto (default: bfloat16 autocast where the device has native "
     "bf16, else float32), float32 or bfloat16; weights and AdamW stay float32"
 )
+
+
+REPORT_TO_HELP = (
+    "also log every training step's metrics and the settings to: none (default; metrics.jsonl only), tensorboard "
+    "(RUN/tensorboard) or wandb (RUN/wandb; set WANDB_MODE=offline on machines without network)"
+)
+
+
+def _add_direction_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--direction", default=None, metavar="FILE.gguf",
+                        help="use this llama.cpp control vector as the run's direction (written into the run "
+                             "directory as direction.safetensors/.json first)")
+
+
+def _import_direction(args: argparse.Namespace) -> None:
+    """With ``--direction FILE.gguf``: read and check the file, then make it the run's direction."""
+    if not getattr(args, "direction", None):
+        return
+    from safesteer_lens.control_vectors import load_control_vector
+
+    direction = load_control_vector(args.direction)
+    if direction.model == "unknown" and not getattr(args, "model", None):
+        raise SafeSteerError(f"{args.direction} does not name its model; pass --model")
+    direction.save(args.run)
+    print(f"direction: {args.direction} -> {args.run}/direction.safetensors (layer {direction.layer}, "
+          f"coeff {direction.coeff:g})")
+
+
+def cmd_export_direction(args: argparse.Namespace) -> None:
+    """Write the run's direction as a llama.cpp control vector."""
+    from safesteer_lens.control_vectors import export_control_vector, tensor_name
+    from safesteer_lens.directions import load_direction
+
+    direction = load_direction(args.run)
+    path = export_control_vector(direction, args.out, scale=args.scale)
+    print(f"wrote {path}: {tensor_name(direction.layer)} = {args.scale * direction.coeff:g} x the direction "
+          f"(blocks.{direction.layer}.hook_resid_pre); use it with llama.cpp's --control-vector {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -354,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokens.add_argument("--method", choices=["vote", "mean-delta"], default="vote")
     tokens.add_argument("--seed", type=int, default=0)
     tokens.add_argument("--compare-horizon", type=int, default=1, help="H of the side-by-side set (0: skip)")
+    _add_direction_arg(tokens)
     tokens.set_defaults(func=cmd_tokens)
 
     train = sub.add_parser("train", help="stage 3: distil the steered teacher into a student on S")
@@ -387,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--teacher-device", default=None, help="put the frozen teacher on another device (e.g. cuda:1)")
     train.add_argument("--shard", choices=SHARDING, default="none", help=SHARD_HELP)
     train.add_argument("--low-memory-rollouts", action="store_true", help=LOW_MEMORY_HELP)
+    train.add_argument("--report-to", choices=list(TRACKERS), default="none", help=REPORT_TO_HELP)
+    _add_direction_arg(train)
     train.set_defaults(func=cmd_train)
 
     run = sub.add_parser("run", help="the whole job, stage by stage, skipping stages that are current")
@@ -399,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--low-memory-rollouts", action="store_true", help=LOW_MEMORY_HELP)
     run.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
     run.add_argument("--judge", default=None, help="judge for the evaluation stage: NAME=PATH_OR_ID, e.g. llama-guard=DIR")
+    run.add_argument("--report-to", choices=list(TRACKERS), default="none", help=REPORT_TO_HELP)
     run.set_defaults(func=cmd_run)
 
     evaluate = sub.add_parser("evaluate", help="refusal, judge, coherence and capability table with 95%% intervals")
@@ -422,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--judge", default=None,
                           help="NAME=PATH_OR_ID, e.g. llama-guard=meta-llama/Llama-Guard-3-1B (also llama-guard-1b=, llama-guard-8b=)")
     evaluate.add_argument("--csv", default=None, help="also write the table here")
+    _add_direction_arg(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
     sweep = sub.add_parser("sweep", help="train and evaluate a grid of training settings x seeds (resumable)")
@@ -438,7 +487,19 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--max-new-tokens", type=int, default=48)
     sweep.add_argument("--keep-students", action="store_true", help="keep each trial's weights and checkpoint")
     sweep.add_argument("--name", default="sweep", help="the sweep's directory under the run (one per study round)")
+    sweep.add_argument("--report-to", choices=list(TRACKERS), default="none", help=REPORT_TO_HELP)
+    _add_direction_arg(sweep)
     sweep.set_defaults(func=cmd_sweep)
+
+    export = sub.add_parser("export-direction", help="write the run's direction for other tools (llama.cpp control vector)")
+    export.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory with direction.safetensors/.json")
+    export.add_argument("--format", choices=["gguf"], default="gguf",
+                        help="gguf: a llama.cpp control vector (direction.{L-1} holds coeff x vector; see control_vectors)")
+    export.add_argument("--out", required=True, help="the file to write, e.g. refusal.gguf")
+    export.add_argument("--scale", type=float, default=1.0,
+                        help="factor on top of the teacher's coefficient (1: the teacher; llama.cpp can scale again "
+                             "with --control-vector-scaled)")
+    export.set_defaults(func=cmd_export_direction)
     return parser
 
 

@@ -34,6 +34,8 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from safesteer_lens.model_card import build_model_card, write_model_card
+from safesteer_lens.tracking import check_report_to, open_tracker
 from safesteer_lens.adapters import DEFAULT_TARGETS, LoraSpec, add_lora, merge_lora
 from safesteer_lens.atomic import write_text_atomic
 from safesteer_lens.data import load_builtin_prompts, prompt_texts
@@ -176,11 +178,12 @@ PRESETS: dict[str, TrainConfig] = {
     # The recipe the study in studies/recipe/ chose on the validation split for the embedded
     # 135M model on 2 CPU cores: the bounded loss (the paper's barely pulls on a model whose S
     # holds ~1% of its mass), the harmless anchor (without it the student refuses everything),
-    # and two epochs (16 steps left the harmless refusal rate to the seed). Short rollouts put
-    # the budget on the opening tokens, where a refusal starts.
+    # two epochs (16 steps left the harmless refusal rate to the seed), and rank-8 LoRA
+    # adapters (full fine-tuning met the refusal targets but made replies loop). Short
+    # rollouts put the budget on the opening tokens, where a refusal starts.
     "demo": TrainConfig(
-        loss="safesteer-bounded", anchor_weight=0.75, epochs=2,
-        n_prompts=64, samples_per_prompt=4, max_new_tokens=12, lr=1e-4,
+        loss="safesteer-bounded", anchor_weight=0.75, epochs=2, lora_rank=8,
+        n_prompts=64, samples_per_prompt=4, max_new_tokens=12, lr=1e-3,
         sequences_per_step=16, micro_batch=8, checkpoint_every=8,
     ),
     # The paper's setting (DESIGN.md), for GPUs and hub models.
@@ -341,7 +344,8 @@ def _training_teacher(
     return load_sharded(name, world, device, frozen=True, compute=compute)
 
 
-def export_student(student: ChatModel, out_dir: str | Path, weights: dict[str, Tensor] | None = None) -> Path:
+def export_student(student: ChatModel, out_dir: str | Path, weights: dict[str, Tensor] | None = None,
+                   card: Any | None = None) -> Path:
     """Save the student as a Hugging Face directory that plain ``transformers`` loads.
 
     Written under a temporary name and renamed, so a half-written export never looks done.
@@ -351,6 +355,7 @@ def export_student(student: ChatModel, out_dir: str | Path, weights: dict[str, T
         out_dir: The directory to (re)create.
         weights: Whole weights under Hugging Face names, for a sharded student
             (:func:`~safesteer_lens.sharding.full_state`); default: the student's own.
+        card: A ``huggingface_hub.ModelCard`` written as the export's ``README.md``.
     """
     from transformers import AutoModelForCausalLM
 
@@ -364,6 +369,8 @@ def export_student(student: ChatModel, out_dir: str | Path, weights: dict[str, T
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
     clean.save_pretrained(tmp)
     student.tokenizer.save_pretrained(tmp)
+    if card is not None:
+        write_model_card(tmp, card)
     if out_dir.exists():
         import shutil
 
@@ -415,6 +422,8 @@ def train(
     device: str | None = None,
     shard: str = "none",
     low_memory_rollouts: bool = False,
+    report_to: str = "none",
+    tracker_name: str = "train",
 ) -> TrainResult:
     """Train a student by localized on-policy distillation from the steered teacher.
 
@@ -438,14 +447,19 @@ def train(
             :func:`~safesteer_lens.sharding.load_sharded`). See :mod:`safesteer_lens.sharding`.
         low_memory_rollouts: With a sharded student, gather each layer at every decoded token
             rather than holding the whole student while sampling (slower, less memory).
+        report_to: Where per-step metrics go besides ``metrics.jsonl``: ``none``,
+            ``tensorboard`` or ``wandb`` (:mod:`safesteer_lens.tracking`; rank 0 only).
+        tracker_name: This run's name in the tracker.
     """
     run_dir = Path(run_dir)
     config = config or PRESETS["demo"]
     config.validate()
+    check_report_to(report_to)
     world = current_world()
     check_sharding(shard, world)
     if config.lora_rank and shard != "none":
-        raise SafeSteerError("LoRA students train whole on every process: use shard='none' (data parallel) with lora_rank")
+        raise SafeSteerError("LoRA students train whole on every process: use shard='none' (data parallel), or "
+                             "lora_rank=0 (--lora-rank 0; the demo preset has rank 8) to shard")
     _check_rollout_engine(config, world)
     world.shard(config.prompts_per_step, "prompts")  # fail early if a step does not split
     if config.n_prompts % config.prompts_per_step:
@@ -498,6 +512,9 @@ def train(
     bar = tqdm(range(start_step, end_step), desc=f"train ({config.loss}, {precision})",
                disable=not (progress and world.is_main), initial=start_step, total=config.total_steps)
     last_saved = start_step if start_step else None
+    tracker = open_tracker(report_to, run_dir, {**asdict(config), "model": teacher.name, "direction_layer": direction.layer,
+                                                "direction_coeff": direction.coeff, "n_safety_tokens": len(tokens)},
+                           tracker_name, start_step, world.is_main)
     for step in bar:
         try:
             row = train_step(
@@ -512,6 +529,7 @@ def train(
         if world.is_main:
             with metrics_path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
+        tracker.log(row, step)
         bar.set_postfix(loss=f"{row['loss']:.4f}", refusal=f"{row['rollout_refusal']:.2f}")
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.total_steps:
             if world.sum([sum(float(not torch.isfinite(local(p)).all()) for p in params)])[0]:
@@ -526,6 +544,7 @@ def train(
                     })
                 del weights, optim  # host copies of the whole student: not kept until the next checkpoint
             last_saved = step + 1
+    tracker.close()
     for p in params:
         p.requires_grad_(False)
     if end_step == config.total_steps:
@@ -533,7 +552,8 @@ def train(
     if export and end_step == config.total_steps and (world.is_main or sharded):
         weights = full_state(student)[0]  # on the host, gathered if sharded
         if world.is_main:
-            export_student(student, run_dir / STUDENT_DIR, weights)
+            export_student(student, run_dir / STUDENT_DIR, weights,
+                           card=build_model_card(teacher.name, config, direction, tokens))
     world.barrier()  # every rank returns once rank 0's files are complete
     return TrainResult(student, metrics, run_dir)
 

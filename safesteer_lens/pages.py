@@ -1,45 +1,23 @@
-"""Standalone HTML pages that bundle a stage's figures and per-token views.
+"""The stage pages: a stage's figures and per-token views, one offline page each.
 
 One page per stage in the run directory (``direction_report.html``, ``tokens_report.html``),
-self-contained: plotly.js is embedded once, so the page opens offline.
+written by :func:`safesteer_lens.webpage.write_page` beside the run's shared ``plotly.min.js``.
 """
 
 from __future__ import annotations
 
-import html
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any
 
-import plotly.graph_objects as go
-
-from safesteer_lens.atomic import write_text_atomic
 from safesteer_lens.data import load_builtin_prompts, prompt_texts
 from safesteer_lens.directions import Direction
 from safesteer_lens.generation import generate
 from safesteer_lens.models import ChatModel
-from safesteer_lens.token_views import HtmlView, contrast_view, mask_view, token_set_comparison
+from safesteer_lens.token_views import contrast_view, mask_view, token_set_comparison
 from safesteer_lens.tokens import SafetyTokens, TokenConfig, select_safety_tokens
 from safesteer_lens.steering import add_hooks
 from safesteer_lens.viz import direction_figures, probe_figure, safety_tokens_bar
-
-Item = Union[go.Figure, HtmlView]
-
-
-def write_page(items: Sequence[Item], path: str | Path, title: str) -> Path:
-    """Write figures and views into one standalone HTML page (atomically)."""
-    path = Path(path)
-    parts, plotly_included = [], False
-    for item in items:
-        if isinstance(item, go.Figure):
-            parts.append(item.to_html(full_html=False, include_plotlyjs=not plotly_included))
-            plotly_included = True
-        else:
-            parts.append(item._repr_html_())
-    text = (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
-        f"<body><h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>"
-    )
-    return write_text_atomic(path, text)
+from safesteer_lens.webpage import Item, write_page
 
 
 def write_direction_report(direction: Direction, run_dir: str | Path, probes: Any | None = None) -> Path:
@@ -51,6 +29,7 @@ def write_direction_report(direction: Direction, run_dir: str | Path, probes: An
         figures,
         Path(run_dir) / "direction_report.html",
         f"Refusal direction for {direction.model}",
+        assets=run_dir,
     )
 
 
@@ -84,4 +63,4 @@ def write_tokens_report(
     student_out = generate(model, harmful, max_new_tokens=16, do_sample=True, seed=config.seed)
     for prompt, ids, mask in zip(harmful, student_out.completion_ids, student_out.completion_mask):
         items.append(mask_view(model, direction, tokens, prompt, ids.tolist(), mask.tolist()))
-    return write_page(items, Path(run_dir) / "tokens_report.html", f"Safety tokens for {model.name}")
+    return write_page(items, Path(run_dir) / "tokens_report.html", f"Safety tokens for {model.name}", assets=run_dir)

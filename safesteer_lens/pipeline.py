@@ -33,6 +33,7 @@ from safesteer_lens.distill import PRESETS as TRAIN_PRESETS
 from safesteer_lens.distill import STUDENT_DIR, TrainConfig, train
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.evaluate import DEMO_EVAL, EvalConfig, Evaluation, Subject, evaluate_models
+from safesteer_lens.model_card import build_model_card, write_model_card
 from safesteer_lens.models import DEFAULT_MODEL, ChatModel, load_model, resolve_device
 from safesteer_lens.pages import write_direction_report, write_tokens_report
 from safesteer_lens.probes import probe_accuracy, save_probes
@@ -40,7 +41,8 @@ from safesteer_lens.parallel import current_world, rank_device
 from safesteer_lens.precision import compute_dtype, dtype_name
 from safesteer_lens.sharding import check_sharding
 from safesteer_lens.steering import add_hooks
-from safesteer_lens.tokens import TokenConfig, select_safety_tokens
+from safesteer_lens.tokens import TokenConfig, load_safety_tokens, select_safety_tokens
+from safesteer_lens.tracking import check_report_to
 
 STAGES = ("direction", "tokens", "train", "ablation", "evaluate", "report")
 RECIPE_LABEL = "SafeSteer student"  # the row of the recipe's own student in the results table
@@ -160,6 +162,7 @@ def run_pipeline(
     shard: str = "none",
     low_memory_rollouts: bool = False,
     judge: str | None = None,
+    report_to: str = "none",
 ) -> "Any":
     """Run every stage that is missing or stale; return the evaluation table.
 
@@ -177,6 +180,8 @@ def run_pipeline(
         low_memory_rollouts: ``train``'s option of the same name.
         judge: A judge for the evaluation, as ``NAME=PATH_OR_ID``
             (:func:`~safesteer_lens.judges.load_judge`, e.g. ``llama-guard=meta-llama/Llama-Guard-3-1B``).
+        report_to: Where each student's per-step metrics also go: ``none``, ``tensorboard`` or
+            ``wandb`` (:mod:`safesteer_lens.tracking`), one tracker run per student.
     """
     unknown = set(rerun) - set(STAGES)
     if unknown:
@@ -186,6 +191,7 @@ def run_pipeline(
             raise SafeSteerError(f"unknown preset {preset!r}: use one of {', '.join(PIPELINE_PRESETS)}")
         config = PIPELINE_PRESETS[preset]
     config.train.validate()
+    check_report_to(report_to)
     for ablation in config.ablations:
         ablation.config(config.train).validate()
     if judge is not None:
@@ -215,6 +221,7 @@ def run_pipeline(
 
     # ---- stages 3 and 4: the recipe's student, and the comparison students on the same budget
     students: dict[str, Path] = {}
+    trained: dict[str, TrainConfig] = {}
     for number, stage, label, train_config, run_dir in (
         (3, "train", RECIPE_LABEL, config.train, out),
         *((4, "ablation", a.label, a.config(config.train), out / a.dir_name) for a in config.ablations),
@@ -231,13 +238,14 @@ def run_pipeline(
                 _prepare_train_dir(out, run_dir)
             world.barrier()
             train(run_dir, train_config, teacher=None if shard == "all" else base, progress=progress, shard=shard,
-                  low_memory_rollouts=low_memory_rollouts)
+                  low_memory_rollouts=low_memory_rollouts, report_to=report_to, tracker_name=label)
             if world.is_main:
                 _write_stamp(stamp, key, loss=loss)
             rerun = (*rerun, "evaluate")
         else:
             say(f"[{number}/6] {stage}: {label}: current, skipped")
         students[label] = run_dir / STUDENT_DIR
+        trained[label] = train_config
     if not world.is_main:  # evaluation and the report are rank 0's
         world.barrier()
         import pandas
@@ -270,6 +278,10 @@ def run_pipeline(
     import pandas
 
     table = pandas.read_csv(out / "results.csv", index_col="model")
+    tokens = load_safety_tokens(out)
+    for label, path in students.items():  # each student's card gains its evaluation
+        write_model_card(path, build_model_card(base.name, trained[label], direction, tokens, table, label,
+                                                config.evaluate.split))
     from safesteer_lens.report import write_report
 
     say("[6/6] report: report.md, report.html and figures/")

@@ -1,7 +1,9 @@
-"""The end-of-run report: ``report.md``, a self-contained ``report.html`` and ``figures/``.
+"""The end-of-run report: ``report.md``, ``report.html`` and ``figures/``, all readable offline.
 
-Figures are written as standalone HTML always, and as PNG when plotly's static export works
-on the machine (kaleido needs a Chrome or Chromium binary; see the README).
+``report.html`` opens with a summary (what was trained, the result, the target check), then
+the results table, the figures with captions, and every held-out prompt as a sortable table.
+Figures are also written one per page (``figures/*.html``), and as PNG when plotly's static
+export works on the machine (kaleido needs a Chrome or Chromium binary; see the README).
 """
 
 from __future__ import annotations
@@ -19,18 +21,18 @@ import torch
 from jaxtyping import Float
 from plotly.subplots import make_subplots
 
-from safesteer_lens.atomic import write_text_atomic
+from safesteer_lens.atomic import write_atomic, write_text_atomic
 from safesteer_lens.data import load_builtin_prompts, prompt_texts
 from safesteer_lens.directions import Direction, load_direction
 from safesteer_lens.distill import load_metrics
 from safesteer_lens.models import ChatModel, load_model
-from safesteer_lens.pages import write_page
 from safesteer_lens.generation import FwdHook
 from safesteer_lens.stats import format_rate
 from safesteer_lens.steering import add_hooks
 from safesteer_lens.tokens import load_safety_tokens
 from safesteer_lens.token_views import HtmlView
 from safesteer_lens.viz import completions_table, direction_score_heatmaps, safety_tokens_bar
+from safesteer_lens.webpage import Captioned, data_table, write_figure, write_page
 
 
 def training_curves(runs: dict[str, Any]) -> go.Figure:
@@ -84,7 +86,9 @@ def _rate_scatter(table: Any, x: str, y: str) -> go.Figure:
 def refusal_tradeoff(table: Any) -> go.Figure:
     """Refusal on harmful prompts against over-refusal on harmless prompts, with 95% intervals."""
     fig = _rate_scatter(table, "harmless_refusal", "harmful_refusal")
-    fig.add_shape(type="rect", x0=0, x1=0.1, y0=0.9, y1=1.0, line={"dash": "dot", "color": "green"})
+    targets = Targets()
+    fig.add_shape(type="rect", x0=0, x1=targets.harmless_max, y0=targets.harmful_min, y1=1.0,
+                  line={"dash": "dot", "color": "green"})
     fig.update_layout(
         title="Refusal vs over-refusal, 95% intervals (target: top-left box)", xaxis_title="harmless prompts refused",
         yaxis_title="harmful prompts refused", xaxis_range=[-0.05, 1.05], yaxis_range=[-0.05, 1.1],
@@ -140,13 +144,21 @@ def representation_shift(states: dict[str, torch.Tensor]) -> go.Figure:
     return fig
 
 
-def save_figure(fig: go.Figure, directory: Path, name: str) -> list[str]:
-    """HTML always; PNG when static export works here. Returns the files written."""
+def save_figure(fig: go.Figure, directory: Path, name: str, assets: Path | None = None) -> list[str]:
+    """An offline HTML page always; a PNG too when static export works here. Returns the files written.
+
+    Args:
+        fig: The figure.
+        directory: Where ``<name>.html`` (and ``<name>.png``) go.
+        name: The files' stem.
+        assets: The directory with the shared ``plotly.min.js`` (the run directory); default
+            ``directory``.
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    fig.write_html(directory / f"{name}.html", include_plotlyjs="cdn")
+    write_figure(fig, directory / f"{name}.html", assets if assets is not None else directory)
     written = [f"{name}.html"]
     try:
-        fig.write_image(directory / f"{name}.png", scale=1)
+        write_atomic(directory / f"{name}.png", lambda tmp: fig.write_image(tmp, format="png", scale=1))
         written.append(f"{name}.png")
     except Exception:  # kaleido without a Chrome binary: HTML only
         pass
@@ -322,7 +334,52 @@ def results_view(table: Any) -> HtmlView:
     for column in shown.columns:
         shown[column] = [rate_text(row, column) if is_rate(table, column) else _number(row[column]) for _, row in table.iterrows()]
     checks = "".join(f"<p>{html.escape(line.replace('**', ''))}</p>" for line in target_check(table) if line)
-    return HtmlView("Results (95% Wilson intervals)", shown.to_html() + checks)
+    return HtmlView("Results (95% Wilson intervals)", data_table(shown, index=True) + checks)
+
+
+def summary(table: Any, direction: Direction, n_tokens: int, train: Any, model_name: str) -> list[str]:
+    """The report's opening lines, in plain sentences: what was trained, how it did, the targets.
+
+    Args:
+        table: The results table (a ``base`` row and the recipe's student row).
+        direction: The teacher's direction.
+        n_tokens: |S|.
+        train: The recipe student's :class:`~safesteer_lens.distill.TrainConfig`.
+        model_name: The base model.
+    """
+    from safesteer_lens.pipeline import RECIPE_LABEL
+
+    lora = f"rank-{train.lora_rank} LoRA adapters" if train.lora_rank else "every weight"
+    anchor = f", with the harmless anchor at weight {train.anchor_weight:g}" if train.anchor_weight else ""
+    lines = [f"Trained: {model_name} ({lora}) by the {train.loss} loss over {n_tokens} safety tokens{anchor}, against a "
+             f"teacher steered by the {direction.method} direction at layer {direction.layer} with coefficient "
+             f"{direction.coeff:g}; lr {train.lr:g}, {train.epochs} epoch(s) of {train.n_prompts} prompts x "
+             f"{train.samples_per_prompt} rollouts of {train.max_new_tokens} tokens, seed {train.seed}."]
+    if RECIPE_LABEL in table.index and "base" in table.index:
+        row, base = table.loc[RECIPE_LABEL], table.loc["base"]
+        lines.append(f"Result on held-out prompts: the {RECIPE_LABEL} refuses {rate_text(row, 'harmful_refusal')} of harmful "
+                     f"and {rate_text(row, 'harmless_refusal')} of harmless prompts; the base model "
+                     f"{rate_text(base, 'harmful_refusal')} and {rate_text(base, 'harmless_refusal')}.")
+        check = next((line for line in target_check(table) if line.startswith(f"- {RECIPE_LABEL}:")), None)
+        if check:
+            lines.append("Target check: " + check[len(f"- {RECIPE_LABEL}: "):].replace("**", ""))
+    return lines
+
+
+FIGURE_CAPTIONS = {
+    "direction_scores": "Every candidate direction by layer and token position; the outlined square is the one chosen "
+                        "for the teacher. Low bypass and high induce mean the direction carries refusal.",
+    "safety_tokens": "The safety tokens S, by the votes they won where teacher and base disagree most on harmless text; "
+                     "colour is the mean log-probability shift. The loss is computed over these tokens only.",
+    "training_curves": "Per optimizer step: the loss, how often rollouts open as refusals (solid: harmful prompts; "
+                       "dotted: the harmless anchor's prompts), and the student's projection on the refusal direction.",
+    "refusal_tradeoff": "Each model's refusal rate on harmful against harmless held-out prompts, with 95% intervals. "
+                        "A selective student sits in the dotted target box at the top left.",
+    "damage": "What training cost: degenerate replies to harmless prompts against MCQ accuracy, with 95% intervals. "
+              "A student that stays itself sits where the base model does.",
+    "representation_shift": "Final-layer states on harmless prompts, projected on two principal components fitted on all "
+                            "models: how far the teacher's steering and each student's training moved them.",
+}
 
 
 def write_report(run_dir: str | Path, base: ChatModel, table: Any, config: Any) -> Path:
@@ -351,27 +408,34 @@ def write_report(run_dir: str | Path, base: ChatModel, table: Any, config: Any) 
         "representation_shift": representation_shift(states),
     }
     fig_dir = run_dir / "figures"
-    files = {name: save_figure(fig, fig_dir, name) for name, fig in figures.items()}
+    files = {name: save_figure(fig, fig_dir, name, assets=run_dir) for name, fig in figures.items()}
     subjects = [c for c in examples["harmful"][0] if c != "prompt"] if examples["harmful"] else []
     tables = [
-        completions_table(examples[kind], ["prompt", *subjects]).update_layout(title=f"{kind} prompts (held out)")
+        Captioned(completions_table(examples[kind], ["prompt", *subjects]).update_layout(title=f"{kind} prompts (held out)"),
+                  f"Greedy replies of every model to the first {len(examples[kind])} held-out {kind} prompts.")
         for kind in ("harmful", "harmless")
     ]
     comparison_path = run_dir / "comparison.csv"
     # keep_default_na=False: an empty reply stays "" rather than NaN (empty replies are what damage looks like)
     comparison = pandas.read_csv(comparison_path, keep_default_na=False) if comparison_path.is_file() else None
-    views = [results_view(table), *figures.values(), *tables]
+    opening = summary(table, direction, len(tokens), config.train, base.name)
+    intro = "<div class='summary'><ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in opening) + "</ul></div>"
+    views = [results_view(table),
+             *(Captioned(fig, FIGURE_CAPTIONS.get(name, "")) for name, fig in figures.items()), *tables]
     if comparison is not None:
         views.append(HtmlView("Every held-out prompt (comparison.csv)",
-                              "<details><summary>one row per prompt: each model's reply and flags</summary>"
-                              + comparison.to_html(index=False) + "</details>"))
-    write_page(views, run_dir / "report.html", f"SafeSteer run on {base.name}")
+                              f"<details><summary>{len(comparison)} prompts, one row each: every model's reply and flags "
+                              "(click a column header to sort)</summary>" + data_table(comparison, sortable=True)
+                              + "</details>"))
+    write_page(views, run_dir / "report.html", f"SafeSteer run on {base.name}", assets=run_dir, intro=intro)
 
     md = [
         f"# SafeSteer run on {base.name}",
         "",
         f"Teacher: {direction.method} direction at layer {direction.layer}, coefficient {direction.coeff:g}. "
         f"|S| = {len(tokens)}: " + ", ".join(f"`{t!r}`" for t in tokens.texts[:20]) + (" ..." if len(tokens) > 20 else ""),
+        "",
+        *(f"- {line}" for line in opening),
         "",
         "## Results (held-out prompts, greedy replies)",
         "",

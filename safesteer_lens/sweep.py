@@ -33,6 +33,7 @@ import plotly.graph_objects as go
 from safesteer_lens.atomic import write_atomic, write_text_atomic
 from safesteer_lens.distill import CHECKPOINT, STUDENT_DIR, TrainConfig, train
 from safesteer_lens.errors import SafeSteerError
+from safesteer_lens.tracking import check_report_to
 from safesteer_lens.evaluate import DEMO_EVAL, EvalConfig, Subject, evaluate_models
 from safesteer_lens.models import ChatModel, load_model
 
@@ -126,6 +127,7 @@ def run_sweep(
     keep_students: bool = False,
     progress: bool = True,
     name: str = SWEEP_DIR,
+    report_to: str = "none",
 ) -> Any:
     """Train and evaluate every grid point; return the sweep table (pandas, one row per trial + base).
 
@@ -140,6 +142,8 @@ def run_sweep(
         progress: Show progress bars and a line per trial.
         name: The sweep's directory under ``run_dir``: separate sweeps of one run (say, one
             per round of a study) keep separate tables.
+        report_to: Where each trial's per-step metrics also go (``none``, ``tensorboard``,
+            ``wandb``; :mod:`safesteer_lens.tracking`), one tracker run per trial.
     """
     import pandas
 
@@ -149,6 +153,7 @@ def run_sweep(
     run_dir = Path(run_dir)
     if not name or Path(name).name != name or name in (".", ".."):
         raise SafeSteerError(f"sweep name {name!r} must be one plain directory name, such as 'sweep' or 'lr-study'")
+    check_report_to(report_to)
     missing = [artifact for artifact in RUN_ARTIFACTS if not (run_dir / artifact).is_file()]
     if missing:
         raise SafeSteerError(f"{run_dir} lacks {', '.join(missing)}; run `safesteer direction` and `safesteer tokens` first")
@@ -184,7 +189,8 @@ def run_sweep(
                 record_path.unlink()
                 for stale in ("metrics.jsonl", CHECKPOINT):
                     (trial_dir / stale).unlink(missing_ok=True)
-            result = train(trial_dir, config, teacher=base, resume=(trial_dir / CHECKPOINT).exists(), progress=progress)
+            result = train(trial_dir, config, teacher=base, resume=(trial_dir / CHECKPOINT).exists(), progress=progress,
+                           report_to=report_to, tracker_name=f"{name}/{trial.name}")
             evaluation = evaluate_models([Subject(trial.name, result.student)], base, eval_config)
             record = {"key": key, "settings": dict(trial.settings), "row": _row(evaluation, trial.name)}
             _write_json(record_path, record)
@@ -200,7 +206,7 @@ def run_sweep(
     write_atomic(out / "sweep.csv", table.to_csv)
     from safesteer_lens.report import save_figure
 
-    save_figure(sweep_figure(table), out, "sweep")
+    save_figure(sweep_figure(table), out, "sweep", assets=run_dir)
     return table
 
 

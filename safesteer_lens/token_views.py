@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from safesteer_lens.atomic import write_text_atomic
 from safesteer_lens.directions import Direction
 from safesteer_lens.losses import safety_mass
 from safesteer_lens.models import ChatModel
@@ -50,17 +48,6 @@ class HtmlView:
 
     def _repr_html_(self) -> str:
         return f"{_STYLE}<div class='ssl-view'><h4>{html.escape(self.title)}</h4>{self.body}</div>"
-
-    def save(self, path: str | Path) -> Path:
-        """Write a standalone HTML page."""
-        path = Path(path)
-        page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title></head><body>{self._repr_html_()}</body></html>"
-        return write_text_atomic(path, page)
-
-
-def page(views: Sequence[HtmlView], title: str) -> HtmlView:
-    """Several views as one page."""
-    return HtmlView(title, "".join(v._repr_html_() for v in views))
 
 
 def _colour(value: float, scale: float) -> str:

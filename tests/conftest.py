@@ -44,3 +44,31 @@ def run_dir(tiny, tiny_dir, tmp_path):
     ids = list(range(20, 60))
     SafetyTokens([{"id": i, "text": tiny.tokenizer.decode([i]), "votes": 1, "mean_delta": 0.0} for i in ids]).save(tmp_path)
     return tmp_path
+
+
+def tiny_pipeline_config():
+    """End-to-end settings small enough for the tiny model: every stage runs in seconds."""
+    from safesteer_lens.directions import DirectionConfig
+    from safesteer_lens.distill import TrainConfig
+    from safesteer_lens.evaluate import EvalConfig
+    from safesteer_lens.pipeline import BOUNDED, FULL_REVERSE, PipelineConfig
+    from safesteer_lens.tokens import TokenConfig
+
+    return PipelineConfig(
+        direction=DirectionConfig(method="diff-means", layers=[1, 2], n_train=4, n_val=2, n_test=2, coeffs=(1.0, 2.0),
+                                  max_new_tokens=4),
+        tokens=TokenConfig(horizon=3, samples_per_prompt=2, n_prompts=3, top_k_votes=20, set_size=10, prob_floor=0.0),
+        train=TrainConfig(n_prompts=2, samples_per_prompt=2, max_new_tokens=4, sequences_per_step=4, micro_batch=2, lr=1e-3),
+        evaluate=EvalConfig(n_harmful=2, n_harmless=2, max_new_tokens=4, n_kl_prompts=2, n_general=2, n_examples=2, n_mcq=6),
+        ablations=(FULL_REVERSE, BOUNDED),
+    )
+
+
+@pytest.fixture(scope="session")
+def finished_run(tiny, tmp_path_factory: pytest.TempPathFactory):
+    """A whole tiny-model run (direction to report), made once and only read by the tests that share it."""
+    from safesteer_lens.pipeline import run_pipeline
+
+    out = tmp_path_factory.mktemp("finished-run")
+    run_pipeline(out, config=tiny_pipeline_config(), model=tiny, progress=False)
+    return out

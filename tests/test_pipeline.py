@@ -5,20 +5,12 @@ from dataclasses import replace
 import pytest
 
 from safesteer_lens.cli import main
-from safesteer_lens.directions import DirectionConfig
-from safesteer_lens.distill import TrainConfig
 from safesteer_lens.errors import SafeSteerError
-from safesteer_lens.evaluate import EvalConfig
 from safesteer_lens.pipeline import BOUNDED, FULL_REVERSE, PIPELINE_PRESETS, Ablation, PipelineConfig, run_pipeline
-from safesteer_lens.tokens import TokenConfig
 
-TINY = PipelineConfig(
-    direction=DirectionConfig(method="diff-means", layers=[1, 2], n_train=4, n_val=2, n_test=2, coeffs=(1.0, 2.0), max_new_tokens=4),
-    tokens=TokenConfig(horizon=3, samples_per_prompt=2, n_prompts=3, top_k_votes=20, set_size=10, prob_floor=0.0),
-    train=TrainConfig(n_prompts=2, samples_per_prompt=2, max_new_tokens=4, sequences_per_step=4, micro_batch=2, lr=1e-3),
-    evaluate=EvalConfig(n_harmful=2, n_harmless=2, max_new_tokens=4, n_kl_prompts=2, n_general=2, n_examples=2, n_mcq=6),
-    ablations=(FULL_REVERSE, BOUNDED),
-)
+from conftest import tiny_pipeline_config
+
+TINY = tiny_pipeline_config()
 
 
 def test_pipeline_writes_every_artifact_then_skips_current_stages(tiny, tmp_path, capsys):

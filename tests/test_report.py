@@ -1,3 +1,5 @@
+import shutil
+
 import pandas
 import pytest
 
@@ -64,3 +66,45 @@ def test_the_per_prompt_markdown_flags_each_reply(tmp_path):
     assert lines[2] == "| Line one line two \\| pipe | harmless | **D**  |"
     with pytest.raises(KeyError):
         comparison_markdown(back, ["teacher"])
+
+
+def test_the_report_opens_with_a_summary_and_captions_every_figure(finished_run):
+    html = (finished_run / "report.html").read_text()
+    summary = html[html.index("<div class='summary'>"):html.index("</div>", html.index("<div class='summary'>"))]
+    assert "Trained:" in summary and "Result on held-out prompts" in summary and "Target check:" in summary
+    assert html.count("<figcaption>") >= 6
+    assert "class=\"dataframe data sortable\"" in html and "<details>" in html
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (Debian: apt-get install chromium)")
+def test_report_draws_every_figure_offline_in_headless_chromium(finished_run):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install '.[dev]')")
+    errors, remote = [], []
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+        page.on("pageerror", lambda error: errors.append(str(error)))
+
+        def offline(route):
+            if not route.request.url.startswith("file://"):
+                remote.append(route.request.url)
+                return route.abort()
+            return route.continue_()
+
+        page.route("**/*", offline)
+        page.goto((finished_run / "report.html").as_uri(), wait_until="load")
+        drawn = page.evaluate("""() => Array.from(document.querySelectorAll('.plotly-graph-div'))
+            .map(div => Boolean(div._fullLayout) && div.querySelectorAll('.main-svg').length > 0)""")
+        page.click("details > summary")
+        page.click("table.sortable thead th")
+        browser.close()
+    assert len(drawn) >= 8 and all(drawn), drawn  # six figures and two reply tables
+    assert errors == [] and remote == []
+
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
