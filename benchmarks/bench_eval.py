@@ -30,7 +30,6 @@ from safesteer_lens.directions import load_direction
 from safesteer_lens.evaluate import Subject, evaluate_models
 from safesteer_lens.models import load_model
 from safesteer_lens.pipeline import FULL_REVERSE, PIPELINE_PRESETS
-from safesteer_lens.steering import add_hooks
 
 
 def main() -> None:
@@ -43,7 +42,7 @@ def main() -> None:
     direction = load_direction(args.run)
     subjects = [
         Subject("base", base),
-        Subject("teacher", base, add_hooks(base, direction.vector, direction.layer, direction.coeff)),
+        Subject("teacher", base, direction.hooks(base)),
         Subject("SafeSteer student", load_model(f"{args.run}/student", device="cpu")),
         Subject("full-reverse student", load_model(f"{args.run}/{FULL_REVERSE.dir_name}/student", device="cpu")),
     ]

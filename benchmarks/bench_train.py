@@ -55,21 +55,23 @@ def run_ours(args: argparse.Namespace) -> list[float]:
     """Step times of safesteer-lens's own training step."""
     import torch
 
-    from safesteer_lens.distill import build_optimizer, rollout_sampler, train_step
+    from safesteer_lens.distill import TrainingRun, build_optimizer, rollout_sampler, train_step
     from safesteer_lens.models import load_model
-    from safesteer_lens.steering import add_hooks
 
     config, direction, tokens, prompts = _setup(args)
     teacher = load_model(args.model or direction.model)
     student = load_model(teacher.name)
     optimizer, scheduler = build_optimizer(student, config)  # as `safesteer train` builds them
-    hooks = add_hooks(teacher, direction.vector, direction.layer, direction.coeff)
+    hooks = direction.hooks(teacher)
     ids = torch.tensor(tokens.ids)
     sampler = rollout_sampler(student, config)  # built once, as `train` does
+    from safesteer_lens.parallel import World
+
+    run = TrainingRun(config, World(), student, teacher, hooks, direction, ids, optimizer, scheduler, sampler, prompts)
     times = []
     for step in _steps(args):
         start = time.perf_counter()
-        train_step(student, teacher, hooks, direction, ids, optimizer, scheduler, prompts, config, step, sampler=sampler)
+        train_step(run, step)
         times.append(time.perf_counter() - start)
     return times[1:]
 

@@ -53,12 +53,12 @@ def measure(shape: dict, args: argparse.Namespace, device: torch.device, dtype: 
     from transformers import AutoModelForCausalLM
 
     from safesteer_lens.directions import Direction
-    from safesteer_lens.distill import build_optimizer, preset, train_step
+    from safesteer_lens.distill import TrainingRun, build_optimizer, preset, train_step
+    from safesteer_lens.parallel import World
     from safesteer_lens.generation import generate
     from safesteer_lens.models import load_model
     from safesteer_lens.precision import compute_dtype, dtype_name
     from safesteer_lens.rollouts import RolloutSampler
-    from safesteer_lens.steering import add_hooks
     from safesteer_lens.tiny import build_tiny_llama
 
     directory = build_tiny_llama(workdir / "model", vocab_size=args.vocab, **shape)
@@ -114,15 +114,15 @@ def measure(shape: dict, args: argparse.Namespace, device: torch.device, dtype: 
     optimizer, scheduler = build_optimizer(student, config)
     torch.manual_seed(0)
     direction = Direction(torch.randn(teacher.d_model), str(directory), "random", teacher.n_layers // 2, -1, 1.0)
-    hooks = add_hooks(teacher, direction.vector, direction.layer, direction.coeff)
+    hooks = direction.hooks(teacher)
     safety = torch.arange(10, 60, device=device)
-    step = dict(sampler=sampler)
-    train_step(student, teacher, hooks, direction, safety, optimizer, scheduler, distinct, config, 0, **step)  # warm-up
+    run = TrainingRun(config, World(), student, teacher, hooks, direction, safety, optimizer, scheduler, sampler, distinct)
+    train_step(run, 0)  # warm-up
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     _sync(device)
     start = time.perf_counter()
-    metrics = train_step(student, teacher, hooks, direction, safety, optimizer, scheduler, distinct, config, 1, **step)
+    metrics = train_step(run, 1)
     _sync(device)
     row["train_step_s"] = round(time.perf_counter() - start, 4)
     row["train_step_rollout_tokens_per_s"] = metrics["rollout_tokens_per_s"]

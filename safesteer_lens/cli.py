@@ -12,7 +12,10 @@ import sys
 from typing import Callable, Sequence
 
 from safesteer_lens.errors import SafeSteerError
-from safesteer_lens.losses import LOSSES
+from safesteer_lens.directions import DIRECTION_METHODS
+from safesteer_lens.distill import PRESETS, TrainConfig
+from safesteer_lens.losses import LOSS_REGISTRY
+from safesteer_lens.pipeline import STAGES
 from safesteer_lens.models import DEFAULT_MODEL
 from safesteer_lens.precision import PRECISIONS
 from safesteer_lens.sharding import SHARDING
@@ -99,6 +102,9 @@ def cmd_direction(args: argparse.Namespace) -> None:
         method=args.method, layers=parse_layers(args.layers), n_train=args.n_train,
         n_val=args.n_val, n_test=args.n_test,
     )
+    from safesteer_lens.rundir import check_out_dir
+
+    check_out_dir(args.out)
     from safesteer_lens.data import load_prompt_file, split_by_position
 
     harmful = split_by_position(load_prompt_file(args.harmful, "harmful")) if args.harmful else None
@@ -125,17 +131,22 @@ def cmd_tokens(args: argparse.Namespace) -> None:
     from safesteer_lens.pages import write_tokens_report
     from safesteer_lens.tokens import TokenConfig, select_safety_tokens
 
+    from safesteer_lens.rundir import locked
+
     config = TokenConfig(
         horizon=args.horizon, samples_per_prompt=args.samples, n_prompts=args.n_prompts,
         top_k_votes=args.top_k, set_size=args.set_size, prob_floor=args.prob_floor,
         method=args.method, seed=args.seed,
     )
-    _import_direction(args)
-    direction = load_direction(args.run)
-    model = load_model(args.model or direction.model, device=args.device, dtype=args.dtype)
-    tokens = select_safety_tokens(model, direction, config)
-    tokens.save(args.run)
-    report = write_tokens_report(model, direction, tokens, args.run, compare_horizon=args.compare_horizon)
+    if args.compare_horizon < 0:
+        raise SafeSteerError(f"--compare-horizon must be 0 (skip) or a horizon >= 1, got {args.compare_horizon}")
+    with locked(args.run, "safesteer tokens"):
+        _import_direction(args)
+        direction = load_direction(args.run)
+        model = load_model(args.model or direction.model, device=args.device, dtype=args.dtype)
+        tokens = select_safety_tokens(model, direction, config)
+        tokens.save(args.run)
+        report = write_tokens_report(model, direction, tokens, args.run, compare_horizon=args.compare_horizon)
     print(f"|S| = {len(tokens)} from {tokens.settings['n_valid_positions']} voting positions:")
     print("  " + " ".join(repr(t) for t in tokens.texts[:25]) + (" ..." if len(tokens) > 25 else ""))
     print(f"wrote {args.run}/safety_tokens.json and {report.name}")
@@ -228,7 +239,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from safesteer_lens.judges import check_judge, load_judge
     from safesteer_lens.models import load_model
     from safesteer_lens.pipeline import write_evaluation
-    from safesteer_lens.steering import add_hooks
 
     config = EvalConfig(n_harmful=args.n, n_harmless=args.n, max_new_tokens=args.max_new_tokens,
                         n_mcq=args.n_mcq, split=args.split)
@@ -251,7 +261,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.judge:
         check_judge(args.judge)
     base = load_model(args.model or direction.model, device=args.device, dtype=args.dtype)
-    subjects = [Subject("base", base), Subject("teacher", base, add_hooks(base, direction.vector, direction.layer, direction.coeff))]
+    subjects = [Subject("base", base), Subject("teacher", base, direction.hooks(base))]
     for name, path in zip(names, students):
         subjects.append(Subject(name, load_model(path, device=base.device)))
     judge = load_judge(args.judge, device=str(base.device)) if args.judge else None
@@ -312,6 +322,7 @@ PRECISION_HELP = (
 )
 
 
+LOSS_HELP = "the preset's by default; " + "; ".join(f"{loss.name}: {loss.help}" for loss in LOSS_REGISTRY.values())
 REPORT_TO_HELP = (
     "also log every training step's metrics and the settings to: none (default; metrics.jsonl only), tensorboard "
     "(RUN/tensorboard) or wandb (RUN/wandb; set WANDB_MODE=offline on machines without network)"
@@ -342,11 +353,12 @@ def cmd_export_direction(args: argparse.Namespace) -> None:
     """Write the run's direction as a llama.cpp control vector."""
     from safesteer_lens.control_vectors import export_control_vector, tensor_name
     from safesteer_lens.directions import load_direction
+    from safesteer_lens.steering import hook_name
 
     direction = load_direction(args.run)
     path = export_control_vector(direction, args.out, scale=args.scale)
     print(f"wrote {path}: {tensor_name(direction.layer)} = {args.scale * direction.coeff:g} x the direction "
-          f"(blocks.{direction.layer}.hook_resid_pre); use it with llama.cpp's --control-vector {path}")
+          f"({hook_name(direction.layer)}); use it with llama.cpp's --control-vector {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -372,8 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(direction)
     direction.add_argument("--out", required=True, help="run directory to write the artifact into")
     direction.add_argument(
-        "--method", choices=["auto", "diff-means", "contrastive"], default="auto",
-        help="auto: contrastive when the model does not refuse yet, else diff-means",
+        "--method", choices=["auto", *DIRECTION_METHODS], default="auto",
+        help="auto: contrastive when the model does not refuse yet, else diff-means; "
+        + "; ".join(f"{m.name}: {m.help}" for m in DIRECTION_METHODS.values()),
     )
     direction.add_argument("--layers", default=None, help="layers to consider, e.g. 8-20 (default: all)")
     direction.add_argument("--n-train", type=int, default=64, help="prompts per class for the means")
@@ -403,10 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="stage 3: distil the steered teacher into a student on S")
     train.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory with the direction and safety tokens")
-    train.add_argument("--loss", choices=LOSSES, default=None,
-                       help="default: safesteer (the paper's reverse KL over S); safesteer-bounded adds a rest-of-vocabulary "
-                            "bucket, so the loss is a true KL (>= 0, zero when the student matches the teacher on S)")
-    train.add_argument("--preset", choices=["demo", "paper"], default="demo")
+    train.add_argument("--loss", choices=list(LOSS_REGISTRY), default=None, help=LOSS_HELP)
+    train.add_argument("--preset", choices=list(PRESETS), default="demo")
     train.add_argument("--model", default=None, help="default: the model named in direction.json")
     train.add_argument("--device", default=None, help="where the student trains (default: cuda if available)")
     train.add_argument("--dtype", default=None)
@@ -423,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--anchor-weight", type=float, default=None,
                        help="weight of the harmless anchor: the student's replies to harmless train prompts held to "
                             "the unsteered base (0: off)")
-    train.add_argument("--anchor-loss", choices=LOSSES, default=None, help="the anchor's loss (default safesteer-bounded)")
+    train.add_argument("--anchor-loss", choices=list(LOSS_REGISTRY), default=None,
+                       help=f"the anchor's loss (default {TrainConfig.anchor_loss})")
     train.add_argument("--lora-rank", type=int, default=None,
                        help="train rank-R LoRA adapters (peft) instead of every weight; merged into the export (0: off)")
     train.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 16)")
@@ -439,8 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="the whole job, stage by stage, skipping stages that are current")
     run.add_argument("--out", required=True, help="run directory")
     run.add_argument("--model", default=DEFAULT_MODEL)
-    run.add_argument("--preset", choices=["demo", "paper"], default="demo")
-    run.add_argument("--rerun", nargs="*", choices=["direction", "tokens", "train", "ablation", "evaluate", "report"],
+    run.add_argument("--preset", choices=list(PRESETS), default="demo")
+    run.add_argument("--rerun", nargs="*", choices=list(STAGES),
                      help="redo these stages (and what depends on them)")
     run.add_argument("--shard", choices=SHARDING, default="none", help=SHARD_HELP)
     run.add_argument("--low-memory-rollouts", action="store_true", help=LOW_MEMORY_HELP)
@@ -478,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--grid", nargs="+", help="KEY=V1,V2 ... over TrainConfig fields, e.g. lr=3e-5,1e-4 "
                                                  "loss=safesteer,safesteer-bounded seed=0,1,2")
     sweep.add_argument("--grid-file", default=None, help='the grid as JSON, e.g. {"lr": [3e-5, 1e-4], "seed": [0, 1, 2]}')
-    sweep.add_argument("--preset", choices=["demo", "paper"], default="demo", help="the training settings the grid overrides")
+    sweep.add_argument("--preset", choices=list(PRESETS), default="demo", help="the training settings the grid overrides")
     sweep.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
     sweep.add_argument("--split", choices=["val", "test"], default="val",
                        help="evaluation split: val (default) to choose settings; report the chosen ones on test")

@@ -31,6 +31,7 @@ import torch
 from safesteer_lens.atomic import write_atomic
 from safesteer_lens.directions import Direction
 from safesteer_lens.errors import SafeSteerError
+from safesteer_lens.steering import hook_name
 
 ARCH = "controlvector"
 
@@ -66,7 +67,7 @@ def export_control_vector(direction: Direction, path: str | Path, scale: float =
         writer.add_uint32("safesteer.layer", direction.layer)
         writer.add_float32("safesteer.coeff", float(scale * direction.coeff))
         writer.add_string("safesteer.method", direction.method)
-        writer.add_string("safesteer.hook", f"blocks.{direction.layer}.hook_resid_pre")
+        writer.add_string("safesteer.hook", hook_name(direction.layer))
         writer.add_tensor(name, values)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

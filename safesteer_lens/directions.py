@@ -17,16 +17,18 @@ how hard the teacher pushes. The result is a :class:`Direction`, saved as
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -36,7 +38,8 @@ from safesteer_lens.generation import generate, last_token_logits
 from safesteer_lens.losses import kl_terms
 from safesteer_lens.models import ChatModel
 from safesteer_lens.refusal import refusal_rate, refusal_score, refusal_token_ids
-from safesteer_lens.steering import ablation_hooks, add_hooks, check_direction
+from safesteer_lens.rundir import artifact_error, read_json, read_tensors
+from safesteer_lens.steering import FwdHook, ablation_hooks, add_hooks, check_direction, hook_name
 
 DIRECTION_TENSOR = "direction.safetensors"
 DIRECTION_JSON = "direction.json"
@@ -110,7 +113,7 @@ def mean_resid_pre(
 
         return hook
 
-    hooks = [(f"blocks.{layer}.hook_resid_pre", capture(layer)) for layer in layers]
+    hooks = [(hook_name(layer), capture(layer)) for layer in layers]
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
         batch = model.tokenize(chunk, None if replies is None else list(replies[start : start + batch_size]))
@@ -165,6 +168,61 @@ def contrastive_directions(
     )
     vectors = diff.mean(dim=1, keepdim=True).float()
     return Candidates(vectors, chosen, [-1], [f"reply (last {last_n})"], "contrastive")
+
+
+@dataclass(frozen=True)
+class DirectionMethod:
+    """A registered way to propose candidate directions, and how stage 1 chooses among them.
+
+    Attributes:
+        name: What ``--method`` and ``DirectionConfig.method`` call it.
+        candidates: ``(model, harmful_train, harmless_train, layers) -> Candidates``.
+        help: One line for the CLI's help.
+        choose_by: ``"bypass"`` (lowest wins: ablating it removes refusal) or ``"induce"``
+            (highest wins: adding it causes refusal, for a model with nothing to bypass yet).
+        induce_filter: Whether a candidate must have induce > 0 to pass the filters.
+    """
+
+    name: str
+    candidates: Callable[[ChatModel, Sequence[str], Sequence[str], Sequence[int]], Candidates]
+    help: str
+    choose_by: str = "bypass"
+    induce_filter: bool = True
+
+
+DIRECTION_METHODS: dict[str, DirectionMethod] = {}
+
+
+def register_method(name: str, help: str, choose_by: str = "bypass", induce_filter: bool = True) -> Callable:
+    """Register a candidate generator under ``name`` (a decorator); ``auto`` is reserved."""
+
+    def add(fn: Callable[[ChatModel, Sequence[str], Sequence[str], Sequence[int]], Candidates]) -> Callable:
+        if name in DIRECTION_METHODS or name == "auto":
+            raise ValueError(f"a direction method named {name!r} is registered already")
+        DIRECTION_METHODS[name] = DirectionMethod(name, fn, help, choose_by, induce_filter)
+        return fn
+
+    return add
+
+
+@register_method("diff-means", "harmful-minus-harmless mean resid_pre at each post-instruction position (Arditi et al.)")
+def _diff_means_method(model: ChatModel, harmful: Sequence[str], harmless: Sequence[str],
+                       layers: Sequence[int]) -> Candidates:
+    return diff_in_means(model, harmful, harmless, layers)
+
+
+@register_method("contrastive", "refusal-reply minus compliant-reply mean resid_pre, for a model that does not refuse yet",
+                 choose_by="induce", induce_filter=False)
+def _contrastive_method(model: ChatModel, harmful: Sequence[str], harmless: Sequence[str],
+                        layers: Sequence[int]) -> Candidates:
+    return contrastive_directions(model, [*harmful, *harmless], layers)
+
+
+def get_method(name: str) -> DirectionMethod:
+    """The registered method, or a one-line error listing those there are."""
+    if name not in DIRECTION_METHODS:
+        raise SafeSteerError(f"unknown method {name!r}: use auto, {', '.join(DIRECTION_METHODS)}")
+    return DIRECTION_METHODS[name]
 
 
 # ------------------------------------------------------------------ scoring
@@ -229,10 +287,12 @@ def select_candidate(
     the filters leave nothing, the depth filter alone applies (``kept`` then says so).
     Zero candidates (scores of None) are never chosen.
     """
+    rule = get_method(method)
+
     def passes(row: dict[str, Any], strict: bool) -> bool:
         ok = row["kl"] is not None and row["layer"] < max_layer_fraction * n_layers
         if strict:
-            ok = ok and row["kl"] < kl_max and (method != "diff-means" or row["induce"] > 0)
+            ok = ok and row["kl"] < kl_max and (not rule.induce_filter or row["induce"] > 0)
         return ok
 
     kept = [r for r in scores if passes(r, True)] or [r for r in scores if passes(r, False)]
@@ -241,7 +301,7 @@ def select_candidate(
         raise SafeSteerError("every candidate direction is zero; use more varied prompts or other layers")
     for row in scores:
         row["kept"] = any(row is k for k in kept)
-    if method == "diff-means":
+    if rule.choose_by == "bypass":
         return min(kept, key=lambda r: r["bypass"])
     return max(kept, key=lambda r: r["induce"])
 
@@ -322,6 +382,25 @@ class Direction:
         """The vector scaled to length 1 (what ablation and projections use)."""
         return self.vector / self.vector.norm()
 
+    def hooks(self, model: ChatModel, coeff: float | None = None) -> list[FwdHook]:
+        """The teacher's hooks: ``coeff * vector`` added to ``blocks.{layer}.hook_resid_pre``.
+
+        Args:
+            model: The model to steer (the vector is moved to its device and dtype).
+            coeff: Another coefficient than the teacher's.
+        """
+        return add_hooks(model, self.vector, self.layer, self.coeff if coeff is None else coeff)
+
+    @contextmanager
+    def apply(self, model: ChatModel, coeff: float | None = None) -> Iterator[ChatModel]:
+        """Steer ``model`` like the teacher inside a ``with`` block::
+
+            with direction.apply(model):
+                print(generate(model, ["How do I bake bread?"]).texts)
+        """
+        with model.bridge.hooks(fwd_hooks=self.hooks(model, coeff)):
+            yield model
+
     def metadata(self) -> dict[str, Any]:
         """Everything but the tensor, as written to ``direction.json``."""
         meta = {k: v for k, v in asdict(self).items() if k != "vector"}
@@ -353,11 +432,28 @@ class Direction:
                 f"{run_dir} has no {DIRECTION_TENSOR} + {DIRECTION_JSON}; run "
                 f"`safesteer direction --out {run_dir}` first"
             )
-        meta = json.loads(json_path.read_text())
+        remake = f"safesteer direction --out {run_dir}"
+        meta = read_json(json_path, remake)
+        if not isinstance(meta, dict):
+            raise artifact_error(json_path, "is not a JSON object", remake)
+        for key, kinds in (("model", str), ("method", str), ("layer", int), ("position", int), ("coeff", (int, float))):
+            if key not in meta:
+                raise artifact_error(json_path, f"lacks {key!r}", remake)
+            if not isinstance(meta[key], kinds) or isinstance(meta[key], bool):
+                raise artifact_error(json_path, f"has {key} = {meta[key]!r}, not a {getattr(kinds, '__name__', 'number')}", remake)
+        if meta["layer"] < 0 or not math.isfinite(meta["coeff"]):
+            raise artifact_error(json_path, f"has layer {meta['layer']} and coeff {meta['coeff']}; a layer is >= 0 and "
+                                 "a coefficient finite", remake)
+        vector = read_tensors(tensor_path, remake).get("direction")
+        if vector is None or vector.ndim != 1 or not torch.isfinite(vector).all() or not vector.any():
+            raise artifact_error(tensor_path, "holds no finite, non-zero 1-D tensor 'direction'", remake)
+        if "d_model" in meta and meta["d_model"] != vector.shape[0]:
+            raise artifact_error(tensor_path, f"has {vector.shape[0]} values but {DIRECTION_JSON} says d_model "
+                                 f"{meta['d_model']}", remake)
         meta.pop("d_model", None)
         meta.pop("norm", None)
         known = {f for f in cls.__dataclass_fields__ if f != "vector"}
-        return cls(vector=load_file(str(tensor_path))["direction"], **{k: v for k, v in meta.items() if k in known})
+        return cls(vector=vector, **{k: v for k, v in meta.items() if k in known})
 
 
 def load_direction(run_dir: str | Path) -> Direction:
@@ -396,6 +492,21 @@ class DirectionConfig:
     max_new_tokens: int = 24
     refusal_threshold: float = 0.5
 
+    def __post_init__(self) -> None:
+        """Reject counts below 1 (a negative count would act as a Python slice) and non-finite numbers."""
+        if self.method != "auto":
+            get_method(self.method)
+        for name in ("n_train", "n_val", "n_test", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise SafeSteerError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise SafeSteerError(f"layers must be non-empty and >= 0, got {self.layers}")
+        if not self.coeffs or not all(math.isfinite(c) for c in self.coeffs):
+            raise SafeSteerError(f"coeffs must be finite numbers, got {self.coeffs}")
+        for name in ("target", "kl_max", "refusal_threshold"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise SafeSteerError(f"{name} must be a positive number, got {getattr(self, name)}")
+
 
 def find_direction(
     model: ChatModel,
@@ -415,8 +526,8 @@ def find_direction(
         progress: Show progress bars.
     """
     config = config or DirectionConfig()
-    if config.method not in ("auto", "diff-means", "contrastive"):
-        raise SafeSteerError(f"unknown method {config.method!r}: use auto, diff-means or contrastive")
+    if config.method != "auto":
+        get_method(config.method)
     harmful = harmful or {s: prompt_texts(load_builtin_prompts("harmful", s)) for s in ("train", "val", "test")}
     harmless = harmless or {s: prompt_texts(load_builtin_prompts("harmless", s)) for s in ("train", "val", "test")}
     for name, sets in (("harmful", harmful), ("harmless", harmless)):
@@ -433,10 +544,7 @@ def find_direction(
     method = config.method
     if method == "auto":
         method = "contrastive" if base_val_refusal < config.refusal_threshold else "diff-means"
-    if method == "diff-means":
-        candidates = diff_in_means(model, train_h, train_s, layers)
-    else:
-        candidates = contrastive_directions(model, train_h + train_s, layers)
+    candidates = get_method(method).candidates(model, train_h, train_s, layers)
     scores = score_candidates(model, candidates, val_h, val_s, progress)
     best = select_candidate(scores, model.n_layers, method, config.kl_max)
     li = candidates.layers.index(best["layer"])

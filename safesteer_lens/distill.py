@@ -19,13 +19,10 @@ At the end the student is exported as a plain Hugging Face model directory.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
-import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -34,31 +31,30 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from safesteer_lens.model_card import build_model_card, write_model_card
+from safesteer_lens.model_card import build_model_card
+from safesteer_lens.rundir import holds_lock
 from safesteer_lens.tracking import check_report_to, open_tracker
 from safesteer_lens.adapters import DEFAULT_TARGETS, LoraSpec, add_lora, merge_lora
-from safesteer_lens.atomic import write_text_atomic
+from safesteer_lens.checkpoints import (
+    CHECKPOINT, CHECKPOINT_FORMAT, METRICS, STUDENT_DIR, append_metrics, export_student, load_checkpoint, read_metrics,
+    save_checkpoint, write_metrics,
+)
 from safesteer_lens.data import load_builtin_prompts, prompt_texts
 from safesteer_lens.directions import Direction, load_direction
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.generation import Completions, completion_position_logits, generate
-from safesteer_lens.losses import LOSSES, distillation_loss, localized_reverse_kl_terms, safety_mass, sequence_mean
+from safesteer_lens.losses import LOSS_REGISTRY, distillation_loss, get_loss, safety_mass, sequence_mean
 from safesteer_lens.models import DTYPES, ChatModel, load_model, resolve_device
 from safesteer_lens.parallel import World, current_world, rank_device
 from safesteer_lens.precision import autocast, check_precision, compute_dtype, dtype_name, finite_score_hooks, model_dtype
 from safesteer_lens.refusal import refusal_rate
 from safesteer_lens.rollouts import RolloutSampler
 from safesteer_lens.sharding import check_sharding, full_state, is_sharded, load_full_state, load_sharded, local, to_float
-from safesteer_lens.steering import add_hooks
 from safesteer_lens.tokens import load_safety_tokens
+from safesteer_lens.steering import hook_name
 
-METRICS = "metrics.jsonl"
-CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_FORMAT = 2  # weights under Hugging Face names, optimizer state under parameter paths
-STUDENT_DIR = "student"
 ROLLOUT_ENGINES = ("fast", "plain")
 TEACHER_LOGITS_BUDGET = 256 * 2**20  # bytes of float32 teacher logits held at once
-TIMING_KEYS = ("rollout_tokens_per_s", "update_tokens_per_s", "seconds")
 # TrainConfig fields a checkpoint may lack: it was written before they existed, at their defaults
 PREDATED_SETTINGS = ("anchor_weight", "anchor_loss", "lora_rank", "lora_alpha", "lora_targets")
 
@@ -146,10 +142,12 @@ class TrainConfig:
     def total_steps(self) -> int:
         return math.ceil(self.n_prompts / self.prompts_per_step) * self.epochs  # each epoch ends on a short step
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
-        """Reject settings that cannot work, before any compute."""
-        if self.loss not in LOSSES:
-            raise SafeSteerError(f"unknown loss {self.loss!r}: use one of {', '.join(LOSSES)}")
+        """Reject settings that cannot work, before any compute (also run on construction)."""
+        get_loss(self.loss)
         for name in ("n_prompts", "samples_per_prompt", "max_new_tokens", "sequences_per_step", "micro_batch", "epochs", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise SafeSteerError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -163,15 +161,23 @@ class TrainConfig:
         check_precision(self.precision)
         if self.rollouts not in ROLLOUT_ENGINES:
             raise SafeSteerError(f"unknown rollouts {self.rollouts!r}: use one of {', '.join(ROLLOUT_ENGINES)}")
-        if not self.lr > 0:
-            raise SafeSteerError(f"lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise SafeSteerError(f"lr must be a positive number, got {self.lr}")
+        in_range = {
+            "temperature": self.temperature > 0, "max_grad_norm": self.max_grad_norm > 0,
+            "weight_decay": self.weight_decay >= 0, "warmup_fraction": 0 <= self.warmup_fraction < 1,
+            "jsd_beta": 0 <= self.jsd_beta <= 1, "lora_alpha": self.lora_alpha > 0,
+        }
+        for name, ok in in_range.items():
+            if not (math.isfinite(getattr(self, name)) and ok):
+                raise SafeSteerError(f"{name} = {getattr(self, name)} is out of range (see TrainConfig's attributes)")
         if not (math.isfinite(self.anchor_weight) and self.anchor_weight >= 0):
             raise SafeSteerError(f"anchor_weight must be 0 (off) or positive, got {self.anchor_weight}")
         if self.lora_rank < 0 or not self.lora_alpha > 0 or (self.lora_rank and not self.lora_targets.strip(",  ")):
             raise SafeSteerError(f"LoRA needs lora_rank >= 0 (0: off), lora_alpha > 0 and some lora_targets; got "
                                  f"{self.lora_rank}, {self.lora_alpha}, {self.lora_targets!r}")
-        if self.anchor_loss not in LOSSES:
-            raise SafeSteerError(f"unknown anchor_loss {self.anchor_loss!r}: use one of {', '.join(LOSSES)}")
+        if self.anchor_loss not in LOSS_REGISTRY:
+            raise SafeSteerError(f"unknown anchor_loss {self.anchor_loss!r}: use one of {', '.join(LOSS_REGISTRY)}")
 
 
 PRESETS: dict[str, TrainConfig] = {
@@ -186,7 +192,7 @@ PRESETS: dict[str, TrainConfig] = {
         n_prompts=64, samples_per_prompt=4, max_new_tokens=12, lr=1e-3,
         sequences_per_step=16, micro_batch=8, checkpoint_every=8,
     ),
-    # The paper's setting (DESIGN.md), for GPUs and hub models.
+    # The paper's setting (docs/ARCHITECTURE.md, "The method"), for GPUs and hub models.
     "paper": TrainConfig(
         n_prompts=100, samples_per_prompt=8, max_new_tokens=512, lr=1e-5,
         sequences_per_step=32, micro_batch=8, checkpoint_every=10,
@@ -274,8 +280,8 @@ def teacher_micro_batches(
 
     The teacher needs no gradients, so it keeps no activations and can score several
     micro-batches in one forward: as many as keep the chunk's logits under
-    ``TEACHER_LOGITS_BUDGET``. One wide forward is cheaper than several narrow ones (1x16
-    rollouts scored in 0.86-0.96 s against 1.21 s for 2x8 on 2 CPU cores). Under several
+    ``TEACHER_LOGITS_BUDGET``. One wide forward is cheaper than several narrow ones
+    (benchmarks/README.md). Under several
     processes (``world``) the chunk size comes from the widest rank's rollouts, so every rank
     runs the same number of teacher forwards. The teacher multiplies in the dtype
     :func:`~safesteer_lens.precision.model_dtype` gives it (``config.precision``, or its own
@@ -307,7 +313,7 @@ def _projection_hook(direction: Direction, store: list[Tensor]) -> tuple[str, Ca
         store.append((resid.detach().float() @ unit.to(resid.device)).cpu())
         return resid
 
-    return (f"blocks.{direction.layer}.hook_resid_pre", hook)
+    return (hook_name(direction.layer), hook)
 
 
 def _train_prompts(label: str, n: int) -> list[str]:
@@ -344,59 +350,6 @@ def _training_teacher(
     return load_sharded(name, world, device, frozen=True, compute=compute)
 
 
-def export_student(student: ChatModel, out_dir: str | Path, weights: dict[str, Tensor] | None = None,
-                   card: Any | None = None) -> Path:
-    """Save the student as a Hugging Face directory that plain ``transformers`` loads.
-
-    Written under a temporary name and renamed, so a half-written export never looks done.
-
-    Args:
-        student: The trained model.
-        out_dir: The directory to (re)create.
-        weights: Whole weights under Hugging Face names, for a sharded student
-            (:func:`~safesteer_lens.sharding.full_state`); default: the student's own.
-        card: A ``huggingface_hub.ModelCard`` written as the export's ``README.md``.
-    """
-    from transformers import AutoModelForCausalLM
-
-    out_dir = Path(out_dir)
-    clean = AutoModelForCausalLM.from_config(student.hf_model.config)
-    clean.load_state_dict(student.hf_state_dict() if weights is None else weights, strict=False)
-    if getattr(student.hf_model.config, "tie_word_embeddings", False):
-        clean.tie_weights()
-    clean.generation_config = student.hf_model.generation_config
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
-    clean.save_pretrained(tmp)
-    student.tokenizer.save_pretrained(tmp)
-    if card is not None:
-        write_model_card(tmp, card)
-    if out_dir.exists():
-        import shutil
-
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
-
-
-def _save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
-    """Write ``checkpoint.pt`` atomically; on failure the previous checkpoint stays intact."""
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".checkpoint-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, run_dir / CHECKPOINT)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        last = "none"
-        if (run_dir / CHECKPOINT).exists():
-            last = f"step {torch.load(run_dir / CHECKPOINT, map_location='cpu', weights_only=True)['step']}"
-        raise SafeSteerError(
-            f"could not write a checkpoint at step {state['step']} ({exc.strerror or exc}); "
-            f"the last good checkpoint is {last}; free disk space and rerun with --resume"
-        ) from exc
-
-
 class NonFiniteLoss(SafeSteerError):
     """The loss became NaN or infinite; no update was applied."""
 
@@ -411,6 +364,213 @@ class TrainResult:
     run_dir: Path
 
 
+@dataclass
+class TrainingRun:
+    """What every step of one run needs, resolved once by :class:`Trainer` (a step's input).
+
+    Attributes:
+        config: The run's settings.
+        world: This process's place among the ranks (``World()`` alone).
+        student: The model being trained (its LoRA adapters, if any, already in place).
+        teacher: The frozen base model; with ``teacher_hooks`` it is the steered teacher.
+        teacher_hooks: The direction's hooks on the teacher.
+        direction: The teacher's direction (the student's projection on it is logged).
+        safety_ids: S, on the student's device.
+        optimizer: AdamW over the trained parameters (only :func:`train_step` needs it).
+        scheduler: Warm-up then cosine decay of the learning rate (likewise).
+        sampler: The student's fast sampler (None for plain rollouts).
+        prompts: The harmful training prompts.
+        anchor_prompts: The harmless prompts of the anchor (empty without it).
+    """
+
+    config: TrainConfig
+    world: World
+    student: ChatModel
+    teacher: ChatModel
+    teacher_hooks: list
+    direction: Direction
+    safety_ids: Tensor
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+    sampler: RolloutSampler | None = None
+    prompts: list[str] = field(default_factory=list)
+    anchor_prompts: list[str] = field(default_factory=list)
+
+    @property
+    def params(self) -> list[Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+
+@dataclass
+class GradientStats:
+    """One loss term's sums over a step's rollouts on every rank (a step's output, with the metrics).
+
+    The rates are weighted by each micro-batch's share of the step's rollouts, so they are
+    means over the whole step; the counts are totals.
+    """
+
+    loss: float = 0.0
+    kl_s: float = 0.0
+    kl_full: float = 0.0
+    s_mass_student: float = 0.0
+    s_mass_teacher: float = 0.0
+    projection_sum: float = 0.0
+    projection_count: float = 0.0
+    refusals: float = 0.0
+    rows: float = 0.0
+    completion_tokens: float = 0.0
+    tokens: float = 0.0
+
+
+class Trainer:
+    """One training run: everything resolved in the constructor, the loop in :meth:`fit`.
+
+    The constructor checks the settings against the world, loads the direction, S, the teacher
+    and the student, and builds the optimizer, schedule and sampler; nothing is written until
+    :meth:`fit` has also read the checkpoint it resumes from. :func:`train` is the one-call form.
+    """
+
+    def __init__(self, run_dir: str | Path, config: TrainConfig | None = None, teacher: ChatModel | None = None,
+                 device: str | None = None, shard: str = "none", low_memory_rollouts: bool = False,
+                 report_to: str = "none", tracker_name: str = "train") -> None:
+        self.run_dir, self.config = Path(run_dir), config or PRESETS["demo"]
+        self.config.validate()
+        check_report_to(report_to)
+        self.report_to, self.tracker_name, self.shard = report_to, tracker_name, shard
+        world = current_world()
+        self._check_world(world)
+        direction = load_direction(self.run_dir)
+        self.tokens = load_safety_tokens(self.run_dir)
+        train_device = rank_device(device, world) or (teacher.device if teacher is not None else resolve_device(None))
+        compute = compute_dtype(self.config.precision, torch.device(train_device))  # what sharded models are gathered in
+        teacher = _training_teacher(teacher, direction.model, shard, world, train_device, compute)
+        if max(self.tokens.ids) >= teacher.d_vocab:
+            raise SafeSteerError(
+                f"safety token id {max(self.tokens.ids)} does not exist in {teacher.name}'s vocabulary of "
+                f"{teacher.d_vocab}; rerun `safesteer tokens --run {self.run_dir}` for this model"
+            )
+        if shard != "none":
+            student = load_sharded(teacher.name, world, train_device, self.config.student_dtype, compute=compute)
+        else:
+            student = load_model(teacher.name, device=train_device, dtype=self.config.student_dtype)
+        optimizer, scheduler = build_optimizer(student, self.config)
+        self.run = TrainingRun(
+            self.config, world, student, teacher, direction.hooks(teacher), direction,
+            torch.tensor(self.tokens.ids, device=student.device), optimizer, scheduler,
+            rollout_sampler(student, self.config, low_memory_rollouts), _train_prompts("harmful", self.config.n_prompts),
+            _train_prompts("harmless", self.config.n_prompts) if self.config.anchor_weight else [],
+        )
+        self.precision = dtype_name(model_dtype(self.config.precision, student))
+        self.last_saved: int | None = None
+
+    def _check_world(self, world: World) -> None:
+        """Settings that cannot split over this world's ranks fail before anything loads."""
+        check_sharding(self.shard, world)
+        if self.config.lora_rank and self.shard != "none":
+            raise SafeSteerError("LoRA students train whole on every process: use shard='none' (data parallel), or "
+                                 "lora_rank=0 (--lora-rank 0; the demo preset has rank 8) to shard")
+        _check_rollout_engine(self.config, world)
+        world.shard(self.config.prompts_per_step, "prompts")
+        if self.config.n_prompts % self.config.prompts_per_step:
+            world.shard(self.config.n_prompts % self.config.prompts_per_step, "prompts in the last step of an epoch")
+
+    def fit(self, resume: bool = False, max_steps: int | None = None, export: bool = True,
+            progress: bool = True) -> TrainResult:
+        """Train from the start or from ``checkpoint.pt`` (``resume``); export ``student/`` at the end.
+
+        Each step samples the student's replies, scores them under student and teacher, takes the
+        loss over S, backpropagates, clips, and steps AdamW and the schedule (:func:`train_step`);
+        then the row is logged and, every ``checkpoint_every`` steps, the state is saved.
+        """
+        run, config = self.run, self.config
+        metrics, start = self._restore(resume)
+        end = config.total_steps if max_steps is None else min(config.total_steps, start + max_steps)
+        tracker = open_tracker(self.report_to, self.run_dir, self._tracked_settings(), self.tracker_name, start,
+                               run.world.is_main)
+        bar = tqdm(range(start, end), desc=f"train ({config.loss}, {self.precision})", initial=start,
+                   total=config.total_steps, disable=not (progress and run.world.is_main))
+        for step in bar:
+            row = self._step(step)
+            metrics.append(row)
+            if run.world.is_main:
+                append_metrics(self.run_dir / METRICS, row)
+            tracker.log(row, step)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", refusal=f"{row['rollout_refusal']:.2f}")
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.total_steps:
+                self._checkpoint(step + 1)
+        tracker.close()
+        for p in run.params:
+            p.requires_grad_(False)
+        if end == config.total_steps:
+            merge_lora(run.student)  # a finished LoRA student is a plain model again
+            if export:
+                self._export()
+        run.world.barrier()  # every rank returns once rank 0's files are complete
+        return TrainResult(run.student, metrics, self.run_dir)
+
+    def _restore(self, resume: bool) -> tuple[list[dict[str, Any]], int]:
+        """The kept metrics and the first step; the old metrics go only now, with every input checked."""
+        run, path = self.run, self.run_dir / METRICS
+        metrics: list[dict[str, Any]] = []
+        start = 0
+        if resume and (self.run_dir / CHECKPOINT).exists():
+            state = load_checkpoint(self.run_dir)
+            _check_resumable(state, self.config, model_dtype(self.config.precision, run.student))
+            load_full_state(run.student, state["student"], run.optimizer, state["optimizer"])
+            run.scheduler.load_state_dict(state["scheduler"])
+            start = state["step"]
+            metrics = [m for m in read_metrics(path) if m.get("step", start) < start]
+            self.last_saved = start
+        elif resume and read_metrics(path):
+            raise SafeSteerError(f"{self.run_dir} has steps in {METRICS} but no {CHECKPOINT} to resume from; "
+                                 "drop --resume to start over (this replaces the metrics)")
+        if run.world.is_main:
+            write_metrics(path, metrics)
+        return metrics, start
+
+    def _step(self, step: int) -> dict[str, Any]:
+        """:func:`train_step`, with what to do next in the error when the loss goes NaN."""
+        try:
+            return train_step(self.run, step)
+        except NonFiniteLoss as exc:
+            hint = " or train with --precision float32" if self.precision != "float32" else ""
+            raise NonFiniteLoss(f"{exc}; {self._kept()}; lower the learning rate{hint} and rerun (with --resume to "
+                                "continue)") from exc
+
+    def _kept(self) -> str:
+        return f"checkpoint.pt holds step {self.last_saved}" if self.last_saved is not None else "no checkpoint was written yet"
+
+    def _checkpoint(self, next_step: int) -> None:
+        """Save the state after ``next_step`` steps, unless the weights went non-finite."""
+        run = self.run
+        if run.world.sum([sum(float(not torch.isfinite(local(p)).all()) for p in run.params)])[0]:
+            raise NonFiniteLoss(f"the weights became NaN or infinite at step {next_step - 1}; {self._kept()}; "
+                                "lower the learning rate")
+        if run.world.is_main or self.shard != "none":  # gathering shards takes every rank
+            weights, optim = full_state(run.student, run.optimizer)
+            if run.world.is_main:
+                save_checkpoint(self.run_dir, {
+                    "format": CHECKPOINT_FORMAT, "step": next_step, "student": weights, "optimizer": optim,
+                    "scheduler": run.scheduler.state_dict(), "config": asdict(self.config), "matmul_dtype": self.precision,
+                })
+            del weights, optim  # host copies of the whole student: not kept until the next checkpoint
+        self.last_saved = next_step
+
+    def _export(self) -> None:
+        run = self.run
+        if run.world.is_main or self.shard != "none":
+            weights = full_state(run.student)[0]  # on the host, gathered if sharded
+            if run.world.is_main:
+                card = build_model_card(run.teacher.name, self.config, run.direction, self.tokens)
+                export_student(run.student, self.run_dir / STUDENT_DIR, weights, card=card)
+
+    def _tracked_settings(self) -> dict[str, Any]:
+        run = self.run
+        return {**asdict(self.config), "model": run.teacher.name, "direction_layer": run.direction.layer,
+                "direction_coeff": run.direction.coeff, "n_safety_tokens": len(self.tokens)}
+
+
+@holds_lock("safesteer train")
 def train(
     run_dir: str | Path,
     config: TrainConfig | None = None,
@@ -451,174 +611,58 @@ def train(
             ``tensorboard`` or ``wandb`` (:mod:`safesteer_lens.tracking`; rank 0 only).
         tracker_name: This run's name in the tracker.
     """
-    run_dir = Path(run_dir)
-    config = config or PRESETS["demo"]
-    config.validate()
-    check_report_to(report_to)
-    world = current_world()
-    check_sharding(shard, world)
-    if config.lora_rank and shard != "none":
-        raise SafeSteerError("LoRA students train whole on every process: use shard='none' (data parallel), or "
-                             "lora_rank=0 (--lora-rank 0; the demo preset has rank 8) to shard")
-    _check_rollout_engine(config, world)
-    world.shard(config.prompts_per_step, "prompts")  # fail early if a step does not split
-    if config.n_prompts % config.prompts_per_step:
-        world.shard(config.n_prompts % config.prompts_per_step, "prompts in the last step of an epoch")
-    direction = load_direction(run_dir)
-    tokens = load_safety_tokens(run_dir)
-    train_device = rank_device(device, world) or (teacher.device if teacher is not None else resolve_device(None))
-    compute = compute_dtype(config.precision, torch.device(train_device))  # what sharded models are gathered in
-    teacher = _training_teacher(teacher, direction.model, shard, world, train_device, compute)
-    if max(tokens.ids) >= teacher.d_vocab:
-        raise SafeSteerError(
-            f"safety token id {max(tokens.ids)} does not exist in {teacher.name}'s vocabulary of "
-            f"{teacher.d_vocab}; rerun `safesteer tokens --run {run_dir}` for this model"
-        )
-    sharded = shard != "none"
-    if sharded:
-        student = load_sharded(teacher.name, world, train_device, config.student_dtype, compute=compute)
-    else:
-        student = load_model(teacher.name, device=train_device, dtype=config.student_dtype)
-    optimizer, scheduler = build_optimizer(student, config)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    metrics_path = run_dir / METRICS
-    metrics: list[dict[str, Any]] = []
-    start_step = 0
-    if resume and (run_dir / CHECKPOINT).exists():
-        # weights_only: a run directory is data, and unpickling arbitrary objects from it could run
-        # code planted there. mmap: the ranks of a machine share one page cache of the file.
-        try:
-            state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:  # truncated, foreign or carrying objects beyond tensors and plain data
-            raise SafeSteerError(f"{run_dir / CHECKPOINT} cannot be read as a checkpoint ({str(exc).splitlines()[0][:160]}); "
-                                 "rerun this stage without --resume") from exc
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise SafeSteerError("checkpoint.pt was written by an older safesteer-lens; rerun this stage without --resume")
-        _check_resumable(state, config, model_dtype(config.precision, student))
-        load_full_state(student, state["student"], optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_step = state["step"]
-        metrics = [m for m in _read_metrics(metrics_path) if m["step"] < start_step]
-    if world.is_main:
-        _write_metrics(metrics_path, metrics)
-
-    prompts = _train_prompts("harmful", config.n_prompts)
-    anchor_prompts = _train_prompts("harmless", config.n_prompts) if config.anchor_weight else []
-    safety_ids = torch.tensor(tokens.ids, device=student.device)
-    teacher_hooks = add_hooks(teacher, direction.vector, direction.layer, direction.coeff)
-    end_step = config.total_steps if max_steps is None else min(config.total_steps, start_step + max_steps)
-    sampler = rollout_sampler(student, config, low_memory_rollouts)
-    precision = dtype_name(model_dtype(config.precision, student))
-    bar = tqdm(range(start_step, end_step), desc=f"train ({config.loss}, {precision})",
-               disable=not (progress and world.is_main), initial=start_step, total=config.total_steps)
-    last_saved = start_step if start_step else None
-    tracker = open_tracker(report_to, run_dir, {**asdict(config), "model": teacher.name, "direction_layer": direction.layer,
-                                                "direction_coeff": direction.coeff, "n_safety_tokens": len(tokens)},
-                           tracker_name, start_step, world.is_main)
-    for step in bar:
-        try:
-            row = train_step(
-                student, teacher, teacher_hooks, direction, safety_ids, optimizer, scheduler, prompts, config, step,
-                sampler=sampler, world=world, anchor_prompts=anchor_prompts,
-            )
-        except NonFiniteLoss as exc:
-            kept = f"checkpoint.pt holds step {last_saved}" if last_saved is not None else "no checkpoint was written yet"
-            hint = " or train with --precision float32" if precision != "float32" else ""
-            raise NonFiniteLoss(f"{exc}; {kept}; lower the learning rate{hint} and rerun (with --resume to continue)") from exc
-        metrics.append(row)
-        if world.is_main:
-            with metrics_path.open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
-        tracker.log(row, step)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", refusal=f"{row['rollout_refusal']:.2f}")
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.total_steps:
-            if world.sum([sum(float(not torch.isfinite(local(p)).all()) for p in params)])[0]:
-                kept = f"checkpoint.pt holds step {last_saved}" if last_saved is not None else "no checkpoint was written yet"
-                raise NonFiniteLoss(f"the weights became NaN or infinite at step {step}; {kept}; lower the learning rate")
-            if world.is_main or sharded:  # gathering shards takes every rank
-                weights, optim = full_state(student, optimizer)
-                if world.is_main:
-                    _save_checkpoint(run_dir, {
-                        "format": CHECKPOINT_FORMAT, "step": step + 1, "student": weights, "optimizer": optim,
-                        "scheduler": scheduler.state_dict(), "config": asdict(config), "matmul_dtype": precision,
-                    })
-                del weights, optim  # host copies of the whole student: not kept until the next checkpoint
-            last_saved = step + 1
-    tracker.close()
-    for p in params:
-        p.requires_grad_(False)
-    if end_step == config.total_steps:
-        merge_lora(student)  # a finished LoRA student is a plain model again
-    if export and end_step == config.total_steps and (world.is_main or sharded):
-        weights = full_state(student)[0]  # on the host, gathered if sharded
-        if world.is_main:
-            export_student(student, run_dir / STUDENT_DIR, weights,
-                           card=build_model_card(teacher.name, config, direction, tokens))
-    world.barrier()  # every rank returns once rank 0's files are complete
-    return TrainResult(student, metrics, run_dir)
+    trainer = Trainer(run_dir, config, teacher, device=device, shard=shard, low_memory_rollouts=low_memory_rollouts,
+                      report_to=report_to, tracker_name=tracker_name)
+    return trainer.fit(resume=resume, max_steps=max_steps, export=export, progress=progress)
 
 
-def train_step(
-    student: ChatModel,
-    teacher: ChatModel,
-    teacher_hooks: list,
-    direction: Direction,
-    safety_ids: Tensor,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    prompts: list[str],
-    config: TrainConfig,
-    step: int,
-    sampler: RolloutSampler | None = None,
-    world: World = World(),
-    anchor_prompts: list[str] | None = None,
-) -> dict[str, Any]:
-    """One optimizer step: rollouts, teacher scoring, loss, backward, clip, AdamW; returns metrics.
+def train_step(run: TrainingRun, step: int) -> dict[str, Any]:
+    """One optimizer step, in nanoGPT's order: sample, score, loss, backward, clip, step; returns its row.
 
-    ``sampler`` is the student's :class:`RolloutSampler`, built once by :func:`train`; with
-    ``config.rollouts == "fast"`` and none given, one is built for this step. Under several
-    processes (``world``), this rank handles its share of the step's prompts and the metrics
-    are those of the whole step. With ``config.anchor_weight`` > 0 the step also samples
-    replies to as many of ``anchor_prompts`` (harmless) and adds their weighted anchor loss
-    against the unsteered base (the teacher model without its hooks).
+    Under several processes (``run.world``) this rank handles its share of the step's prompts
+    and the row describes the whole step. With ``anchor_weight`` > 0 the step also samples
+    replies to as many harmless prompts and adds their weighted anchor loss against the
+    unsteered base (the teacher model without its hooks); the gradients of both terms are
+    summed over ranks once.
     """
+    config = run.config
     anchored = config.anchor_weight > 0
-    if anchored and not anchor_prompts:
+    if anchored and not run.anchor_prompts:
         raise SafeSteerError("anchor_weight is set but no anchor prompts were given; pass the harmless train prompts")
     t0 = time.perf_counter()
-    rollouts = sample_rollouts(student, prompts, config, step, sampler, world)
-    anchor_rollouts = sample_rollouts(student, anchor_prompts, config, step, sampler, world, stream=1) if anchored else None
+    rollouts = sample_rollouts(run.student, run.prompts, config, step, run.sampler, run.world)
+    anchor_rollouts = (sample_rollouts(run.student, run.anchor_prompts, config, step, run.sampler, run.world, stream=1)
+                       if anchored else None)
     t1 = time.perf_counter()
-    stats = accumulate_gradients(student, teacher, teacher_hooks, direction, safety_ids, rollouts, config, step, world,
-                                 reduce=not anchored)
-    anchor: dict[str, float] = {}
+    stats = accumulate_gradients(run, rollouts, step, reduce=not anchored)
+    anchor = None
     if anchor_rollouts is not None:
-        anchor = accumulate_gradients(student, teacher, [], direction, safety_ids, anchor_rollouts, config, step, world,
-                                      loss=config.anchor_loss, scale=config.anchor_weight)
+        anchor = accumulate_gradients(run, anchor_rollouts, step, loss=config.anchor_loss, scale=config.anchor_weight,
+                                      hooks=[])
     # the norm of the whole (summed) gradient, so the same on every rank, sharded or not
-    grad_norm = to_float(torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm))
+    grad_norm = to_float(torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm))
     if not math.isfinite(grad_norm):
-        optimizer.zero_grad(set_to_none=True)
+        run.optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLoss(f"the gradients became {grad_norm} at step {step}; training stopped before the update")
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
     t2 = time.perf_counter()
-    tokens = stats["completion_tokens"] + (anchor["completion_tokens"] if anchor else 0.0)
+    tokens = stats.completion_tokens + (anchor.completion_tokens if anchor else 0.0)
     return {
         "step": step,
-        "lr": scheduler.get_last_lr()[0],
-        **{k: round(stats[k], 6) for k in ("loss", "kl_s", "kl_full", "s_mass_student", "s_mass_teacher")},
-        **({"anchor_loss": round(anchor["loss"], 6), "anchor_kl_s": round(anchor["kl_s"], 6),
-            "anchor_refusal": anchor["refusals"] / anchor["rows"]} if anchor else {}),
+        "lr": run.scheduler.get_last_lr()[0],
+        **{k: round(getattr(stats, k), 6) for k in ("loss", "kl_s", "kl_full", "s_mass_student", "s_mass_teacher")},
+        **({"anchor_loss": round(anchor.loss, 6), "anchor_kl_s": round(anchor.kl_s, 6),
+            "anchor_refusal": anchor.refusals / anchor.rows} if anchor else {}),
         "grad_norm": round(grad_norm, 6),
-        "rollout_refusal": stats["refusals"] / stats["rows"],
-        "projection": round(stats["projection_sum"] / stats["projection_count"], 6),
-        "completion_tokens": int(stats["completion_tokens"]),
+        "rollout_refusal": stats.refusals / stats.rows,
+        "projection": round(stats.projection_sum / stats.projection_count, 6),
+        "completion_tokens": int(stats.completion_tokens),
         "rollout_tokens_per_s": round(tokens / (t1 - t0), 1),
-        "update_tokens_per_s": round((stats["tokens"] + (anchor["tokens"] if anchor else 0.0)) / (t2 - t1), 1),
+        "update_tokens_per_s": round((stats.tokens + (anchor.tokens if anchor else 0.0)) / (t2 - t1), 1),
         "seconds": round(t2 - t0, 2),
-        "precision": dtype_name(model_dtype(config.precision, student)),
+        "precision": dtype_name(model_dtype(config.precision, run.student)),
         "example": rollouts.texts[0][:160],
     }
 
@@ -705,24 +749,25 @@ def _check_rollout_engine(config: TrainConfig, world: World) -> None:
 
 
 def accumulate_gradients(
-    student: ChatModel,
-    teacher: ChatModel,
-    teacher_hooks: list,
-    direction: Direction,
-    safety_ids: Tensor,
+    run: TrainingRun,
     rollouts: Completions,
-    config: TrainConfig,
     step: int,
-    world: World = World(),
     loss: str | None = None,
     scale: float = 1.0,
+    hooks: list | None = None,
     reduce: bool = True,
-) -> dict[str, float]:
-    """Backpropagate the step's loss into the student's ``.grad`` and return the step's sums.
+) -> GradientStats:
+    """Backpropagate one loss term over ``rollouts`` into the student's ``.grad``; return its sums.
 
-    ``loss`` names the loss (default ``config.loss``) and ``scale`` multiplies it, for a second
-    term such as the harmless anchor; ``reduce=False`` leaves a whole student's gradients
-    unsummed over ranks, for a later call to sum once.
+    Args:
+        run: The run's models, optimizer and settings.
+        rollouts: This rank's rollouts of the step.
+        step: The step (for error messages).
+        loss: The loss's name (default ``config.loss``).
+        scale: A factor on the term, such as the anchor's weight.
+        hooks: The teacher's hooks (default the direction's; ``[]`` scores against the base).
+        reduce: False leaves a whole student's gradients unsummed over ranks, for a later
+            term's call to sum them once.
 
     Each micro-batch's loss is weighted by its share of the step's rollouts over *all* ranks,
     so after the gradients are summed over ranks they equal a single process's. A non-finite
@@ -730,19 +775,20 @@ def accumulate_gradients(
     is left waiting in a collective). A sharded student's gradients are summed over the ranks
     by FSDP in each backward; a whole one's once, after the loop.
     """
+    student, config, world, safety_ids = run.student, run.config, run.world, run.safety_ids
+    hooks = run.teacher_hooks if hooks is None else hooks
     n_global = world.sum([len(rollouts.texts)])[0]  # the last step of an epoch may be short
     dtype = model_dtype(config.precision, student)
     guards = finite_score_hooks(student, dtype)
-    sums = dict.fromkeys(("loss", "kl_s", "kl_full", "s_mass_student", "s_mass_teacher", "projection_sum",
-                          "projection_count"), 0.0)
+    sums = GradientStats()
     bad_loss = None
     mask_all = rollouts.completion_mask
-    for start, stop, t_logits in teacher_micro_batches(teacher, teacher_hooks, rollouts, config, student.device, world):
+    for start, stop, t_logits in teacher_micro_batches(run.teacher, hooks, rollouts, config, student.device, world):
         mask = mask_all[start:stop]
         captured: list[Tensor] = []
         with autocast(dtype, student.device):  # the forward only: backward follows the forward's dtypes
             s_logits = completion_logits(
-                student, rollouts, [_projection_hook(direction, captured), *guards], start, stop, config.samples_per_prompt
+                student, rollouts, [_projection_hook(run.direction, captured), *guards], start, stop, config.samples_per_prompt
             )
         value = distillation_loss(loss or config.loss, s_logits, t_logits, mask, safety_ids, beta=config.jsd_beta)
         if world.sum([float(not torch.isfinite(value))])[0]:
@@ -753,42 +799,26 @@ def accumulate_gradients(
         # micro-batch would hold a whole unsharded gradient on every rank in between
         (value * (weight * scale)).backward()
         with torch.no_grad():
-            sums["loss"] += value.item() * weight
-            sums["kl_s"] += sequence_mean(localized_reverse_kl_terms(s_logits, t_logits, safety_ids), mask).item() * weight
-            sums["kl_full"] += distillation_loss("full-reverse", s_logits, t_logits, mask).item() * weight
-            sums["s_mass_student"] += sequence_mean(safety_mass(s_logits, safety_ids), mask).item() * weight
-            sums["s_mass_teacher"] += sequence_mean(safety_mass(t_logits, safety_ids), mask).item() * weight
+            sums.loss += value.item() * weight
+            sums.kl_s += distillation_loss("safesteer", s_logits, t_logits, mask, safety_ids).item() * weight
+            sums.kl_full += distillation_loss("full-reverse", s_logits, t_logits, mask).item() * weight
+            sums.s_mass_student += sequence_mean(safety_mass(s_logits, safety_ids), mask).item() * weight
+            sums.s_mass_teacher += sequence_mean(safety_mass(t_logits, safety_ids), mask).item() * weight
         proj = captured[-1][:, -mask.shape[1] :][mask.cpu()]  # the completion positions (last pass)
-        sums["projection_sum"] += float(proj.sum())
-        sums["projection_count"] += proj.numel()
-    sums["refusals"] = refusal_rate(rollouts.texts) * len(rollouts.texts)
-    sums["rows"] = float(len(rollouts.texts))
-    sums["completion_tokens"] = float(mask_all.sum())
-    sums["tokens"] = float(rollouts.attention_mask.sum())
+        sums.projection_sum += float(proj.sum())
+        sums.projection_count += proj.numel()
+    sums.refusals = refusal_rate(rollouts.texts) * len(rollouts.texts)
+    sums.rows = float(len(rollouts.texts))
+    sums.completion_tokens = float(mask_all.sum())
+    sums.tokens = float(rollouts.attention_mask.sum())
     if bad_loss is not None:
         for p in student.hf_model.parameters():
             p.grad = None
         shown = bad_loss if not math.isfinite(bad_loss) else "NaN or infinite on another process"
         raise NonFiniteLoss(f"the loss became {shown} at step {step}; training stopped before the update")
-    keys = list(sums)
-    totals = dict(zip(keys, world.sum([sums[k] for k in keys])))
+    keys = list(asdict(sums))
+    totals = GradientStats(**dict(zip(keys, world.sum([getattr(sums, k) for k in keys]))))
     if reduce and not is_sharded(student):
         world.all_reduce_gradients(student.hf_model.parameters())
     return totals
 
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def load_metrics(run_dir: str | Path) -> "Any":
-    """``metrics.jsonl`` as a pandas table, one row per step."""
-    import pandas
-
-    return pandas.DataFrame(_read_metrics(Path(run_dir) / METRICS))

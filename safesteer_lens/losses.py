@@ -29,11 +29,17 @@ then the mean over sequences (so a long reply does not outweigh a short one).
 
 Full-vocabulary losses are computed in chunks over time so only one chunk's float32
 ``[batch, chunk, vocab]`` log-softmax of each model exists at once.
+
+Every loss is a per-token function registered by name in :data:`LOSS_REGISTRY` with
+:func:`register_loss`; the CLI's ``--loss`` choices and help, :class:`TrainConfig`'s
+validation and :func:`distillation_loss` all read the registry. Adding a loss is one decorated
+function and its test against a reference formula (``tests/test_losses.py``).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -42,9 +48,9 @@ from torch import Tensor
 
 from safesteer_lens.errors import SafeSteerError
 
-LOSSES = ("safesteer", "safesteer-bounded", "full-reverse", "forward", "jsd", "renorm")
 Logits = Float[Tensor, "batch time vocab"]
 Mask = Bool[Tensor, "batch time"]
+Terms = Float[Tensor, "batch time"]
 
 
 def sequence_mean(per_token: Float[Tensor, "batch time"], mask: Mask) -> Float[Tensor, ""]:
@@ -76,63 +82,134 @@ def safety_mass(logits: Float[Tensor, "... vocab"], safety_ids: Sequence[int] | 
     return (logits[..., ids].float() - torch.logsumexp(logits.float(), -1, keepdim=True)).exp().sum(-1)
 
 
-def localized_reverse_kl_terms(
-    student: Logits, teacher: Logits, safety_ids: Tensor
-) -> Float[Tensor, "batch time"]:
+@dataclass(frozen=True)
+class LossOptions:
+    """What a loss may need beyond the two models' logits.
+
+    Attributes:
+        safety_ids: The safety token ids S, on the logits' device (the localized losses).
+        beta: Teacher weight of the generalised JSD.
+    """
+
+    safety_ids: Tensor | None = None
+    beta: float = 0.5
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A registered loss: per-token terms from student and teacher logits.
+
+    Attributes:
+        name: What ``--loss`` and ``TrainConfig.loss`` call it.
+        terms: ``(student, teacher, options) -> [batch, time]`` per-token terms.
+        help: One line for the CLI's help.
+        localized: Whether it needs the safety tokens S.
+        chunked: Whether it takes float32 copies of whole-vocabulary logits, and so is computed
+            in time chunks.
+    """
+
+    name: str
+    terms: Callable[[Tensor, Tensor, LossOptions], Tensor]
+    help: str
+    localized: bool = False
+    chunked: bool = False
+
+
+LOSS_REGISTRY: dict[str, Loss] = {}
+
+
+def register_loss(name: str, help: str, localized: bool = False,
+                  chunked: bool = False) -> Callable[[Callable[[Tensor, Tensor, LossOptions], Tensor]],
+                                                        Callable[[Tensor, Tensor, LossOptions], Tensor]]:
+    """Register a per-token loss under ``name`` (a decorator)."""
+
+    def add(terms: Callable[[Tensor, Tensor, LossOptions], Tensor]) -> Callable[[Tensor, Tensor, LossOptions], Tensor]:
+        if name in LOSS_REGISTRY:
+            raise ValueError(f"a loss named {name!r} is registered already")
+        LOSS_REGISTRY[name] = Loss(name, terms, help, localized, chunked)
+        return terms
+
+    return add
+
+
+def get_loss(name: str) -> Loss:
+    """The registered loss, or a one-line error listing the names there are."""
+    if name not in LOSS_REGISTRY:
+        raise SafeSteerError(f"unknown loss {name!r}: use one of {', '.join(LOSS_REGISTRY)}")
+    return LOSS_REGISTRY[name]
+
+
+def _log_probs(logits: Tensor) -> Tensor:
+    return torch.log_softmax(logits.float(), -1)
+
+
+@register_loss("safesteer", "the paper's localized reverse KL over S (full-softmax probabilities, not bounded below)",
+               localized=True)
+def localized_reverse_kl_terms(student: Logits, teacher: Logits, options: LossOptions) -> Terms:
     """Per-token ``sum_{v in S} p_s(v) (log p_s(v) - log p_t(v))`` from log-sum-exp + gathers."""
-    log_ps = student[..., safety_ids].float() - torch.logsumexp(student.float(), -1, keepdim=True)
-    log_pt = teacher[..., safety_ids].float() - torch.logsumexp(teacher.float(), -1, keepdim=True)
+    ids = options.safety_ids
+    log_ps = student[..., ids].float() - torch.logsumexp(student.float(), -1, keepdim=True)
+    log_pt = teacher[..., ids].float() - torch.logsumexp(teacher.float(), -1, keepdim=True)
     return kl_terms(log_ps, log_pt)
 
 
-def renormalised_reverse_kl_terms(
-    student: Logits, teacher: Logits, safety_ids: Tensor
-) -> Float[Tensor, "batch time"]:
-    """Per-token reverse KL between the two distributions renormalised over S."""
-    log_qs = torch.log_softmax(student[..., safety_ids].float(), -1)
-    log_qt = torch.log_softmax(teacher[..., safety_ids].float(), -1)
-    return kl_terms(log_qs, log_qt)
-
-
-def bounded_localized_reverse_kl_terms(
-    student: Logits, teacher: Logits, safety_ids: Tensor, chunk: int = 64
-) -> Float[Tensor, "batch time"]:
+@register_loss("safesteer-bounded", "reverse KL over S plus one rest-of-vocabulary bucket: >= 0, zero when the student "
+               "matches the teacher on S", localized=True, chunked=True)
+def bounded_localized_reverse_kl_terms(student: Logits, teacher: Logits, options: LossOptions) -> Terms:
     """Per-token reverse KL over S plus one bucket for the rest of the vocabulary.
 
     The rest's log-probability is the log-sum-exp of the logits outside S minus the full
     log-sum-exp, not ``log(1 - P(S))``, so it stays exact when S holds nearly all the mass.
-    Computed in time chunks: each needs one float32 copy of a chunk's logits with S masked out.
     """
-    out = []
-    for start in range(0, student.shape[1], chunk):
-        parts = []
-        for logits in (student[:, start : start + chunk].float(), teacher[:, start : start + chunk].float()):
-            lse = torch.logsumexp(logits, -1, keepdim=True)
-            log_s = logits[..., safety_ids] - lse
-            log_rest = torch.logsumexp(logits.index_fill(-1, safety_ids, float("-inf")), -1, keepdim=True) - lse
-            parts.append(torch.cat([log_s, log_rest], -1))
-        out.append(kl_terms(parts[0], parts[1]))
-    return torch.cat(out, 1)
+    ids = options.safety_ids
+    parts = []
+    for logits in (student.float(), teacher.float()):
+        lse = torch.logsumexp(logits, -1, keepdim=True)
+        log_s = logits[..., ids] - lse
+        log_rest = torch.logsumexp(logits.index_fill(-1, ids, float("-inf")), -1, keepdim=True) - lse
+        parts.append(torch.cat([log_s, log_rest], -1))
+    return kl_terms(parts[0], parts[1])
 
 
-def _full_vocab_terms(
-    student: Logits, teacher: Logits, kind: str, beta: float, chunk: int
-) -> Float[Tensor, "batch time"]:
-    out = []
-    for start in range(0, student.shape[1], chunk):
-        log_ps = torch.log_softmax(student[:, start : start + chunk].float(), -1)
-        log_pt = torch.log_softmax(teacher[:, start : start + chunk].float(), -1)
-        if kind == "full-reverse":
-            terms = kl_terms(log_ps, log_pt)
-        elif kind == "forward":
-            terms = kl_terms(log_pt, log_ps)
-        else:  # generalised JSD
-            log_m = torch.logsumexp(
-                torch.stack([log_pt + math.log(beta), log_ps + math.log(1 - beta)]), 0
-            )
-            terms = beta * kl_terms(log_pt, log_m) + (1 - beta) * kl_terms(log_ps, log_m)
-        out.append(terms)
-    return torch.cat(out, 1)
+@register_loss("renorm", "reverse KL between the distributions renormalised over S (the paper's ablation)", localized=True)
+def renormalised_reverse_kl_terms(student: Logits, teacher: Logits, options: LossOptions) -> Terms:
+    """Per-token reverse KL between the two distributions renormalised over S."""
+    ids = options.safety_ids
+    return kl_terms(torch.log_softmax(student[..., ids].float(), -1), torch.log_softmax(teacher[..., ids].float(), -1))
+
+
+@register_loss("full-reverse", "KL(student || teacher) over the whole vocabulary (plain on-policy distillation)",
+               chunked=True)
+def full_reverse_kl_terms(student: Logits, teacher: Logits, options: LossOptions) -> Terms:
+    """Per-token KL(p_s || p_t) over the vocabulary."""
+    return kl_terms(_log_probs(student), _log_probs(teacher))
+
+
+@register_loss("forward", "KL(teacher || student) over the whole vocabulary", chunked=True)
+def forward_kl_terms(student: Logits, teacher: Logits, options: LossOptions) -> Terms:
+    """Per-token KL(p_t || p_s) over the vocabulary."""
+    return kl_terms(_log_probs(teacher), _log_probs(student))
+
+
+@register_loss("jsd", "generalised Jensen-Shannon divergence with weight jsd_beta on the teacher", chunked=True)
+def jsd_terms(student: Logits, teacher: Logits, options: LossOptions) -> Terms:
+    """Per-token ``beta KL(p_t || m) + (1 - beta) KL(p_s || m)`` with ``m = beta p_t + (1 - beta) p_s``."""
+    beta = options.beta
+    if not 0 < beta < 1:
+        raise SafeSteerError(f"jsd beta must be strictly between 0 and 1, got {beta}")
+    log_ps, log_pt = _log_probs(student), _log_probs(teacher)
+    log_m = torch.logsumexp(torch.stack([log_pt + math.log(beta), log_ps + math.log(1 - beta)]), 0)
+    return beta * kl_terms(log_pt, log_m) + (1 - beta) * kl_terms(log_ps, log_m)
+
+
+def _chunked(terms: Callable[[Tensor, Tensor, LossOptions], Tensor], student: Logits, teacher: Logits,
+             options: LossOptions, chunk: int) -> Terms:
+    """``terms`` over time chunks, so only one chunk's float32 copies of the logits exist at once."""
+    return torch.cat([terms(student[:, s : s + chunk], teacher[:, s : s + chunk], options)
+                      for s in range(0, student.shape[1], chunk)], 1)
+
+
+LOSSES = tuple(LOSS_REGISTRY)
 
 
 def distillation_loss(
@@ -144,39 +221,33 @@ def distillation_loss(
     beta: float = 0.5,
     chunk: int = 64,
 ) -> Float[Tensor, ""]:
-    """One of :data:`LOSSES` as a scalar; gradients flow through ``student`` only.
+    """A registered loss as a scalar; gradients flow through ``student`` only.
 
     Args:
-        kind: ``safesteer``, ``safesteer-bounded``, ``full-reverse``, ``forward``, ``jsd`` or ``renorm``.
+        kind: A name in :data:`LOSS_REGISTRY` (``safesteer``, ``safesteer-bounded``,
+            ``full-reverse``, ``forward``, ``jsd``, ``renorm``).
         student: Student logits at the completion positions.
         teacher: Teacher logits at the same positions (detached here).
         mask: True at tokens that count (completion up to and including end of turn).
-        safety_ids: The safety token ids S (``safesteer``, ``safesteer-bounded`` and ``renorm``).
+        safety_ids: The safety token ids S (the localized losses).
         beta: Teacher weight of the generalised JSD, strictly between 0 and 1.
-        chunk: Time steps per chunk for full-vocabulary losses.
+        chunk: Time steps per chunk for the losses over S plus rest and the whole vocabulary.
     """
+    loss = get_loss(kind)
     if student.shape != teacher.shape:
         raise SafeSteerError(f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ")
-    teacher = teacher.detach()
-    if kind in ("safesteer", "safesteer-bounded", "renorm"):
+    ids = None
+    if loss.localized:
         if safety_ids is None or len(safety_ids) == 0:
             raise SafeSteerError(f"the {kind} loss needs the safety token ids S")
         ids = torch.as_tensor(safety_ids, device=student.device, dtype=torch.long)
         if int(ids.max()) >= student.shape[-1] or int(ids.min()) < 0:
+            bad = int(ids.max()) if int(ids.max()) >= student.shape[-1] else int(ids.min())
             raise SafeSteerError(
-                f"safety token id {int(ids.max())} is outside the vocabulary of size {student.shape[-1]}; "
+                f"safety token id {bad} is outside the vocabulary of size {student.shape[-1]}; "
                 "the tokens were chosen for another model: rerun `safesteer tokens`"
             )
-        terms_fn: Callable[..., Tensor] = {
-            "safesteer": localized_reverse_kl_terms,
-            "safesteer-bounded": bounded_localized_reverse_kl_terms,
-            "renorm": renormalised_reverse_kl_terms,
-        }[kind]
-        terms = terms_fn(student, teacher, ids)
-    elif kind in ("full-reverse", "forward", "jsd"):
-        if kind == "jsd" and not 0 < beta < 1:
-            raise SafeSteerError(f"jsd beta must be strictly between 0 and 1, got {beta}")
-        terms = _full_vocab_terms(student, teacher, kind, beta, chunk)
-    else:
-        raise SafeSteerError(f"unknown loss {kind!r}: use one of {', '.join(LOSSES)}")
+    options = LossOptions(ids, beta)
+    teacher = teacher.detach()
+    terms = _chunked(loss.terms, student, teacher, options, chunk) if loss.chunked else loss.terms(student, teacher, options)
     return sequence_mean(terms, mask)

@@ -19,6 +19,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safesteer_lens.atomic import write_text_atomic
 from safesteer_lens.directions import Direction
 from safesteer_lens.tokens import SafetyTokens
+from safesteer_lens.steering import hook_name
 
 CARD = "README.md"
 
@@ -71,7 +72,7 @@ def build_model_card(model_name: str, config: Any, direction: Direction, tokens:
     safesteer = {
         "loss": config.loss,
         "direction": {"method": direction.method, "layer": direction.layer, "coefficient": direction.coeff,
-                      "hook": f"blocks.{direction.layer}.hook_resid_pre"},
+                      "hook": hook_name(direction.layer)},
         "safety_tokens": {"size": len(tokens), "top": tokens.texts[:20]},
         "training": settings,
         "seed": config.seed,
@@ -99,7 +100,7 @@ def build_model_card(model_name: str, config: Any, direction: Direction, tokens:
         "Trained with safesteer-lens (SafeSteer: localized on-policy distillation for safety "
         "alignment). The student sampled its own replies to harmful requests and was trained by the "
         f"`{config.loss}` loss to match, over {len(tokens)} safety tokens only, a teacher made by steering the frozen "
-        f"base model with a {direction.method} refusal direction added at `blocks.{direction.layer}.hook_resid_pre` "
+        f"base model with a {direction.method} refusal direction added at `{hook_name(direction.layer)}` "
         f"with coefficient {direction.coeff:g}. It trained {lora}.{anchor}",
         "",
         f"- Base model: {model_name}" + (f" (`{base_id}`)" if base_id and base_id != model_name else ""),

@@ -73,12 +73,6 @@ class ChatBatch:
     attention_mask: Int[Tensor, "batch pos"]
     n_post_instruction: int
 
-    def to(self, device: torch.device | str) -> "ChatBatch":
-        """Return the batch on ``device``."""
-        return ChatBatch(
-            self.input_ids.to(device), self.attention_mask.to(device), self.n_post_instruction
-        )
-
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
@@ -365,8 +359,8 @@ def cache_dir() -> Path:
 def _gguf_as_hf_dir(gguf: Path, dtype: torch.dtype) -> Path | None:
     """Convert a GGUF file to a Hugging Face directory once and reuse it afterwards.
 
-    Dequantising and rebuilding the tokenizer from GGUF takes about 20 s on 2 cores; reading
-    the converted safetensors takes a fraction of a second. The cache key covers the file's
+    Dequantising and rebuilding the tokenizer from GGUF is slow; reading the converted
+    safetensors is not (benchmarks/README.md has both). The cache key covers the file's
     path, size and modification time, so a changed file is converted again. The directory is
     written under a temporary name and renamed, so an interrupted conversion leaves nothing
     that looks complete. Returns None where the cache cannot be written (read-only home).

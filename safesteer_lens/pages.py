@@ -15,7 +15,6 @@ from safesteer_lens.generation import generate
 from safesteer_lens.models import ChatModel
 from safesteer_lens.token_views import contrast_view, mask_view, token_set_comparison
 from safesteer_lens.tokens import SafetyTokens, TokenConfig, select_safety_tokens
-from safesteer_lens.steering import add_hooks
 from safesteer_lens.viz import direction_figures, probe_figure, safety_tokens_bar
 from safesteer_lens.webpage import Item, write_page
 
@@ -55,7 +54,7 @@ def write_tokens_report(
         )
         items.append(token_set_comparison([tokens, other], [f"H = {config.horizon}", f"H = {compare_horizon}"]))
     harmless = prompt_texts(load_builtin_prompts("harmless", "val"))[:n_examples]
-    hooks = add_hooks(model, direction.vector, direction.layer, direction.coeff)
+    hooks = direction.hooks(model)
     teacher_out = generate(model, harmless, max_new_tokens=24, do_sample=True, seed=config.seed, fwd_hooks=hooks)
     for prompt, ids, mask in zip(harmless, teacher_out.completion_ids, teacher_out.completion_mask):
         items.append(contrast_view(model, direction, prompt, ids[mask].tolist()))

@@ -30,7 +30,8 @@ import torch
 from safesteer_lens.atomic import write_atomic, write_text_atomic
 from safesteer_lens.directions import DirectionConfig, find_direction, load_direction
 from safesteer_lens.distill import PRESETS as TRAIN_PRESETS
-from safesteer_lens.distill import STUDENT_DIR, TrainConfig, train
+from safesteer_lens.checkpoints import STUDENT_DIR
+from safesteer_lens.distill import TrainConfig, train
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.evaluate import DEMO_EVAL, EvalConfig, Evaluation, Subject, evaluate_models
 from safesteer_lens.model_card import build_model_card, write_model_card
@@ -40,8 +41,8 @@ from safesteer_lens.probes import probe_accuracy, save_probes
 from safesteer_lens.parallel import current_world, rank_device
 from safesteer_lens.precision import compute_dtype, dtype_name
 from safesteer_lens.sharding import check_sharding
-from safesteer_lens.steering import add_hooks
 from safesteer_lens.tokens import TokenConfig, load_safety_tokens, select_safety_tokens
+from safesteer_lens.rundir import check_out_dir, holds_lock, read_json
 from safesteer_lens.tracking import check_report_to
 
 STAGES = ("direction", "tokens", "train", "ablation", "evaluate", "report")
@@ -112,7 +113,7 @@ PIPELINE_PRESETS: dict[str, PipelineConfig] = {
         evaluate=DEMO_EVAL,
         ablations=(PAPER_LOSS, FULL_REVERSE, BOUNDED),
     ),
-    # The paper's settings (DESIGN.md), for GPU users with hub models.
+    # The paper's settings (docs/ARCHITECTURE.md, "The method"), for GPU users with hub models.
     "paper": PipelineConfig(
         direction=DirectionConfig(n_train=128, n_val=32, n_test=65),
         tokens=TokenConfig(n_prompts=100, prob_floor=1e-7),
@@ -126,12 +127,34 @@ def _hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _stamp_ok(path: Path, key: str) -> bool:
-    return path.is_file() and json.loads(path.read_text()).get("key") == key
+def digests(paths: Sequence[Path]) -> dict[str, str]:
+    """Content hashes of a stage's input files (a directory: its weight files), by path."""
+    out = {}
+    for path in paths:
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+        sha = hashlib.sha256()
+        for file in files:
+            with open(file, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 22), b""):
+                    sha.update(chunk)
+        out[str(path)] = sha.hexdigest()[:16] if files and all(f.is_file() for f in files) else "missing"
+    return out
 
 
-def _write_stamp(path: Path, key: str, **extra: Any) -> None:
-    write_text_atomic(path, json.dumps({"key": key, **extra}, indent=2))
+def _stamp_ok(path: Path, key: str, inputs: Sequence[Path] = ()) -> bool:
+    """Whether a stage is current: same settings, and every input file as it was when the stage ran.
+
+    The input hashes are what make a hand-made change upstream (a retrained ``student/``, an
+    edited ``safety_tokens.json``, an imported direction) mark every stage after it stale.
+    """
+    if not path.is_file():
+        return False
+    stamp = read_json(path, "safesteer run --rerun <stage>")
+    return isinstance(stamp, dict) and stamp.get("key") == key and stamp.get("inputs", {}) == digests(inputs)
+
+
+def _write_stamp(path: Path, key: str, inputs: Sequence[Path] = (), **extra: Any) -> None:
+    write_text_atomic(path, json.dumps({"key": key, "inputs": digests(inputs), **extra}, indent=2))
 
 
 def write_evaluation(out: Path, evaluation: Evaluation) -> None:
@@ -151,6 +174,7 @@ def write_evaluation(out: Path, evaluation: Evaluation) -> None:
     write_text_atomic(out / "examples.json", json.dumps(evaluation.examples, indent=2))
 
 
+@holds_lock("safesteer run")
 def run_pipeline(
     out: str | Path,
     model_name: str = DEFAULT_MODEL,
@@ -199,6 +223,7 @@ def run_pipeline(
 
         check_judge(judge)  # before any stage writes, not after training
     out = Path(out)
+    check_out_dir(out)
     world = current_world()  # under torchrun: rank 0 runs stages 1, 2, 5, 6; every rank trains
     check_sharding(shard, world)
     if world.is_main:
@@ -231,7 +256,8 @@ def run_pipeline(
         matmuls = dtype_name(compute_dtype(train_config.precision, resolve_device(None)))
         key = _hash([tokens_key, asdict(train_config), matmuls])
         stamp = run_dir / "train.json"
-        stale = stage in rerun or not _stamp_ok(stamp, key) or not (run_dir / STUDENT_DIR).exists()
+        inputs = [out / "direction.json", out / "direction.safetensors", out / "safety_tokens.json"]
+        stale = stage in rerun or not _stamp_ok(stamp, key, inputs) or not (run_dir / STUDENT_DIR).exists()
         if world.main_says(stale):
             say(f"[{number}/6] {stage}: training the {label} ({loss} loss)")
             if world.is_main:
@@ -240,7 +266,7 @@ def run_pipeline(
             train(run_dir, train_config, teacher=None if shard == "all" else base, progress=progress, shard=shard,
                   low_memory_rollouts=low_memory_rollouts, report_to=report_to, tracker_name=label)
             if world.is_main:
-                _write_stamp(stamp, key, loss=loss)
+                _write_stamp(stamp, key, inputs, loss=loss)
             rerun = (*rerun, "evaluate")
         else:
             say(f"[{number}/6] {stage}: {label}: current, skipped")
@@ -254,15 +280,15 @@ def run_pipeline(
 
     # ---- evaluation
     base = base or load_model(model_name, device=rank_device(None, world))
-    key = _hash([[json.loads((p.parent / "train.json").read_text())["key"] for p in students.values()], asdict(config.evaluate),
-                 judge])
+    key = _hash([list(students), asdict(config.evaluate), judge])
     stamp = out / "evaluate.json"
-    if "evaluate" in rerun or not _stamp_ok(stamp, key) or not (out / "results.csv").exists():
+    inputs = [out / "direction.json", out / "direction.safetensors", *students.values()]
+    if "evaluate" in rerun or not _stamp_ok(stamp, key, inputs) or not (out / "results.csv").exists():
         say("[5/6] evaluate: base, teacher and students on held-out prompts")
         subjects = [
             Subject("base", base),
             Subject(f"teacher (layer {direction.layer}, coeff {direction.coeff:g})", base,
-                    add_hooks(base, direction.vector, direction.layer, direction.coeff)),
+                    direction.hooks(base)),
             *(Subject(label, load_model(str(path), device=base.device)) for label, path in students.items()),
         ]
         from safesteer_lens.judges import load_judge
@@ -270,7 +296,7 @@ def run_pipeline(
         evaluation = evaluate_models(subjects, base, config.evaluate, judge=load_judge(judge, device=str(base.device))
                                      if judge else None)
         write_evaluation(out, evaluation)
-        _write_stamp(stamp, key)
+        _write_stamp(stamp, key, inputs)
         rerun = (*rerun, "report")
     else:
         say("[5/6] evaluate: current, skipped")
@@ -318,12 +344,13 @@ def _direction_and_tokens(
 
     # ---- stage 2: safety tokens
     stamp = out / "tokens.stamp.json"
-    if "tokens" in rerun or not _stamp_ok(stamp, tokens_key):
+    inputs = [out / "direction.json", out / "direction.safetensors"]
+    if "tokens" in rerun or not _stamp_ok(stamp, tokens_key, inputs):
         say("[2/6] tokens: choosing the safety tokens S")
         tokens = select_safety_tokens(base, direction, config.tokens, progress=progress)
         tokens.save(out)
         write_tokens_report(base, direction, tokens, out, compare_horizon=1)
-        _write_stamp(stamp, tokens_key)
+        _write_stamp(stamp, tokens_key, inputs)
         rerun = (*rerun, "train", "ablation")
     else:
         say("[2/6] tokens: current, skipped")

@@ -26,6 +26,7 @@ from safesteer_lens.data import load_builtin_prompts, prompt_texts
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.models import ChatModel
 from safesteer_lens.stats import Rate
+from safesteer_lens.steering import hook_name
 
 PROBES_CSV = "probes.csv"
 
@@ -44,7 +45,7 @@ def last_token_states(
             store[layer] = resid[:, -1].float().cpu()  # left padding: the last column is every row's last token
             return resid
 
-        hooks = [(f"blocks.{layer}.hook_resid_pre", lambda r, hook, layer=layer: grab(r, hook, layer))
+        hooks = [(hook_name(layer), lambda r, hook, layer=layer: grab(r, hook, layer))
                  for layer in range(model.n_layers)]
         with model.bridge.hooks(fwd_hooks=hooks):
             model.bridge(batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1)

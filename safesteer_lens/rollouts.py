@@ -1,7 +1,7 @@
 """Fast student rollouts: on-policy sampling through the quickest engine on the device.
 
-Sampling the student's replies is most of a SafeSteer training step (DESIGN.md measured it at
-20-40x the gradient step on an H100), and the student needs no hooks while it samples. So
+Sampling the student's replies is most of a SafeSteer training step (benchmarks/README.md),
+and the student needs no hooks while it samples. So
 instead of generating through the bridge, which switches the Hugging Face model to eager
 attention and dispatches hooks in every module, :class:`RolloutSampler` samples with a plain
 Hugging Face *twin* of the student:

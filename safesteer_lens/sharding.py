@@ -151,10 +151,9 @@ def gathered(model: ChatModel) -> Iterator[None]:
     """Keep each layer whole after its first forward in the block, then shard it again.
 
     Decoding runs one forward per token. Sharded as usual, every one of them gathers every
-    layer from all ranks; kept whole, only the first does. Sampling 16 tokens at the 135M shape
-    on 2 CPU processes took 2.7-2.9 s this way against 10.7-16.2 s gathering per token. The
-    price is the whole model in memory while the block runs, in the gather dtype (2 bytes per
-    parameter in bfloat16, 4 in float32).
+    layer from all ranks; kept whole, only the first does (benchmarks/README.md, "Measured
+    elsewhere in the code", has the timing). The price is the whole model in memory while the
+    block runs, in the gather dtype (2 bytes per parameter in bfloat16, 4 in float32).
     """
     from torch.distributed.fsdp import FSDPModule
 

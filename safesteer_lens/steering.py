@@ -10,13 +10,15 @@
   out of every matrix that writes to the residual stream (embedding, attention output, MLP
   output). The model then behaves as ablated with no hooks at all.
 
-:func:`steered` wraps the first two as a context manager for notebooks.
+:func:`steered` wraps the first two as a context manager for notebooks. This module works on
+tensors; :meth:`safesteer_lens.directions.Direction.hooks` and ``.apply`` give a Direction
+artifact the same in one call.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 from jaxtyping import Float
@@ -25,10 +27,16 @@ from torch import Tensor
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.models import ChatModel
 
-if TYPE_CHECKING:
-    from safesteer_lens.directions import Direction
-
 FwdHook = tuple[str, Callable[..., Any]]
+
+
+def hook_name(layer: int, point: str = "resid_pre") -> str:
+    """The TransformerLens hook point of block ``layer``: ``blocks.{layer}.hook_{point}``.
+
+    ``resid_pre`` (the default) is the residual stream entering the block, where the teacher
+    adds its vector; ``resid_post``, ``attn_out`` and ``mlp_out`` are the other points used here.
+    """
+    return f"blocks.{layer}.hook_{point}"
 
 
 def check_direction(model: ChatModel, direction: Tensor, layer: int | None = None) -> None:
@@ -56,7 +64,7 @@ def add_hooks(
     def add(resid: Float[Tensor, "batch pos d_model"], hook: Any) -> Tensor:
         return resid + vector
 
-    return [(f"blocks.{layer}.hook_resid_pre", add)]
+    return [(hook_name(layer), add)]
 
 
 def project_out(
@@ -74,8 +82,8 @@ def ablation_hooks(model: ChatModel, direction: Float[Tensor, "d_model"]) -> lis
     def ablate(act: Float[Tensor, "batch pos d_model"], hook: Any) -> Tensor:
         return project_out(act, unit)
 
-    names = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")
-    return [(f"blocks.{layer}.{name}", ablate) for layer in range(model.n_layers) for name in names]
+    points = ("resid_pre", "attn_out", "mlp_out")
+    return [(hook_name(layer, point), ablate) for layer in range(model.n_layers) for point in points]
 
 
 @torch.no_grad()
@@ -115,7 +123,7 @@ def orthogonalize_weights(model: ChatModel, direction: Float[Tensor, "d_model"])
 @contextmanager
 def steered(
     model: ChatModel,
-    direction: "Float[Tensor, 'd_model'] | Direction",
+    direction: "Float[Tensor, 'd_model'] | Any",
     layer: int | None = None,
     coeff: float | None = None,
     mode: Literal["add", "ablate"] = "add",

@@ -31,8 +31,10 @@ from typing import Any, Sequence
 import plotly.graph_objects as go
 
 from safesteer_lens.atomic import write_atomic, write_text_atomic
-from safesteer_lens.distill import CHECKPOINT, STUDENT_DIR, TrainConfig, train
+from safesteer_lens.checkpoints import CHECKPOINT, STUDENT_DIR
+from safesteer_lens.distill import TrainConfig, train
 from safesteer_lens.errors import SafeSteerError
+from safesteer_lens.rundir import holds_lock
 from safesteer_lens.tracking import check_report_to
 from safesteer_lens.evaluate import DEMO_EVAL, EvalConfig, Subject, evaluate_models
 from safesteer_lens.models import ChatModel, load_model
@@ -118,6 +120,7 @@ def _row(evaluation: Any, name: str) -> dict[str, Any]:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in evaluation.table.loc[name].items()}
 
 
+@holds_lock("safesteer sweep")
 def run_sweep(
     run_dir: str | Path,
     grid: dict[str, list[Any]],

@@ -23,7 +23,6 @@ from torch import Tensor
 from safesteer_lens.directions import Direction
 from safesteer_lens.losses import safety_mass
 from safesteer_lens.models import ChatModel
-from safesteer_lens.steering import add_hooks
 from safesteer_lens.tokens import SafetyTokens
 
 _STYLE = """
@@ -90,7 +89,7 @@ def contrast_view(
     else:
         completion_ids = [int(i) for i in completion]
     ids = torch.tensor(prompt_ids + completion_ids)
-    teacher = _sequence_log_probs(model, ids, add_hooks(model, direction.vector, direction.layer, direction.coeff))
+    teacher = _sequence_log_probs(model, ids, direction.hooks(model))
     base = _sequence_log_probs(model, ids, [])
     # position i is predicted by the logits at i - 1
     realised = ids[1:]
@@ -149,7 +148,7 @@ def mask_view(
     span = slice(p - 1, p - 1 + len(completion_ids))
     rows = {
         "student" + ("" if student is not None else " (= base)"): safety_mass(_sequence_log_probs(student or model, ids, [])[span], tokens.ids),
-        "teacher": safety_mass(_sequence_log_probs(model, ids, add_hooks(model, direction.vector, direction.layer, direction.coeff))[span], tokens.ids),
+        "teacher": safety_mass(_sequence_log_probs(model, ids, direction.hooks(model))[span], tokens.ids),
         "base": safety_mass(_sequence_log_probs(model, ids, [])[span], tokens.ids),
     }
     decode = model.tokenizer.decode

@@ -17,8 +17,7 @@ pieces otherwise win votes on tiny probability ratios).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,12 +28,13 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from safesteer_lens.atomic import write_text_atomic
 from safesteer_lens.data import load_builtin_prompts, prompt_texts, prompts_hash
 from safesteer_lens.directions import Direction
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.generation import Completions, completion_position_logits, generate
 from safesteer_lens.models import ChatModel
-from safesteer_lens.steering import add_hooks
+from safesteer_lens.rundir import artifact_error, read_json
 
 TOKENS_JSON = "safety_tokens.json"
 SATURATION_FACTOR = 4  # fewer than 4 K' eligible tokens: votes stop telling tokens apart
@@ -83,6 +83,18 @@ class TokenConfig:
     seed: int = 0
     batch_size: int = 32
 
+    def __post_init__(self) -> None:
+        """Reject settings that cannot work on any model (:func:`validate_config` adds the vocabulary's)."""
+        for name in ("horizon", "samples_per_prompt", "n_prompts", "batch_size"):
+            if getattr(self, name) < 1:
+                raise SafeSteerError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.method not in ("vote", "mean-delta"):
+            raise SafeSteerError(f"unknown selection method {self.method!r}: use 'vote' or 'mean-delta'")
+        if not 0 <= self.prob_floor < 1:
+            raise SafeSteerError(f"prob_floor is a probability below 1 (e.g. 1e-4), got {self.prob_floor}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise SafeSteerError(f"temperature must be a positive number, got {self.temperature}")
+
 
 @dataclass
 class SafetyTokens:
@@ -117,19 +129,27 @@ class SafetyTokens:
         """Write ``safety_tokens.json`` atomically."""
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=run_dir, prefix=".tokens-", delete=False) as handle:
-            json.dump({"tokens": self.tokens, "settings": self.settings}, handle, indent=2)
-        os.chmod(handle.name, 0o644)  # temp files are created private; artifacts are shared
-        os.replace(handle.name, run_dir / TOKENS_JSON)
-        return run_dir / TOKENS_JSON
+        return write_text_atomic(run_dir / TOKENS_JSON, json.dumps({"tokens": self.tokens, "settings": self.settings}, indent=2))
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "SafetyTokens":
         path = Path(run_dir) / TOKENS_JSON
         if not path.is_file():
             raise SafeSteerError(f"{run_dir} has no {TOKENS_JSON}; run `safesteer tokens --run {run_dir}` first")
-        data = json.loads(path.read_text())
-        return cls(data["tokens"], data.get("settings", {}))
+        remake = f"safesteer tokens --run {run_dir}"
+        data = read_json(path, remake)
+        tokens = data.get("tokens") if isinstance(data, dict) else None
+        if not isinstance(tokens, list) or not tokens:
+            raise artifact_error(path, "holds no tokens (an empty or missing 'tokens' list)", remake)
+        for number, token in enumerate(tokens):
+            if not isinstance(token, dict) or not {"id", "text"} <= set(token):
+                raise artifact_error(path, f"token {number} lacks 'id' or 'text'", remake)
+            if not isinstance(token["id"], int) or isinstance(token["id"], bool) or token["id"] < 0:
+                raise artifact_error(path, f"token {number} has id {token['id']!r}; ids are integers >= 0", remake)
+        if len({t["id"] for t in tokens}) != len(tokens):
+            raise artifact_error(path, "lists a token id twice", remake)
+        settings = data.get("settings", {})
+        return cls(tokens, settings if isinstance(settings, dict) else {})
 
 
 def load_safety_tokens(run_dir: str | Path) -> SafetyTokens:
@@ -235,7 +255,7 @@ def teacher_rollouts(
     return generate(
         model, repeated, max_new_tokens=config.horizon, do_sample=True,
         temperature=config.temperature, seed=config.seed,
-        fwd_hooks=add_hooks(model, direction.vector, direction.layer, direction.coeff),
+        fwd_hooks=direction.hooks(model),
         batch_size=config.batch_size,
     )
 
@@ -264,7 +284,7 @@ def select_safety_tokens(
     prompts = list(prompts) if prompts is not None else prompt_texts(load_builtin_prompts("harmless", "train"))[: config.n_prompts]
     if not prompts:
         raise SafeSteerError("no prompts to build safety tokens from; pass at least one harmless prompt")
-    teacher_hooks = add_hooks(model, direction.vector, direction.layer, direction.coeff)
+    teacher_hooks = direction.hooks(model)
     n_rows = len(prompts) * config.samples_per_prompt
     bar = tqdm(total=n_rows, desc="safety tokens", disable=not progress)
     deltas, teacher_probs, n_rollouts = [], [], 0
@@ -320,16 +340,12 @@ def select_safety_tokens(
 
 
 def validate_config(config: TokenConfig, model: ChatModel) -> None:
-    """Reject settings that cannot work, before any compute."""
-    if config.horizon < 1:
-        raise SafeSteerError(f"horizon must be at least 1, got {config.horizon}")
-    if config.samples_per_prompt < 1:
-        raise SafeSteerError(f"samples_per_prompt must be at least 1, got {config.samples_per_prompt}")
+    """Reject settings that cannot work on this model's vocabulary, before any compute."""
+    config.__post_init__()
     if not 1 <= config.set_size <= model.d_vocab:
         raise SafeSteerError(f"set_size must be between 1 and the vocabulary size {model.d_vocab}, got {config.set_size}")
     k = config.top_k_votes
     if isinstance(k, bool) or not ((isinstance(k, int) and 1 <= k <= model.d_vocab) or (isinstance(k, float) and 0 < k < 1)):
         raise SafeSteerError(f"top_k_votes must be a count between 1 and {model.d_vocab} or a share strictly between 0 and 1 "
                              f"of the eligible tokens, got {k!r}")
-    if config.method not in ("vote", "mean-delta"):
-        raise SafeSteerError(f"unknown selection method {config.method!r}: use 'vote' or 'mean-delta'")
+

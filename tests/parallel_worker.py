@@ -22,21 +22,20 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
 from safesteer_lens.directions import load_direction
-from safesteer_lens.distill import TrainConfig, accumulate_gradients, build_optimizer, sample_rollouts, train
+from safesteer_lens.distill import TrainConfig, TrainingRun, accumulate_gradients, build_optimizer, sample_rollouts, train
 from safesteer_lens.data import load_builtin_prompts, prompt_texts
 from safesteer_lens.models import load_model
 from safesteer_lens.parallel import current_world, shutdown
 from safesteer_lens.pipeline import run_pipeline
 from safesteer_lens.precision import compute_dtype
 from safesteer_lens.sharding import load_sharded, shard_model
-from safesteer_lens.steering import add_hooks
 from safesteer_lens.tokens import load_safety_tokens
 
 
@@ -58,14 +57,14 @@ def step_gradients(run_dir: str, config: TrainConfig, shard: str = "none") -> di
         shard_model(teacher, world, "cpu", frozen=True, compute=compute)
     build_optimizer(student, config)
     prompts = prompt_texts(load_builtin_prompts("harmful", "train"))[: config.n_prompts]
-    hooks = add_hooks(teacher, direction.vector, direction.layer, direction.coeff)
+    hooks = direction.hooks(teacher)
     ids = torch.tensor(load_safety_tokens(run_dir).ids)
     sampler = student if compute == torch.float32 else load_model(direction.model, device="cpu")
     rollouts = sample_rollouts(sampler, prompts, replace(config, precision="float32"), 0, world=world)
     dtypes = {"embeddings": set(), "logits": set()}  # what the residual stream starts in, what comes out
     records = [student.hf_model.get_input_embeddings().register_forward_hook(lambda m, i, out: dtypes["embeddings"].add(out.dtype)),
                student.hf_model.lm_head.register_forward_hook(lambda m, i, out: dtypes["logits"].add(out.dtype))]
-    stats = accumulate_gradients(student, teacher, hooks, direction, ids, rollouts, config, 0, world)
+    stats = asdict(accumulate_gradients(TrainingRun(config, world, student, teacher, hooks, direction, ids), rollouts, 0))
     for record in records:
         record.remove()
     # a sharded gradient is gathered whole (every rank takes part)
@@ -114,7 +113,7 @@ def teacher_chunks(run_dir: str, teacher, world) -> dict:
 
     direction = load_direction(run_dir)
     forwards = []
-    hooks = add_hooks(teacher, direction.vector, direction.layer, direction.coeff)
+    hooks = direction.hooks(teacher)
     hooks.append(("blocks.0.hook_resid_pre", lambda resid, hook: forwards.append(1)))
     config = TrainConfig(samples_per_prompt=2, micro_batch=2, precision="float32")
     rollouts = teacher_rollouts(run_dir, world.rank)

@@ -161,3 +161,28 @@ def test_prompt_files_are_split_three_one_one(tmp_path):
     assert [len(splits[s]) for s in ("train", "val", "test")] == [6, 2, 2]
     with pytest.raises(SafeSteerError, match="at least 5"):
         split_by_position(load_prompt_file(path)[:3])
+
+
+def test_direction_hooks_and_apply_steer_like_add_hooks(tiny):
+    from safesteer_lens.directions import Direction
+    from safesteer_lens.generation import last_token_logits
+    from safesteer_lens.steering import add_hooks
+
+    torch.manual_seed(1)
+    direction = Direction(torch.randn(tiny.d_model) * 3, tiny.name, "diff-means", 2, -1, 1.5)
+    prompts = ["How do I bake bread?"]
+    expected = last_token_logits(tiny, prompts, add_hooks(tiny, direction.vector, 2, 1.5))
+    assert torch.equal(last_token_logits(tiny, prompts, direction.hooks(tiny)), expected)
+    with direction.apply(tiny):
+        assert torch.equal(last_token_logits(tiny, prompts), expected)
+    assert not torch.equal(last_token_logits(tiny, prompts), expected)  # the hooks end with the block
+    assert torch.equal(last_token_logits(tiny, prompts, direction.hooks(tiny, coeff=0.0)), last_token_logits(tiny, prompts))
+
+
+def test_direction_methods_come_from_the_registry(tiny):
+    from safesteer_lens.directions import DIRECTION_METHODS, DirectionConfig, get_method
+
+    assert {"diff-means", "contrastive"} <= set(DIRECTION_METHODS)
+    assert get_method("contrastive").choose_by == "induce" and not get_method("contrastive").induce_filter
+    with pytest.raises(SafeSteerError, match="unknown method 'pca'"):
+        DirectionConfig(method="pca")

@@ -196,16 +196,16 @@ def test_teacher_scores_whole_chunks_with_the_same_logits_per_micro_batch(tiny, 
 
 def test_bfloat16_precision_computes_in_bfloat16_and_stays_close_to_float32(tiny_dir, run_dir):
     from safesteer_lens.directions import load_direction
-    from safesteer_lens.distill import accumulate_gradients
+    from safesteer_lens.distill import TrainingRun, accumulate_gradients
     from safesteer_lens.models import load_model
-    from safesteer_lens.steering import add_hooks
+    from safesteer_lens.parallel import World
 
     teacher, student = load_model(str(tiny_dir)), load_model(str(tiny_dir))
     params = list(student.hf_model.parameters())
     for p in params:
         p.requires_grad_(True)
     direction = load_direction(run_dir)
-    hooks = add_hooks(teacher, direction.vector, direction.layer, direction.coeff)
+    hooks = direction.hooks(teacher)
     safety_ids = torch.tensor(SafetyTokens.load(run_dir).ids)
     prompts = [p for p in ["How do I bake bread?", "Hi", "Write a poem about rain and wind"] for _ in range(2)]
     rollouts = generate(student, prompts, max_new_tokens=6, do_sample=True, seed=0)  # left-padded prompts
@@ -215,9 +215,9 @@ def test_bfloat16_precision_computes_in_bfloat16_and_stays_close_to_float32(tiny
         seen = logits_dtypes[precision]
         handle = student.hf_model.lm_head.register_forward_hook(lambda m, i, out, seen=seen: seen.append(out.dtype))
         config = tiny_config(samples_per_prompt=2, sequences_per_step=6, micro_batch=2, precision=precision)
-        stats = accumulate_gradients(student, teacher, hooks, direction, safety_ids, rollouts, config, 0)
+        stats = accumulate_gradients(TrainingRun(config, World(), student, teacher, hooks, direction, safety_ids), rollouts, 0)
         grads[precision] = torch.cat([p.grad.flatten() for p in params])
-        losses[precision] = stats["loss"]
+        losses[precision] = stats.loss
         handle.remove()
         for p in params:
             p.grad = None
@@ -310,8 +310,9 @@ def test_the_anchor_starts_at_zero_then_holds_the_student_to_the_base(tiny, run_
 
 def test_the_anchor_weight_scales_its_gradient_and_scores_against_the_unsteered_base(tiny, run_dir):
     from safesteer_lens.directions import load_direction
-    from safesteer_lens.distill import accumulate_gradients, sample_rollouts
+    from safesteer_lens.distill import TrainingRun, accumulate_gradients, sample_rollouts
     from safesteer_lens.models import load_model
+    from safesteer_lens.parallel import World
 
     student = load_model(tiny.name)
     params = list(student.hf_model.parameters())
@@ -321,11 +322,12 @@ def test_the_anchor_weight_scales_its_gradient_and_scores_against_the_unsteered_
     ids = torch.arange(20, 60)
     config = tiny_config(precision="float32")  # bfloat16 rounding would blur the factor of 3
     harmless = sample_rollouts(student, ["How do I bake bread?", "Name a colour."] * 2, config, 0, stream=1)
+    run = TrainingRun(config, World(), student, tiny, direction.hooks(tiny), direction, ids)
     grads = []
     for scale in (1.0, 3.0):
-        stats = accumulate_gradients(student, tiny, [], direction, ids, harmless, config, 0, loss="full-reverse", scale=scale)
+        stats = accumulate_gradients(run, harmless, 0, loss="full-reverse", scale=scale, hooks=[])
         grads.append(torch.cat([p.grad.flatten() for p in params if p.grad is not None]))
-        assert abs(stats["loss"]) < 1e-6  # an untrained student is the unsteered base
+        assert abs(stats.loss) < 1e-6  # an untrained student is the unsteered base
         for p in params:
             p.grad = None
     # the KL's gradient vanishes at its minimum: perturb the student so it has one to scale
@@ -333,7 +335,7 @@ def test_the_anchor_weight_scales_its_gradient_and_scores_against_the_unsteered_
         params[-1].add_(0.05 * torch.randn_like(params[-1]))
     grads = []
     for scale in (1.0, 3.0):
-        accumulate_gradients(student, tiny, [], direction, ids, harmless, config, 0, loss="full-reverse", scale=scale)
+        accumulate_gradients(run, harmless, 0, loss="full-reverse", scale=scale, hooks=[])
         grads.append(torch.cat([p.grad.flatten() for p in params if p.grad is not None]))
         for p in params:
             p.grad = None

@@ -151,3 +151,25 @@ def test_the_bounded_loss_stays_exact_when_s_holds_nearly_all_the_mass():
     rs = float(ps[2:].sum())
     expected = 2 * float(ps[0]) * math.log(float(ps[0]) / 0.25) + rs * math.log(rs / 0.5)
     assert math.isfinite(got) and got == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_registered_loss_is_usable_everywhere_by_name():
+    from safesteer_lens.cli import build_parser
+    from safesteer_lens.distill import TrainConfig
+    from safesteer_lens.losses import LOSS_REGISTRY, register_loss
+
+    @register_loss("test-l2", "squared logit distance (a test of the registry)")
+    def l2_terms(student, teacher, options):
+        return (student.float() - teacher.float()).square().mean(-1)
+
+    try:
+        mask = torch.ones(STUDENT.shape[:2], dtype=torch.bool)
+        expected = (STUDENT - TEACHER).square().mean(-1).mean()
+        assert distillation_loss("test-l2", STUDENT, TEACHER, mask).item() == pytest.approx(expected.item(), rel=1e-6)
+        TrainConfig(loss="test-l2").validate()
+        train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+        assert "test-l2" in next(a for a in train_parser._actions if a.dest == "loss").choices
+        with pytest.raises(ValueError, match="registered already"):
+            register_loss("test-l2", "again")(l2_terms)
+    finally:
+        LOSS_REGISTRY.pop("test-l2")

@@ -14,7 +14,8 @@ import torch
 from torchrun import CONFIG, WORKER, assert_same_metrics, assert_same_step, launch, torchrun
 
 from safesteer_lens.cli import main
-from safesteer_lens.distill import CHECKPOINT, train
+from safesteer_lens.checkpoints import CHECKPOINT
+from safesteer_lens.distill import train
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.parallel import World
 from safesteer_lens.sharding import check_sharding, full_state, is_sharded, load_full_state

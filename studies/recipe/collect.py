@@ -4,9 +4,11 @@
 
 ``val_trials.csv``: every validation trial of the study's rounds (``load_trials``).
 ``figures/study.png``: their trade-off figure, for the README.
-``test_seeds.csv``: the base model, the demo recipe and the paper's loss on the test split,
-seed 0 from the test run's own ``results.csv`` (``make demo``) and seeds 1 and 2 from its
-``test-recipe`` and ``test-paper`` sweeps, which use the same evaluation settings.
+``test_seeds.csv``: the base model and three recipes on the test split, each on seeds 0-2:
+the full fine-tuning recipe and the paper's loss (seed 0 from the test run's own
+``results.csv``, made by ``make demo`` while that recipe was the demo preset; seeds 1 and 2
+from its ``test-recipe`` and ``test-paper`` sweeps), and the LoRA recipe that the demo preset
+is now (its ``test-lora`` sweep). Every sweep uses the demo run's evaluation settings.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ ROUNDS = ("sweep", "anchor", "seeds", "steps", "small-steps", "lora")
 # the demo training preset while the validation rounds ran: a setting a round did not vary had this value
 PRESET_THEN = {"loss": "safesteer", "anchor_weight": 0.0, "lr": 1e-4, "epochs": 1, "sequences_per_step": 16, "lora_rank": 0}
 HERE = Path(__file__).parent
+FULL, LORA = "full fine-tuning recipe", "LoRA recipe (demo preset)"
 
 
 def main() -> None:
@@ -42,9 +45,9 @@ def main() -> None:
 
     demo = pandas.read_csv(Path(args.test_run) / "results.csv", index_col="model")
     rows = [demo.loc[["base"]].assign(recipe="base", seed=float("nan")),
-            demo.loc[[RECIPE_LABEL]].rename(index=lambda _: "demo recipe, seed 0").assign(recipe="demo recipe", seed=0),
+            demo.loc[[RECIPE_LABEL]].rename(index=lambda _: f"{FULL}, seed 0").assign(recipe=FULL, seed=0),
             demo.loc[[PAPER_LOSS.label]].rename(index=lambda _: "paper loss, seed 0").assign(recipe="paper loss", seed=0)]
-    for sweep, recipe in (("test-recipe", "demo recipe"), ("test-paper", "paper loss")):
+    for sweep, recipe in (("test-recipe", FULL), ("test-paper", "paper loss"), ("test-lora", LORA)):
         trials = load_trials(args.test_run, [sweep]).drop(index="base")
         trials.index = [f"{recipe}, seed {int(s)}" for s in trials["seed"]]
         rows.append(trials.assign(recipe=recipe))
