@@ -154,9 +154,9 @@ def cmd_tokens(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Stage 3: localized on-policy distillation of the student from the steered teacher."""
-    from safesteer_lens.directions import load_direction
-    from safesteer_lens.distill import preset, train
-    from safesteer_lens.models import load_model, resolve_device
+    from safesteer_lens.distill import preflight, preset
+    from safesteer_lens.parallel import current_world, shutdown
+    from safesteer_lens.rundir import locked
 
     overrides = {
         key: value
@@ -169,26 +169,14 @@ def cmd_train(args: argparse.Namespace) -> None:
         }.items()
         if value is not None
     }
-    from safesteer_lens.parallel import current_world, rank_device, shutdown
-    from safesteer_lens.sharding import check_sharding, load_sharded
-
     config = preset(args.preset, **overrides)
     config.validate()
-    _import_direction(args)
-    direction = load_direction(args.run)
     world = current_world()  # under torchrun: joins the process group; one process: World()
-    device = rank_device(args.device, world)
     try:
-        check_sharding(args.shard, world)
-        if args.shard == "all" and args.teacher_device:
-            raise SafeSteerError("--shard all spreads the teacher over every rank's device; drop --teacher-device")
-        name = args.model or direction.model
-        if args.shard == "all":
-            teacher = load_sharded(name, world, device or resolve_device(None), args.dtype, frozen=True)
-        else:
-            teacher = load_model(name, device=args.teacher_device or device, dtype=args.dtype)
-        result = train(args.run, config, teacher=teacher, resume=args.resume, device=device, shard=args.shard,
-                       low_memory_rollouts=args.low_memory_rollouts, report_to=args.report_to)
+        with locked(args.run, "safesteer train", world.is_main):
+            _import_direction(args)
+            preflight(args.run, config, args.resume)  # a damaged run directory fails before any model loads
+            result = _train_command(args, config, world)
     finally:
         shutdown()
     if not world.is_main:
@@ -198,6 +186,27 @@ def cmd_train(args: argparse.Namespace) -> None:
           f"rollout refusal {last.get('rollout_refusal')}, projection {last.get('projection')}")
     ranks = f" on {world.size} processes" if world.size > 1 else ""
     print(f"wrote {args.run}/metrics.jsonl, checkpoint.pt and student/{ranks}")
+
+
+def _train_command(args: argparse.Namespace, config: "TrainConfig", world: "object") -> "object":
+    """Load the teacher as the flags say and train (the part of ``cmd_train`` after the checks)."""
+    from safesteer_lens.directions import load_direction
+    from safesteer_lens.distill import train
+    from safesteer_lens.models import load_model
+    from safesteer_lens.parallel import rank_device
+    from safesteer_lens.sharding import check_sharding
+
+    direction = load_direction(args.run)
+    device = rank_device(args.device, world)
+    check_sharding(args.shard, world)
+    if args.shard == "all" and (args.teacher_device or args.dtype or args.model):
+        raise SafeSteerError("--shard all loads and shards the direction's model itself, gathered in the training "
+                             "precision; drop --teacher-device, --dtype and --model")
+    # with --shard all, train() loads the sharded teacher, the same way `safesteer run --shard all` does
+    teacher = None if args.shard == "all" else load_model(args.model or direction.model,
+                                                          device=args.teacher_device or device, dtype=args.dtype)
+    return train(args.run, config, teacher=teacher, resume=args.resume, device=device, shard=args.shard,
+                 low_memory_rollouts=args.low_memory_rollouts, report_to=args.report_to)
 
 
 def cmd_run(args: argparse.Namespace) -> None:

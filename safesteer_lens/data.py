@@ -146,6 +146,8 @@ def read_rows(path: Path) -> list[dict]:
     """The rows of a local json/jsonl/csv/parquet file, read through ``datasets`` without its progress bar."""
     if not path.is_file():
         raise SafeSteerError(f"no such file: {path}")
+    if path.stat().st_size == 0:
+        raise SafeSteerError(f"{path} is empty; it needs at least one row")
     fmt = LOCAL_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise SafeSteerError(
@@ -158,7 +160,8 @@ def read_rows(path: Path) -> list[dict]:
     try:
         dataset = datasets.load_dataset(fmt, data_files=str(path), split="train")
     except Exception as exc:  # datasets raises many types for unreadable files
-        raise SafeSteerError(f"cannot read {path} as {fmt}: {str(exc).splitlines()[0]}") from exc
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SafeSteerError(f"cannot read {path} as {fmt}: {reason}") from exc
     finally:
         if shown:
             datasets.enable_progress_bars()

@@ -422,6 +422,27 @@ class GradientStats:
     tokens: float = 0.0
 
 
+def preflight(run_dir: str | Path, config: TrainConfig, resume: bool = False) -> None:
+    """Read and check everything a run takes from its directory, before any model loads.
+
+    The direction, S, the prompt counts and, with ``resume``, the checkpoint and the metrics:
+    a damaged file fails here in one line, not after a minute of loading.
+    """
+    run_dir = Path(run_dir)
+    load_direction(run_dir)
+    load_safety_tokens(run_dir)
+    _train_prompts("harmful", config.n_prompts)
+    if config.anchor_weight:
+        _train_prompts("harmless", config.n_prompts)
+    if resume:
+        rows = read_metrics(run_dir / METRICS)
+        if (run_dir / CHECKPOINT).exists():
+            load_checkpoint(run_dir)
+        elif rows:
+            raise SafeSteerError(f"{run_dir} has steps in {METRICS} but no {CHECKPOINT} to resume from; "
+                                 "drop --resume to start over (this replaces the metrics)")
+
+
 class Trainer:
     """One training run: everything resolved in the constructor, the loop in :meth:`fit`.
 
@@ -611,6 +632,7 @@ def train(
             ``tensorboard`` or ``wandb`` (:mod:`safesteer_lens.tracking`; rank 0 only).
         tracker_name: This run's name in the tracker.
     """
+    preflight(run_dir, config or PRESETS["demo"], resume)
     trainer = Trainer(run_dir, config, teacher, device=device, shard=shard, low_memory_rollouts=low_memory_rollouts,
                       report_to=report_to, tracker_name=tracker_name)
     return trainer.fit(resume=resume, max_steps=max_steps, export=export, progress=progress)

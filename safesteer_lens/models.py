@@ -23,9 +23,10 @@ import os
 import re
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from jaxtyping import Int
@@ -341,6 +342,22 @@ def embedded_model_path(name: str = DEFAULT_MODEL) -> Path:
     return path
 
 
+@contextmanager
+def _local_files(path: Path, fix: str) -> Iterator[None]:
+    """Turn a failure to read a local model (truncated weights, bad config.json, no tokenizer) into one line.
+
+    transformers, tokenizers, safetensors and gguf raise a dozen exception types for a damaged
+    file; each says what it could not read in its first line, which is what the user needs.
+    """
+    try:
+        yield
+    except SafeSteerError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any reader's failure on a user's file is the user's to fix
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise SafeSteerError(f"cannot load the model at {path} ({type(exc).__name__}: {first}); {fix}") from exc
+
+
 def _check_gguf(path: Path) -> None:
     if not path.is_file():
         raise SafeSteerError(f"no such file: {path}; pass an existing .gguf file")
@@ -452,18 +469,20 @@ def load_model(
         else:
             _check_gguf(path)
             gguf, source = path, "gguf"
-        converted = _gguf_as_hf_dir(gguf, torch_dtype)
-        if converted is None:
-            hf_model, tokenizer = _load_hf(str(gguf.parent), torch_device, torch_dtype, gguf.name)
-        else:
-            hf_model, tokenizer = _load_hf(str(converted), torch_device, torch_dtype)
+        with _local_files(gguf, "pass a complete .gguf model file"):
+            converted = _gguf_as_hf_dir(gguf, torch_dtype)
+            if converted is None:
+                hf_model, tokenizer = _load_hf(str(gguf.parent), torch_device, torch_dtype, gguf.name)
+            else:
+                hf_model, tokenizer = _load_hf(str(converted), torch_device, torch_dtype)
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise SafeSteerError(
                 f"{path} is not a Hugging Face model directory (no config.json); "
                 "pass a directory saved with save_pretrained, a .gguf file or a hub id"
             )
-        hf_model, tokenizer = _load_hf(str(path), torch_device, torch_dtype)
+        with _local_files(path, "save the model again with save_pretrained (weights, config.json and the tokenizer)"):
+            hf_model, tokenizer = _load_hf(str(path), torch_device, torch_dtype)
         source = "directory"
     elif path.exists():
         raise SafeSteerError(

@@ -90,5 +90,7 @@ def refusal_score(
 ) -> Float[Tensor, "batch"]:
     """Log-odds of the refusal tokens' total probability at the last prompt position."""
     probs = torch.softmax(last_logits.float(), dim=-1)
-    p = probs[:, list(token_ids)].sum(-1).clamp(eps, 1 - eps)
+    # 1 - eps rounds to 1 in float32, whose log-odds are +inf: clamp to the largest float below 1
+    below_one = torch.nextafter(torch.ones((), dtype=probs.dtype), torch.zeros((), dtype=probs.dtype)).item()
+    p = probs[:, list(token_ids)].sum(-1).clamp(eps, below_one)
     return torch.log(p) - torch.log1p(-p)

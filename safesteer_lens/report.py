@@ -24,11 +24,10 @@ from plotly.subplots import make_subplots
 from safesteer_lens.atomic import write_atomic, write_text_atomic
 from safesteer_lens.data import load_builtin_prompts, prompt_texts
 from safesteer_lens.directions import Direction, load_direction
-from safesteer_lens.distill import load_metrics
+from safesteer_lens.checkpoints import load_metrics
 from safesteer_lens.models import ChatModel, load_model
 from safesteer_lens.generation import FwdHook
 from safesteer_lens.stats import format_rate
-from safesteer_lens.steering import add_hooks
 from safesteer_lens.tokens import load_safety_tokens
 from safesteer_lens.token_views import HtmlView
 from safesteer_lens.viz import completions_table, direction_score_heatmaps, safety_tokens_bar
@@ -333,8 +332,12 @@ def results_view(table: Any) -> HtmlView:
     shown = table[report_columns(table)].copy().astype(object)
     for column in shown.columns:
         shown[column] = [rate_text(row, column) if is_rate(table, column) else _number(row[column]) for _, row in table.iterrows()]
-    checks = "".join(f"<p>{html.escape(line.replace('**', ''))}</p>" for line in target_check(table) if line)
-    return HtmlView("Results (95% Wilson intervals)", data_table(shown, index=True) + checks)
+    lines = [line.replace("**", "") for line in target_check(table) if line]
+    targets, *notes = [line for line in lines if not line.startswith("- ")]  # the verdicts go between them
+    verdicts = "".join(f"<li>{html.escape(line[2:])}</li>" for line in lines if line.startswith("- "))
+    body = (f"<div class='scroll'>{data_table(shown, index=True)}</div><p>{html.escape(targets)}</p><ul>{verdicts}</ul>"
+            + "".join(f"<p>{html.escape(note)}</p>" for note in notes))
+    return HtmlView("Results (95% Wilson intervals)", body, prose=True)
 
 
 def summary(table: Any, direction: Direction, n_tokens: int, train: Any, model_name: str) -> list[str]:
@@ -396,7 +399,7 @@ def write_report(run_dir: str | Path, base: ChatModel, table: Any, config: Any) 
     student = load_model(str(run_dir / "student"), device=base.device)
     states = {
         "base": final_states(base, harmless, []),
-        "teacher": final_states(base, harmless, add_hooks(base, direction.vector, direction.layer, direction.coeff)),
+        "teacher": final_states(base, harmless, direction.hooks(base)),
         RECIPE_LABEL: final_states(student, harmless, []),
     }
     figures = {
@@ -425,8 +428,8 @@ def write_report(run_dir: str | Path, base: ChatModel, table: Any, config: Any) 
     if comparison is not None:
         views.append(HtmlView("Every held-out prompt (comparison.csv)",
                               f"<details><summary>{len(comparison)} prompts, one row each: every model's reply and flags "
-                              "(click a column header to sort)</summary>" + data_table(comparison, sortable=True)
-                              + "</details>"))
+                              "(click a column header to sort)</summary><div class='scroll'>"
+                              + data_table(comparison, sortable=True) + "</div></details>", prose=True))
     write_page(views, run_dir / "report.html", f"SafeSteer run on {base.name}", assets=run_dir, intro=intro)
 
     md = [

@@ -34,6 +34,8 @@ _STYLE = """
 .ssl-view table{border-collapse:collapse;font-size:12px}
 .ssl-view td,.ssl-view th{border:1px solid #ddd;padding:2px 5px;text-align:center;white-space:pre}
 .ssl-view .legend{font-size:12px;color:#555;margin-bottom:6px}
+.ssl-view.prose{font-family:inherit;font-size:14px;line-height:1.5}
+.ssl-view .scroll{overflow-x:auto}
 </style>
 """
 
@@ -44,9 +46,11 @@ class HtmlView:
 
     title: str
     body: str
+    prose: bool = False  # text and tables rather than tokens: the page's font, not monospace
 
     def _repr_html_(self) -> str:
-        return f"{_STYLE}<div class='ssl-view'><h4>{html.escape(self.title)}</h4>{self.body}</div>"
+        kind = "ssl-view prose" if self.prose else "ssl-view"
+        return f"{_STYLE}<div class='{kind}'><h4>{html.escape(self.title)}</h4>{self.body}</div>"
 
 
 def _colour(value: float, scale: float) -> str:

@@ -105,7 +105,7 @@ CASES = [
      ["info", "--model", "{work}/model"], "tokenizer"),
     ("HF directory with truncated weights",
      lambda w, r, t: _hf_copy(t, w, lambda m: _truncate(m / "model.safetensors")),
-     ["info", "--model", "{work}/model"], "model.safetensors"),
+     ["info", "--model", "{work}/model"], "SafetensorError"),
     ("evaluate --n 0", None, ["evaluate", "--run", "{run}", "--n", "0"], "n_harmful"),
     ("tokens --prob-floor 2", None, ["tokens", "--run", "{run}", "--prob-floor", "2"], "prob_floor"),
     ("tokens --compare-horizon -1", None, ["tokens", "--run", "{run}", "--compare-horizon", "-1"], "--compare-horizon"),

@@ -138,8 +138,10 @@ def test_vote_ties_are_broken_by_mean_delta_not_by_id():
 
 
 def test_a_floor_no_token_passes_and_a_bad_k_prime_are_clear_errors(tiny, tiny_direction):
+    with pytest.raises(SafeSteerError, match="prob_floor is a probability below 1"):
+        TokenConfig(**{**SMALL, "prob_floor": 2.0})  # refused before any compute
     with pytest.raises(SafeSteerError, match="no token passes prob_floor"):
-        select_safety_tokens(tiny, tiny_direction, TokenConfig(**{**SMALL, "prob_floor": 2.0}), progress=False)
+        select_safety_tokens(tiny, tiny_direction, TokenConfig(**{**SMALL, "prob_floor": 0.999}), progress=False)
     for bad in (0, 1.5, 0.0, True):
         with pytest.raises(SafeSteerError, match="top_k_votes must be a count"):
             select_safety_tokens(tiny, tiny_direction, TokenConfig(**{**SMALL, "top_k_votes": bad}), progress=False)
