@@ -60,23 +60,36 @@ def export_student(student: ChatModel, out_dir: str | Path, weights: dict[str, T
     """
     from transformers import AutoModelForCausalLM
 
+    import shutil
+
     out_dir = Path(out_dir)
     clean = AutoModelForCausalLM.from_config(student.hf_model.config)
-    clean.load_state_dict(student.hf_state_dict() if weights is None else weights, strict=False)
-    if getattr(student.hf_model.config, "tie_word_embeddings", False):
+    tied = bool(getattr(student.hf_model.config, "tie_word_embeddings", False))
+    keys = clean.load_state_dict(student.hf_state_dict() if weights is None else weights, strict=False)
+    missing = set(keys.missing_keys) - ({"lm_head.weight"} if tied else set())
+    if missing or keys.unexpected_keys:  # a renamed weight would otherwise export as its random initialisation
+        raise SafeSteerError(f"the student's weights do not map onto {type(clean).__name__}: missing "
+                             f"{sorted(missing)[:3]}, unexpected {sorted(keys.unexpected_keys)[:3]}")
+    if tied:
         clean.tie_weights()
     clean.generation_config = student.hf_model.generation_config
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
-    clean.save_pretrained(tmp)
-    student.tokenizer.save_pretrained(tmp)
-    if card is not None:
-        write_model_card(tmp, card)
-    if out_dir.exists():
-        import shutil
-
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; an export is meant to be shared
+        clean.save_pretrained(tmp)
+        student.tokenizer.save_pretrained(tmp)
+        if card is not None:
+            write_model_card(tmp, card)
+        old = out_dir.with_name(f".{out_dir.name}-old")
+        if out_dir.exists():  # moved aside first, so a crash in between leaves one complete student
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out_dir
 
 
@@ -95,7 +108,7 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
         last = "none"
         if (run_dir / CHECKPOINT).exists():
             last = f"step {read_checkpoint(run_dir / CHECKPOINT, 'safesteer train').get('step')}"
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:120]
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
         raise SafeSteerError(
             f"could not write a checkpoint at step {state['step']} ({reason}); "
             f"the last good checkpoint is {last}; free disk space and rerun with --resume"

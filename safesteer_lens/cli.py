@@ -199,7 +199,7 @@ def _train_command(args: argparse.Namespace, config: "TrainConfig", world: "obje
     direction = load_direction(args.run)
     device = rank_device(args.device, world)
     check_sharding(args.shard, world)
-    if args.shard == "all" and (args.teacher_device or args.dtype or args.model):
+    if args.shard == "all" and (args.teacher_device or args.dtype or (args.model and args.model != direction.model)):
         raise SafeSteerError("--shard all loads and shards the direction's model itself, gathered in the training "
                              "precision; drop --teacher-device, --dtype and --model")
     # with --shard all, train() loads the sharded teacher, the same way `safesteer run --shard all` does
@@ -351,7 +351,9 @@ def _import_direction(args: argparse.Namespace) -> None:
     from safesteer_lens.control_vectors import load_control_vector
 
     direction = load_control_vector(args.direction)
-    if direction.model == "unknown" and not getattr(args, "model", None):
+    if getattr(args, "model", None):
+        direction.model = args.model  # the model the user steers, not the file's hint
+    elif direction.model == "unknown":
         raise SafeSteerError(f"{args.direction} does not name its model; pass --model")
     direction.save(args.run)
     print(f"direction: {args.direction} -> {args.run}/direction.safetensors (layer {direction.layer}, "

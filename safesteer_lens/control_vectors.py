@@ -100,7 +100,7 @@ def load_control_vector(path: str | Path, layer: int | None = None) -> Direction
         arch = _field(reader, "general.architecture")
         tensors = {t.name: np.asarray(t.data, dtype=np.float32).reshape(-1).copy() for t in reader.tensors}
     except Exception as exc:  # truncated or not GGUF at all
-        raise SafeSteerError(f"{path} cannot be read as a GGUF control vector ({str(exc).splitlines()[0][:120]}); "
+        raise SafeSteerError(f"{path} cannot be read as a GGUF control vector ({(str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]}); "
                              "export it again") from exc
     if arch != ARCH:
         raise SafeSteerError(f"{path} is a GGUF file of architecture {arch!r}, not a control vector ({ARCH!r})")
@@ -115,7 +115,7 @@ def load_control_vector(path: str | Path, layer: int | None = None) -> Direction
     if chosen not in layers:
         raise SafeSteerError(f"{path} has no vector for layer {chosen}; it has {sorted(layers)}")
     values = torch.from_numpy(tensors[layers[chosen]])
-    ours = _field(reader, "safesteer.layer") == chosen
+    ours = _field(reader, "safesteer.layer") == chosen and _field(reader, "safesteer.coeff") is not None
     coeff = float(_field(reader, "safesteer.coeff")) if ours else 1.0
     if not np.isfinite(coeff) or coeff == 0 or not torch.isfinite(values).all():
         raise SafeSteerError(f"{path} holds a zero coefficient or non-finite values; export it again")

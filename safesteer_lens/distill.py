@@ -510,16 +510,18 @@ class Trainer:
                                run.world.is_main)
         bar = tqdm(range(start, end), desc=f"train ({config.loss}, {self.precision})", initial=start,
                    total=config.total_steps, disable=not (progress and run.world.is_main))
-        for step in bar:
-            row = self._step(step)
-            metrics.append(row)
-            if run.world.is_main:
-                append_metrics(self.run_dir / METRICS, row)
-            tracker.log(row, step)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", refusal=f"{row['rollout_refusal']:.2f}")
-            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.total_steps:
-                self._checkpoint(step + 1)
-        tracker.close()
+        try:
+            for step in bar:
+                row = self._step(step)
+                metrics.append(row)
+                if run.world.is_main:
+                    append_metrics(self.run_dir / METRICS, row)
+                tracker.log(row, step)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", refusal=f"{row['rollout_refusal']:.2f}")
+                if (step + 1) % config.checkpoint_every == 0 or step + 1 == end:  # end: resumable after max_steps
+                    self._checkpoint(step + 1)
+        finally:
+            tracker.close()
         for p in run.params:
             p.requires_grad_(False)
         if end == config.total_steps:
@@ -547,6 +549,8 @@ class Trainer:
                                  "drop --resume to start over (this replaces the metrics)")
         if run.world.is_main:
             write_metrics(path, metrics)
+            if not resume:  # a fresh start: an older run's checkpoint must not be resumed into this one
+                (self.run_dir / CHECKPOINT).unlink(missing_ok=True)
         return metrics, start
 
     def _step(self, step: int) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -42,7 +43,7 @@ from safesteer_lens.parallel import current_world, rank_device
 from safesteer_lens.precision import compute_dtype, dtype_name
 from safesteer_lens.sharding import check_sharding
 from safesteer_lens.tokens import TokenConfig, load_safety_tokens, select_safety_tokens
-from safesteer_lens.rundir import check_out_dir, holds_lock, read_json
+from safesteer_lens.rundir import check_out_dir, locked, read_json
 from safesteer_lens.tracking import check_report_to
 
 STAGES = ("direction", "tokens", "train", "ablation", "evaluate", "report")
@@ -127,17 +128,25 @@ def _hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def digests(paths: Sequence[Path]) -> dict[str, str]:
-    """Content hashes of a stage's input files (a directory: its weight files), by path."""
+def digests(paths: Sequence[Path], root: Path | None = None) -> dict[str, str]:
+    """Content hashes of a stage's input files (a directory: its weight files), by path under ``root``.
+
+    Keyed relative to the run directory, so the same run reached by another path (absolute,
+    from a notebook's folder, moved) has the same stamps.
+    """
     out = {}
     for path in paths:
         files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+        name = Path(os.path.relpath(path, root)).as_posix() if root is not None else str(path)
+        if not files or not all(f.is_file() for f in files):
+            out[name] = "missing"
+            continue
         sha = hashlib.sha256()
         for file in files:
             with open(file, "rb") as handle:
                 for chunk in iter(lambda: handle.read(1 << 22), b""):
                     sha.update(chunk)
-        out[str(path)] = sha.hexdigest()[:16] if files and all(f.is_file() for f in files) else "missing"
+        out[name] = sha.hexdigest()[:16]
     return out
 
 
@@ -150,11 +159,11 @@ def _stamp_ok(path: Path, key: str, inputs: Sequence[Path] = ()) -> bool:
     if not path.is_file():
         return False
     stamp = read_json(path, "safesteer run --rerun <stage>")
-    return isinstance(stamp, dict) and stamp.get("key") == key and stamp.get("inputs", {}) == digests(inputs)
+    return isinstance(stamp, dict) and stamp.get("key") == key and stamp.get("inputs", {}) == digests(inputs, path.parent)
 
 
 def _write_stamp(path: Path, key: str, inputs: Sequence[Path] = (), **extra: Any) -> None:
-    write_text_atomic(path, json.dumps({"key": key, "inputs": digests(inputs), **extra}, indent=2))
+    write_text_atomic(path, json.dumps({"key": key, "inputs": digests(inputs, path.parent), **extra}, indent=2))
 
 
 def write_evaluation(out: Path, evaluation: Evaluation) -> None:
@@ -174,7 +183,6 @@ def write_evaluation(out: Path, evaluation: Evaluation) -> None:
     write_text_atomic(out / "examples.json", json.dumps(evaluation.examples, indent=2))
 
 
-@holds_lock("safesteer run")
 def run_pipeline(
     out: str | Path,
     model_name: str = DEFAULT_MODEL,
@@ -226,8 +234,15 @@ def run_pipeline(
     check_out_dir(out)
     world = current_world()  # under torchrun: rank 0 runs stages 1, 2, 5, 6; every rank trains
     check_sharding(shard, world)
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    with locked(out, "safesteer run", world.is_main):  # creates the directory: every setting is checked by now
+        return _run_stages(out, model_name, rerun, config, model, progress, shard, low_memory_rollouts, judge,
+                           report_to, world)
+
+
+def _run_stages(out: Path, model_name: str, rerun: Sequence[str], config: PipelineConfig, model: ChatModel | None,
+                progress: bool, shard: str, low_memory_rollouts: bool, judge: str | None, report_to: str,
+                world: Any) -> Any:
+    """The stages of :func:`run_pipeline` in order, on a locked run directory with checked settings."""
     say = print if progress and world.is_main else (lambda *a, **k: None)
     # with shard="all" no rank holds the whole base model while training: rank 0 loads it for
     # stages 1-2, lets it go, and loads it again for evaluation
@@ -345,7 +360,7 @@ def _direction_and_tokens(
     # ---- stage 2: safety tokens
     stamp = out / "tokens.stamp.json"
     inputs = [out / "direction.json", out / "direction.safetensors"]
-    if "tokens" in rerun or not _stamp_ok(stamp, tokens_key, inputs):
+    if "tokens" in rerun or not _stamp_ok(stamp, tokens_key, inputs) or not (out / "safety_tokens.json").exists():
         say("[2/6] tokens: choosing the safety tokens S")
         tokens = select_safety_tokens(base, direction, config.tokens, progress=progress)
         tokens.save(out)

@@ -27,6 +27,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 _held: dict[Path, list[Any]] = {}  # lock files this process holds, with a re-entry count
 
 
+def _first_line(exc: BaseException, width: int = 120) -> str:
+    """An exception's first line of text (its type's name when it has none), cut to ``width``."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:width]
+
+
 def artifact_error(path: str | Path, problem: str, remake: str) -> SafeSteerError:
     """The one-line error for an unusable artifact: which file, what is wrong, what remakes it."""
     return SafeSteerError(f"{path} {problem}; remake it with `{remake}`")
@@ -46,10 +51,15 @@ def locked(run_dir: str | Path, command: str, active: bool = True) -> Iterator[N
         active: False on the ranks of a torchrun job that do not write (only rank 0 locks).
     """
     run_dir = Path(run_dir)
-    if not active or not run_dir.is_dir():  # no directory yet: nothing to guard, and the command's own check reports it
+    if not active:
         yield
         return
-    key = (run_dir / LOCK).resolve()
+    check_out_dir(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SafeSteerError(f"cannot create the run directory {run_dir} ({exc.strerror}); choose a writable path") from exc
+    key = Path(os.path.abspath(run_dir / LOCK))  # not resolved: a planted symlink must not redirect the lock
     if key in _held:
         _held[key][1] += 1
         try:
@@ -58,9 +68,11 @@ def locked(run_dir: str | Path, command: str, active: bool = True) -> Iterator[N
             _held[key][1] -= 1
         return
     try:
-        handle = open(key, "a+")
+        # O_NOFOLLOW: a symlink planted as the lock file fails here instead of truncating its target
+        handle = os.fdopen(os.open(key, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
     except OSError as exc:
-        raise SafeSteerError(f"cannot write in {run_dir} ({exc.strerror}); choose a writable run directory") from exc
+        raise SafeSteerError(f"cannot use the lock file {key} ({exc.strerror}); remove it if it is not a plain "
+                             "file, or choose a writable run directory") from exc
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -120,7 +132,7 @@ def read_json(path: str | Path, remake: str) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise artifact_error(path, f"is not valid JSON ({str(exc).splitlines()[0][:80]})", remake) from exc
+        raise artifact_error(path, f"is not valid JSON ({_first_line(exc, 80)})", remake) from exc
 
 
 def read_jsonl(path: str | Path, remake: str) -> list[dict[str, Any]]:
@@ -128,8 +140,12 @@ def read_jsonl(path: str | Path, remake: str) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         return []
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise artifact_error(path, f"cannot be read as text ({_first_line(exc)})", remake) from exc
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -152,7 +168,7 @@ def read_tensors(path: str | Path, remake: str) -> dict[str, Any]:
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for a header or size mismatch
-        raise artifact_error(path, f"cannot be read as safetensors ({str(exc).splitlines()[0][:80]})", remake) from exc
+        raise artifact_error(path, f"cannot be read as safetensors ({_first_line(exc, 80)})", remake) from exc
 
 
 def read_checkpoint(path: str | Path, remake: str) -> dict[str, Any]:
@@ -164,7 +180,7 @@ def read_checkpoint(path: str | Path, remake: str) -> dict[str, Any]:
         # mmap: the ranks of a machine share one page cache of the file
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # truncated, foreign, or carrying objects beyond tensors and plain data
-        raise artifact_error(path, f"cannot be read as a checkpoint ({str(exc).splitlines()[0][:120]})", remake) from exc
+        raise artifact_error(path, f"cannot be read as a checkpoint ({_first_line(exc)})", remake) from exc
     if not isinstance(state, dict):
         raise artifact_error(path, "is not a safesteer checkpoint", remake)
     return state

@@ -57,8 +57,9 @@ class TensorBoardTracker:
         except ImportError as exc:
             raise SafeSteerError("--report-to tensorboard needs the tensorboard package: "
                                  "pip install 'safesteer-lens[tensorboard]'") from exc
-        # purge_step: a resumed run drops the events a crashed run wrote past its checkpoint
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard" / name), purge_step=start_step or None)
+        # purge_step: events at or after it from earlier writers are dropped, so a resumed run loses
+        # what a crashed one wrote past its checkpoint and a fresh run (0) replaces an old run's curves
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard" / name), purge_step=start_step)
         table = "\n".join(f"| {k} | {v} |" for k, v in config.items())
         self.writer.add_text("config", "| setting | value |\n|---|---|\n" + table, global_step=start_step)
 
@@ -74,7 +75,10 @@ class WandbTracker:
     """A W&B run in ``<run>/wandb`` with the settings as its config."""
 
     def __init__(self, run_dir: Path, config: Mapping[str, Any], name: str, start_step: int) -> None:
-        import wandb
+        try:
+            import wandb
+        except ImportError as exc:
+            raise SafeSteerError("--report-to wandb needs the wandb package: pip install 'safesteer-lens[wandb]'") from exc
 
         self.wandb = wandb
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "safesteer-lens"), dir=str(run_dir), name=name,

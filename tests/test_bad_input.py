@@ -190,3 +190,15 @@ def test_a_full_disk_during_a_checkpoint_leaves_no_orphan(trained, tmp_path, mon
     with pytest.raises(SafeSteerError, match="could not write a checkpoint at step 9 .*the last good checkpoint is step 2"):
         checkpoints.save_checkpoint(run, {"step": 9})
     assert _snapshot(run) == before and not list(run.glob(".checkpoint-*"))
+
+
+def test_a_lock_file_planted_as_a_symlink_is_refused_and_its_target_kept(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / ".safesteer.lock").unlink(missing_ok=True)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (run / ".safesteer.lock").symlink_to(victim)
+    assert main(["train", "--run", str(run), *TRAIN]) == 2
+    assert "cannot use the lock file" in capsys.readouterr().err
+    assert victim.read_text() == "keep me"
