@@ -37,7 +37,7 @@ from torch import Tensor
 
 from safesteer_lens.capability import MCQScores, MCQuestion, interleave_subjects, load_builtin_mcq, score_mcq
 from safesteer_lens.coherence import coherence
-from safesteer_lens.data import Prompt, load_builtin_prompts
+from safesteer_lens.data import Prompt, load_builtin_prompts, prompt_texts
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.generation import Completions, FwdHook, completion_position_logits, generate, last_token_logits
 from safesteer_lens.judges import Judge, Verdict
@@ -285,3 +285,35 @@ def evaluate_models(
             for example, text in zip(examples[kind], replies[kind].texts):
                 example[subject.name] = text.strip()
     return Evaluation(pandas.DataFrame(rows).set_index("model"), comparison, examples, mcq)
+
+
+REPRESENTATION = "representation.safetensors"  # final-layer states of base, teacher and student (the report's PCA)
+
+
+@torch.no_grad()
+def final_states(model: ChatModel, prompts: list[str], hooks: Sequence[FwdHook]) -> Float[torch.Tensor, "batch d_model"]:
+    """Final-layer residual state at the last prompt position."""
+    batch = model.tokenize(prompts)
+    store: list[torch.Tensor] = []
+
+    def grab(resid: torch.Tensor, hook: Any) -> torch.Tensor:
+        store.append(resid[:, -1].float().cpu())
+        return resid
+
+    name = f"blocks.{model.n_layers - 1}.hook_resid_post"
+    with model.bridge.hooks(fwd_hooks=list(hooks) + [(name, grab)]):
+        model.bridge(batch.input_ids, attention_mask=batch.attention_mask)
+    return store[0]
+
+
+def representation_states(models: dict[str, tuple[ChatModel, Sequence[FwdHook]]], n_prompts: int = 32,
+                          split: str = "test") -> dict[str, Tensor]:
+    """Each model's final-layer state at the last token of the first ``n_prompts`` harmless prompts.
+
+    Args:
+        models: Name to (model, hooks): the teacher is the base model with the direction's hooks.
+        n_prompts: Harmless prompts of ``split``.
+        split: The built-in split (the report's is the evaluation's).
+    """
+    harmless = prompt_texts(load_builtin_prompts("harmless", split))[:n_prompts]
+    return {name: final_states(model, harmless, hooks) for name, (model, hooks) in models.items()}

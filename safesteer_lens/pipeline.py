@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors.torch import save_file
 
 from safesteer_lens.atomic import write_atomic, write_text_atomic
 from safesteer_lens.directions import DirectionConfig, find_direction, load_direction
@@ -34,7 +35,9 @@ from safesteer_lens.distill import PRESETS as TRAIN_PRESETS
 from safesteer_lens.checkpoints import STUDENT_DIR
 from safesteer_lens.distill import TrainConfig, train
 from safesteer_lens.errors import SafeSteerError
-from safesteer_lens.evaluate import DEMO_EVAL, EvalConfig, Evaluation, Subject, evaluate_models
+from safesteer_lens.evaluate import (
+    DEMO_EVAL, REPRESENTATION, EvalConfig, Evaluation, Subject, evaluate_models, representation_states,
+)
 from safesteer_lens.model_card import build_model_card, write_model_card
 from safesteer_lens.models import DEFAULT_MODEL, ChatModel, load_model, resolve_device
 from safesteer_lens.pages import write_direction_report, write_tokens_report
@@ -311,6 +314,8 @@ def _run_stages(out: Path, model_name: str, rerun: Sequence[str], config: Pipeli
         evaluation = evaluate_models(subjects, base, config.evaluate, judge=load_judge(judge, device=str(base.device))
                                      if judge else None)
         write_evaluation(out, evaluation)
+        states = representation_states({s.name: (s.model, s.hooks) for s in subjects[:3]}, split=config.evaluate.split)
+        write_atomic(out / REPRESENTATION, lambda tmp: save_file({k: v.contiguous() for k, v in states.items()}, str(tmp)))
         _write_stamp(stamp, key, inputs)
         rerun = (*rerun, "report")
     else:

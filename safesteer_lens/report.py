@@ -18,17 +18,16 @@ import pandas
 import plotly
 import plotly.graph_objects as go
 import torch
-from jaxtyping import Float
 from plotly.subplots import make_subplots
 
 from safesteer_lens.atomic import write_atomic, write_text_atomic
-from safesteer_lens.data import load_builtin_prompts, prompt_texts
 from safesteer_lens.directions import Direction, load_direction
 from safesteer_lens.checkpoints import load_metrics
-from safesteer_lens.models import ChatModel, load_model
-from safesteer_lens.generation import FwdHook
+from safesteer_lens.models import ChatModel
 from safesteer_lens.stats import format_rate
 from safesteer_lens.tokens import load_safety_tokens
+from safesteer_lens.evaluate import REPRESENTATION
+from safesteer_lens.rundir import read_tensors
 from safesteer_lens.token_views import HtmlView
 from safesteer_lens.viz import completions_table, direction_score_heatmaps, safety_tokens_bar
 from safesteer_lens.webpage import Captioned, data_table, write_figure, write_page
@@ -108,22 +107,6 @@ def damage_figure(table: Any) -> go.Figure:
         xaxis_range=[-0.05, 1.05], yaxis_range=[0, 1.05],
     )
     return fig
-
-
-@torch.no_grad()
-def final_states(model: ChatModel, prompts: list[str], hooks: Sequence[FwdHook]) -> Float[torch.Tensor, "batch d_model"]:
-    """Final-layer residual state at the last prompt position."""
-    batch = model.tokenize(prompts)
-    store: list[torch.Tensor] = []
-
-    def grab(resid: torch.Tensor, hook: Any) -> torch.Tensor:
-        store.append(resid[:, -1].float().cpu())
-        return resid
-
-    name = f"blocks.{model.n_layers - 1}.hook_resid_post"
-    with model.bridge.hooks(fwd_hooks=list(hooks) + [(name, grab)]):
-        model.bridge(batch.input_ids, attention_mask=batch.attention_mask)
-    return store[0]
 
 
 def representation_shift(states: dict[str, torch.Tensor]) -> go.Figure:
@@ -386,7 +369,11 @@ FIGURE_CAPTIONS = {
 
 
 def write_report(run_dir: str | Path, base: ChatModel, table: Any, config: Any) -> Path:
-    """Write ``report.md``, ``report.html`` and ``figures/`` for a finished run."""
+    """Write ``report.md``, ``report.html`` and ``figures/`` for a finished run.
+
+    It only presents: every number and state it draws was computed by a stage and saved in the
+    run directory (``representation.safetensors`` by the evaluation stage). ``base`` names the model.
+    """
     run_dir = Path(run_dir)
     direction: Direction = load_direction(run_dir)
     tokens = load_safety_tokens(run_dir)
@@ -395,20 +382,15 @@ def write_report(run_dir: str | Path, base: ChatModel, table: Any, config: Any) 
 
     curves = {RECIPE_LABEL: load_metrics(run_dir),
               **{a.label: load_metrics(run_dir / a.dir_name) for a in config.ablations}}
-    harmless = prompt_texts(load_builtin_prompts("harmless", "test"))[:32]
-    student = load_model(str(run_dir / "student"), device=base.device)
-    states = {
-        "base": final_states(base, harmless, []),
-        "teacher": final_states(base, harmless, direction.hooks(base)),
-        RECIPE_LABEL: final_states(student, harmless, []),
-    }
+    representation = run_dir / REPRESENTATION
+    states = read_tensors(representation, f"safesteer run --out {run_dir} --rerun evaluate") if representation.is_file() else {}
     figures = {
         "direction_scores": direction_score_heatmaps(direction),
         "safety_tokens": safety_tokens_bar(tokens),
         "training_curves": training_curves(curves),
         "refusal_tradeoff": refusal_tradeoff(table),
         **({"damage": damage_figure(table)} if {"harmless_degenerate", "mcq_acc"} <= set(table.columns) else {}),
-        "representation_shift": representation_shift(states),
+        **({"representation_shift": representation_shift(states)} if states else {}),
     }
     fig_dir = run_dir / "figures"
     files = {name: save_figure(fig, fig_dir, name, assets=run_dir) for name, fig in figures.items()}
