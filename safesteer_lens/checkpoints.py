@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from safesteer_lens.atomic import write_text_atomic
+from safesteer_lens.atomic import write_atomic, write_text_atomic
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.model_card import write_model_card
 from safesteer_lens.models import ChatModel
@@ -95,16 +95,9 @@ def export_student(student: ChatModel, out_dir: str | Path, weights: dict[str, T
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
     """Write ``checkpoint.pt`` atomically; on failure the previous checkpoint stays intact."""
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".checkpoint-", suffix=".pt")
-    os.close(fd)
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, run_dir / CHECKPOINT)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        # a full disk surfaces from torch.save as RuntimeError (its zip writer), from os as OSError
-        if not isinstance(exc, (OSError, RuntimeError)):
-            raise
+        write_atomic(run_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))  # removes its temp file on any error
+    except (OSError, RuntimeError) as exc:  # a full disk: RuntimeError from torch.save's zip writer, OSError from os
         last = "none"
         if (run_dir / CHECKPOINT).exists():
             last = f"step {read_checkpoint(run_dir / CHECKPOINT, 'safesteer train').get('step')}"

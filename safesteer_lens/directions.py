@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -32,6 +30,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from safesteer_lens.atomic import write_atomic, write_text_atomic
 from safesteer_lens.data import load_builtin_prompts, prompt_texts, prompts_hash
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.generation import generate, last_token_logits
@@ -413,13 +412,9 @@ class Direction:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         meta = json.dumps(self.metadata(), indent=2)
-        with tempfile.TemporaryDirectory(dir=run_dir, prefix=".direction-") as tmp:
-            save_file({"direction": self.vector.detach().float().cpu().contiguous()}, f"{tmp}/t")
-            Path(f"{tmp}/j").write_text(meta)
-            os.chmod(f"{tmp}/t", 0o644)
-            os.chmod(f"{tmp}/j", 0o644)
-            os.replace(f"{tmp}/t", run_dir / DIRECTION_TENSOR)
-            os.replace(f"{tmp}/j", run_dir / DIRECTION_JSON)
+        tensors = {"direction": self.vector.detach().float().cpu().contiguous()}
+        write_atomic(run_dir / DIRECTION_TENSOR, lambda tmp: save_file(tensors, str(tmp)))
+        write_text_atomic(run_dir / DIRECTION_JSON, meta)
         return run_dir
 
     @classmethod

@@ -189,7 +189,7 @@ def test_a_full_disk_during_a_checkpoint_leaves_no_orphan(trained, tmp_path, mon
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(SafeSteerError, match="could not write a checkpoint at step 9 .*the last good checkpoint is step 2"):
         checkpoints.save_checkpoint(run, {"step": 9})
-    assert _snapshot(run) == before and not list(run.glob(".checkpoint-*"))
+    assert _snapshot(run) == before and not list(run.glob(".checkpoint*"))
 
 
 def test_a_lock_file_planted_as_a_symlink_is_refused_and_its_target_kept(trained, tmp_path, capsys):
