@@ -21,9 +21,12 @@ import pandas
 from safesteer_lens.pipeline import PAPER_LOSS, RECIPE_LABEL
 from safesteer_lens.sweep import load_trials, sweep_figure
 
-ROUNDS = ("sweep", "anchor", "seeds", "steps", "small-steps", "lora")
+ROUNDS = ("sweep", "anchor", "seeds", "steps", "small-steps", "lora", "lora-anchor")
 # the demo training preset while the validation rounds ran: a setting a round did not vary had this value
 PRESET_THEN = {"loss": "safesteer", "anchor_weight": 0.0, "lr": 1e-4, "epochs": 1, "sequences_per_step": 16, "lora_rank": 0}
+# rounds run on a later preset (the LoRA recipe) fill their unvaried settings from it instead
+LATER_PRESETS = {"lora-anchor": {"loss": "safesteer-bounded", "anchor_weight": 0.75, "lr": 1e-3, "epochs": 2,
+                                 "sequences_per_step": 16, "lora_rank": 8}}
 HERE = Path(__file__).parent
 FULL, LORA = "full fine-tuning recipe", "LoRA recipe (demo preset)"
 
@@ -37,7 +40,9 @@ def main() -> None:
     trials = load_trials(args.study_run, ROUNDS)
     for column, value in PRESET_THEN.items():
         values = trials[column] if column in trials else pandas.Series(None, index=trials.index, dtype=object)
-        trials[column] = values.astype(object).where(values.notna(), value)
+        preset = pandas.Series([LATER_PRESETS.get(str(name).split("/")[0], PRESET_THEN)[column] for name in trials.index],
+                               index=trials.index, dtype=object)
+        trials[column] = values.astype(object).where(values.notna(), preset)
     trials.loc["base", list(PRESET_THEN)] = None
     trials.to_csv(HERE / "val_trials.csv")
     figure = sweep_figure(trials).update_layout(title="Recipe study, validation split (size: MCQ accuracy, colour: degenerate)")
