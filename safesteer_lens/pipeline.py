@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 from safesteer_lens.atomic import write_atomic, write_text_atomic
-from safesteer_lens.directions import DirectionConfig, find_direction, load_direction
+from safesteer_lens.directions import DIRECTION_JSON, DIRECTION_TENSOR, DirectionConfig, find_direction, load_direction
 from safesteer_lens.distill import PRESETS as TRAIN_PRESETS
 from safesteer_lens.checkpoints import STUDENT_DIR
 from safesteer_lens.distill import TrainConfig, train
@@ -45,11 +45,13 @@ from safesteer_lens.probes import probe_accuracy, save_probes
 from safesteer_lens.parallel import current_world, rank_device
 from safesteer_lens.precision import compute_dtype, dtype_name
 from safesteer_lens.sharding import check_sharding
-from safesteer_lens.tokens import TokenConfig, load_safety_tokens, select_safety_tokens
-from safesteer_lens.rundir import check_out_dir, locked, read_json
+from safesteer_lens.tokens import TOKENS_JSON, TokenConfig, load_safety_tokens, select_safety_tokens
+from safesteer_lens.rundir import locked, read_json
 from safesteer_lens.tracking import check_report_to
 
 STAGES = ("direction", "tokens", "train", "ablation", "evaluate", "report")
+DIRECTION_FILES = (DIRECTION_JSON, DIRECTION_TENSOR)  # stage 1's artifact, which every later stage reads
+TRAIN_INPUTS = (*DIRECTION_FILES, TOKENS_JSON)  # what a training directory needs from the run
 RECIPE_LABEL = "SafeSteer student"  # the row of the recipe's own student in the results table
 
 
@@ -153,20 +155,22 @@ def digests(paths: Sequence[Path], root: Path | None = None) -> dict[str, str]:
     return out
 
 
-def _stamp_ok(path: Path, key: str, inputs: Sequence[Path] = ()) -> bool:
+def _stamp_ok(path: Path, key: str, inputs: dict[str, str] | None = None) -> bool:
     """Whether a stage is current: same settings, and every input file as it was when the stage ran.
 
-    The input hashes are what make a hand-made change upstream (a retrained ``student/``, an
-    edited ``safety_tokens.json``, an imported direction) mark every stage after it stale.
+    ``inputs`` are the stage's input :func:`digests` now, taken once per stage (the stage does
+    not change its inputs, so the same hashes go into its new stamp). They are what make a
+    hand-made change upstream (a retrained ``student/``, an edited ``safety_tokens.json``, an
+    imported direction) mark every stage after it stale.
     """
     if not path.is_file():
         return False
     stamp = read_json(path, "safesteer run --rerun <stage>")
-    return isinstance(stamp, dict) and stamp.get("key") == key and stamp.get("inputs", {}) == digests(inputs, path.parent)
+    return isinstance(stamp, dict) and stamp.get("key") == key and stamp.get("inputs", {}) == (inputs or {})
 
 
-def _write_stamp(path: Path, key: str, inputs: Sequence[Path] = (), **extra: Any) -> None:
-    write_text_atomic(path, json.dumps({"key": key, "inputs": digests(inputs, path.parent), **extra}, indent=2))
+def _write_stamp(path: Path, key: str, inputs: dict[str, str] | None = None, **extra: Any) -> None:
+    write_text_atomic(path, json.dumps({"key": key, "inputs": inputs or {}, **extra}, indent=2))
 
 
 def write_evaluation(out: Path, evaluation: Evaluation) -> None:
@@ -234,10 +238,10 @@ def run_pipeline(
 
         check_judge(judge)  # before any stage writes, not after training
     out = Path(out)
-    check_out_dir(out)
     world = current_world()  # under torchrun: rank 0 runs stages 1, 2, 5, 6; every rank trains
     check_sharding(shard, world)
-    with locked(out, "safesteer run", world.is_main):  # creates the directory: every setting is checked by now
+    # locked() checks that out can be a run directory and creates it: every setting is checked by now
+    with locked(out, "safesteer run", world.is_main):
         return _run_stages(out, model_name, rerun, config, model, progress, shard, low_memory_rollouts, judge,
                            report_to, world)
 
@@ -274,7 +278,7 @@ def _run_stages(out: Path, model_name: str, rerun: Sequence[str], config: Pipeli
         matmuls = dtype_name(compute_dtype(train_config.precision, resolve_device(None)))
         key = _hash([tokens_key, asdict(train_config), matmuls])
         stamp = run_dir / "train.json"
-        inputs = [out / "direction.json", out / "direction.safetensors", out / "safety_tokens.json"]
+        inputs = digests([out / name for name in TRAIN_INPUTS], stamp.parent)
         stale = stage in rerun or not _stamp_ok(stamp, key, inputs) or not (run_dir / STUDENT_DIR).exists()
         if world.main_says(stale):
             say(f"[{number}/6] {stage}: training the {label} ({loss} loss)")
@@ -300,7 +304,7 @@ def _run_stages(out: Path, model_name: str, rerun: Sequence[str], config: Pipeli
     base = base or load_model(model_name, device=rank_device(None, world))
     key = _hash([list(students), asdict(config.evaluate), judge])
     stamp = out / "evaluate.json"
-    inputs = [out / "direction.json", out / "direction.safetensors", *students.values()]
+    inputs = digests([*(out / name for name in DIRECTION_FILES), *students.values()], stamp.parent)
     if "evaluate" in rerun or not _stamp_ok(stamp, key, inputs) or not (out / "results.csv").exists():
         say("[5/6] evaluate: base, teacher and students on held-out prompts")
         subjects = [
@@ -364,7 +368,7 @@ def _direction_and_tokens(
 
     # ---- stage 2: safety tokens
     stamp = out / "tokens.stamp.json"
-    inputs = [out / "direction.json", out / "direction.safetensors"]
+    inputs = digests([out / name for name in DIRECTION_FILES], stamp.parent)
     if "tokens" in rerun or not _stamp_ok(stamp, tokens_key, inputs) or not (out / "safety_tokens.json").exists():
         say("[2/6] tokens: choosing the safety tokens S")
         tokens = select_safety_tokens(base, direction, config.tokens, progress=progress)
@@ -388,7 +392,7 @@ def _prepare_train_dir(out: Path, run_dir: Path) -> None:
     """Give a training directory the stage-1/2 artifacts and clear a stale run's progress."""
     if run_dir != out:
         run_dir.mkdir(exist_ok=True)
-        for name in ("direction.json", "direction.safetensors", "safety_tokens.json"):
+        for name in TRAIN_INPUTS:
             shutil.copy2(out / name, run_dir / name)
     for stale in ("metrics.jsonl", "checkpoint.pt"):
         (run_dir / stale).unlink(missing_ok=True)

@@ -38,9 +38,9 @@ from safesteer_lens.rundir import holds_lock
 from safesteer_lens.tracking import check_report_to
 from safesteer_lens.evaluate import DEMO_EVAL, EvalConfig, Subject, evaluate_models
 from safesteer_lens.models import ChatModel, load_model
+from safesteer_lens.pipeline import TRAIN_INPUTS
 
 SWEEP_DIR = "sweep"
-RUN_ARTIFACTS = ("direction.json", "direction.safetensors", "safety_tokens.json")
 # A trial's settings may be any TrainConfig field that is a number or a name, typed like its default.
 SWEEPABLE = {name: type(value) for name, value in asdict(TrainConfig()).items() if isinstance(value, (int, float, str))}
 
@@ -157,7 +157,7 @@ def run_sweep(
     if not name or Path(name).name != name or name in (".", ".."):
         raise SafeSteerError(f"sweep name {name!r} must be one plain directory name, such as 'sweep' or 'lr-study'")
     check_report_to(report_to)
-    missing = [artifact for artifact in RUN_ARTIFACTS if not (run_dir / artifact).is_file()]
+    missing = [artifact for artifact in TRAIN_INPUTS if not (run_dir / artifact).is_file()]
     if missing:
         raise SafeSteerError(f"{run_dir} lacks {', '.join(missing)}; run `safesteer direction` and `safesteer tokens` first")
     train_config = train_config or PRESETS["demo"]
@@ -186,7 +186,7 @@ def run_sweep(
         if record.get("key") != key:
             say(f"sweep [{number}/{len(points)}] {trial.name}: training")
             trial_dir.mkdir(exist_ok=True)
-            for artifact in RUN_ARTIFACTS:
+            for artifact in TRAIN_INPUTS:
                 shutil.copy2(run_dir / artifact, trial_dir / artifact)
             if record:  # settings changed since this trial ran: start it again
                 record_path.unlink()

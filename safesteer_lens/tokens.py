@@ -84,6 +84,9 @@ class TokenConfig:
     batch_size: int = 32
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
         """Reject settings that cannot work on any model (:func:`validate_config` adds the vocabulary's)."""
         for name in ("horizon", "samples_per_prompt", "n_prompts", "batch_size"):
             if getattr(self, name) < 1:
@@ -341,7 +344,7 @@ def select_safety_tokens(
 
 def validate_config(config: TokenConfig, model: ChatModel) -> None:
     """Reject settings that cannot work on this model's vocabulary, before any compute."""
-    config.__post_init__()
+    config.validate()
     if not 1 <= config.set_size <= model.d_vocab:
         raise SafeSteerError(f"set_size must be between 1 and the vocabulary size {model.d_vocab}, got {config.set_size}")
     k = config.top_k_votes

@@ -81,13 +81,23 @@ class Captioned:
 Item = Union[go.Figure, HtmlView, Captioned]
 
 
+_checked: dict[Path, tuple[int, int]] = {}  # plotly.min.js files this process wrote or compared: (mtime, size)
+
+
 def write_plotly_js(assets: str | Path) -> Path:
-    """Write plotly's library as ``assets/plotly.min.js`` unless the same version is there already."""
+    """Write plotly's library as ``assets/plotly.min.js`` unless the same version is there already.
+
+    A run writes ten or more pages into one directory; the 4.8 MB comparison is made once per
+    file and process, and again only if its time or size changed since.
+    """
     path = Path(assets) / PLOTLY_JS
+    if path.is_file() and _checked.get(path.absolute()) == (path.stat().st_mtime_ns, path.stat().st_size):
+        return path
     code = plotly.offline.get_plotlyjs()
     if not path.is_file() or path.stat().st_size != len(code.encode()) or path.read_text() != code:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, code)
+    _checked[path.absolute()] = (path.stat().st_mtime_ns, path.stat().st_size)
     return path
 
 
