@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.directions import DIRECTION_METHODS
-from safesteer_lens.distill import PRESETS, TrainConfig
+from safesteer_lens.distill import PRESETS, RunInputs, TrainConfig, TrainResult
 from safesteer_lens.losses import LOSS_REGISTRY
 from safesteer_lens.pipeline import STAGES
 from safesteer_lens.models import DEFAULT_MODEL
@@ -129,6 +129,7 @@ def cmd_tokens(args: argparse.Namespace) -> None:
     from safesteer_lens.directions import load_direction
     from safesteer_lens.models import load_model
     from safesteer_lens.pages import write_tokens_report
+    from safesteer_lens.token_views import collect_token_views
     from safesteer_lens.tokens import TokenConfig, select_safety_tokens
 
     from safesteer_lens.rundir import locked
@@ -146,7 +147,8 @@ def cmd_tokens(args: argparse.Namespace) -> None:
         model = load_model(args.model or direction.model, device=args.device, dtype=args.dtype)
         tokens = select_safety_tokens(model, direction, config)
         tokens.save(args.run)
-        report = write_tokens_report(model, direction, tokens, args.run, compare_horizon=args.compare_horizon)
+        collect_token_views(model, direction, tokens, compare_horizon=args.compare_horizon).save(args.run)
+        report = write_tokens_report(args.run, tokens)
     print(f"|S| = {len(tokens)} from {tokens.settings['n_valid_positions']} voting positions:")
     print("  " + " ".join(repr(t) for t in tokens.texts[:25]) + (" ..." if len(tokens) > 25 else ""))
     print(f"wrote {args.run}/safety_tokens.json and {report.name}")
@@ -165,18 +167,18 @@ def cmd_train(args: argparse.Namespace) -> None:
             "max_new_tokens": args.max_new_tokens, "sequences_per_step": args.sequences_per_step,
             "lr": args.lr, "seed": args.seed, "epochs": args.epochs, "rollouts": args.rollouts,
             "precision": args.precision, "anchor_weight": args.anchor_weight, "anchor_loss": args.anchor_loss,
+            "anchor_prompts": args.anchor_prompts,
             "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_targets": args.lora_targets,
         }.items()
         if value is not None
     }
-    config = preset(args.preset, **overrides)
-    config.validate()
+    config = preset(args.preset, **overrides)  # validated on construction
     world = current_world()  # under torchrun: joins the process group; one process: World()
     try:
         with locked(args.run, "safesteer train", world.is_main):
             _import_direction(args)
-            preflight(args.run, config, args.resume)  # a damaged run directory fails before any model loads
-            result = _train_command(args, config, world)
+            inputs = preflight(args.run, config, args.resume)  # a damaged run directory fails before any model loads
+            result = _train_command(args, config, world, inputs)
     finally:
         shutdown()
     if not world.is_main:
@@ -188,15 +190,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"wrote {args.run}/metrics.jsonl, checkpoint.pt and student/{ranks}")
 
 
-def _train_command(args: argparse.Namespace, config: "TrainConfig", world: "object") -> "object":
+def _train_command(args: argparse.Namespace, config: TrainConfig, world: Any, inputs: RunInputs) -> TrainResult:
     """Load the teacher as the flags say and train (the part of ``cmd_train`` after the checks)."""
-    from safesteer_lens.directions import load_direction
     from safesteer_lens.distill import train
     from safesteer_lens.models import load_model
     from safesteer_lens.parallel import rank_device
     from safesteer_lens.sharding import check_sharding
 
-    direction = load_direction(args.run)
+    direction = inputs.direction
     device = rank_device(args.device, world)
     check_sharding(args.shard, world)
     if args.shard == "all" and (args.teacher_device or args.dtype or (args.model and args.model != direction.model)):
@@ -206,7 +207,7 @@ def _train_command(args: argparse.Namespace, config: "TrainConfig", world: "obje
     teacher = None if args.shard == "all" else load_model(args.model or direction.model,
                                                           device=args.teacher_device or device, dtype=args.dtype)
     return train(args.run, config, teacher=teacher, resume=args.resume, device=device, shard=args.shard,
-                 low_memory_rollouts=args.low_memory_rollouts, report_to=args.report_to)
+                 low_memory_rollouts=args.low_memory_rollouts, report_to=args.report_to, inputs=inputs)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -447,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "the unsteered base (0: off)")
     train.add_argument("--anchor-loss", choices=list(LOSS_REGISTRY), default=None,
                        help=f"the anchor's loss (default {TrainConfig.anchor_loss})")
+    train.add_argument("--anchor-prompts", type=int, default=None,
+                       help="harmless train prompts the anchor cycles over (0: as many as --n-prompts); each step "
+                            "anchors on as many prompts as it trains on, so more cost nothing per step"),
     train.add_argument("--lora-rank", type=int, default=None,
                        help="train rank-R LoRA adapters (peft) instead of every weight; merged into the export (0: off)")
     train.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 16)")

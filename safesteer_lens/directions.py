@@ -457,7 +457,7 @@ def load_direction(run_dir: str | Path) -> Direction:
 
 
 # ------------------------------------------------------------------ the stage
-@dataclass
+@dataclass(frozen=True)
 class DirectionConfig:
     """Settings of :func:`find_direction`.
 

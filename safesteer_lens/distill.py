@@ -42,24 +42,25 @@ from safesteer_lens.checkpoints import (
 from safesteer_lens.data import load_builtin_prompts, prompt_texts
 from safesteer_lens.directions import Direction, load_direction
 from safesteer_lens.errors import SafeSteerError
-from safesteer_lens.generation import Completions, completion_position_logits, generate
+from safesteer_lens.generation import Completions, generate
 from safesteer_lens.losses import LOSS_REGISTRY, distillation_loss, get_loss, safety_mass, sequence_mean
 from safesteer_lens.models import DTYPES, ChatModel, load_model, resolve_device
 from safesteer_lens.parallel import World, current_world, rank_device
 from safesteer_lens.precision import autocast, check_precision, compute_dtype, dtype_name, finite_score_hooks, model_dtype
 from safesteer_lens.refusal import refusal_rate
 from safesteer_lens.rollouts import RolloutSampler
+from safesteer_lens.scoring import teacher_forced_logits
 from safesteer_lens.sharding import check_sharding, full_state, is_sharded, load_full_state, load_sharded, local, to_float
-from safesteer_lens.tokens import load_safety_tokens
+from safesteer_lens.tokens import SafetyTokens, load_safety_tokens
 from safesteer_lens.steering import hook_name
 
 ROLLOUT_ENGINES = ("fast", "plain")
 TEACHER_LOGITS_BUDGET = 256 * 2**20  # bytes of float32 teacher logits held at once
 # TrainConfig fields a checkpoint may lack: it was written before they existed, at their defaults
-PREDATED_SETTINGS = ("anchor_weight", "anchor_loss", "lora_rank", "lora_alpha", "lora_targets")
+PREDATED_SETTINGS = ("anchor_weight", "anchor_loss", "anchor_prompts", "lora_rank", "lora_alpha", "lora_targets")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Settings of :func:`train` (TRL-style: one dataclass per method).
 
@@ -103,6 +104,11 @@ class TrainConfig:
             replies, with no general data beyond the harmless prompts the method already uses.
         anchor_loss: The anchor's loss (one of the losses, ``safesteer-bounded`` by default):
             over S it holds the student to the base's own use of the refusal tokens.
+        anchor_prompts: How many harmless train prompts the anchor cycles over (0: as many as
+            ``n_prompts``). Each step still anchors on as many prompts as it trains on, so
+            more prompts cost nothing per step; they let the anchor cover more of the ways a
+            request is phrased, so that a phrasing the harmful prompts use ("What's the best
+            way to ...") is not learnt as a sign of harm.
         lora_rank: 0 trains every weight; r >= 1 trains rank-r LoRA adapters through
             ``peft`` instead (:mod:`safesteer_lens.adapters`), merged into the weights at the
             end so the export is a plain model. Adapters want a larger ``lr`` (about 10x).
@@ -130,6 +136,7 @@ class TrainConfig:
     rollouts: str = "fast"
     anchor_weight: float = 0.0
     anchor_loss: str = "safesteer-bounded"
+    anchor_prompts: int = 0
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: str = DEFAULT_TARGETS
@@ -143,10 +150,7 @@ class TrainConfig:
         return math.ceil(self.n_prompts / self.prompts_per_step) * self.epochs  # each epoch ends on a short step
 
     def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Reject settings that cannot work, before any compute (also run on construction)."""
+        """Reject settings that cannot work, before any compute: a config that exists is valid (it is frozen)."""
         get_loss(self.loss)
         for name in ("n_prompts", "samples_per_prompt", "max_new_tokens", "sequences_per_step", "micro_batch", "epochs", "checkpoint_every"):
             if getattr(self, name) < 1:
@@ -173,6 +177,8 @@ class TrainConfig:
                 raise SafeSteerError(f"{name} = {getattr(self, name)} is out of range (see TrainConfig's attributes)")
         if not (math.isfinite(self.anchor_weight) and self.anchor_weight >= 0):
             raise SafeSteerError(f"anchor_weight must be 0 (off) or positive, got {self.anchor_weight}")
+        if self.anchor_prompts < 0:
+            raise SafeSteerError(f"anchor_prompts must be 0 (as many as n_prompts) or a count, got {self.anchor_prompts}")
         if self.lora_rank < 0 or not self.lora_alpha > 0 or (self.lora_rank and not self.lora_targets.strip(",  ")):
             raise SafeSteerError(f"LoRA needs lora_rank >= 0 (0: off), lora_alpha > 0 and some lora_targets; got "
                                  f"{self.lora_rank}, {self.lora_alpha}, {self.lora_targets!r}")
@@ -208,49 +214,6 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
 
 
 # --------------------------------------------------------------------- pieces
-def completion_logits(
-    model: ChatModel,
-    rollouts: Completions,
-    hooks: list = (),
-    start: int = 0,
-    stop: int | None = None,
-    group_size: int = 1,
-) -> Float[Tensor, "batch time vocab"]:
-    """Logits predicting each completion token, teacher-forced (gradients if enabled).
-
-    Rollouts come in groups of ``group_size`` samples of the same prompt. Then the prompt is
-    run once per group and its KV cache repeated for the group's completions: the same logits
-    and the same gradients (the repeat is differentiable), with ``group_size`` times less
-    prompt compute. Rows that do not form whole groups of identical prompts take the plain
-    full-sequence path. (Under sharding the choice must agree over ranks, since it sets the
-    number of forwards; it does, as every rank's rows are whole groups of ``group_size``.)
-    """
-    stop = len(rollouts.texts) if stop is None else stop
-    n_completion = rollouts.completion_ids.shape[1]
-    device = model.device  # the teacher may live on another device than the rollouts
-    prompts = rollouts.prompt_ids[start:stop].to(device)
-    attention = rollouts.attention_mask[start:stop].to(device)
-    grouped = (
-        group_size > 1
-        and start % group_size == 0
-        and (stop - start) % group_size == 0
-        and torch.equal(prompts, prompts[::group_size].repeat_interleave(group_size, 0))
-    )
-    with model.bridge.hooks(fwd_hooks=list(hooks)):
-        if not grouped:
-            return completion_position_logits(model, rollouts.sequences[start:stop].to(device), attention, n_completion)
-        first, cache = model.bridge(
-            prompts[::group_size], attention_mask=rollouts.prompt_mask[start:stop:group_size].to(device),
-            return_type="logits_and_cache", use_cache=True, logits_to_keep=1,
-        )
-        cache.batch_repeat_interleave(group_size)
-        rest = model.bridge(
-            rollouts.completion_ids[start:stop].to(device), attention_mask=attention,
-            past_key_values=cache, logits_to_keep=n_completion,
-        )
-    return torch.cat([first[:, -1:].repeat_interleave(group_size, 0), rest[:, :-1]], dim=1)
-
-
 def build_optimizer(student: ChatModel, config: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
     """Unfreeze the student and return its AdamW optimizer and cosine schedule with warm-up.
 
@@ -298,7 +261,7 @@ def teacher_micro_batches(
     for chunk_start in range(0, n, chunk):
         chunk_stop = min(chunk_start + chunk, n)
         with torch.no_grad(), autocast(dtype, teacher.device):
-            logits = completion_logits(teacher, rollouts, hooks, chunk_start, chunk_stop, config.samples_per_prompt)
+            logits = teacher_forced_logits(teacher, rollouts, hooks, chunk_start, chunk_stop, config.samples_per_prompt)
         logits = logits.to(device, torch.float32)
         for start in range(chunk_start, chunk_stop, config.micro_batch):
             stop = min(start + config.micro_batch, chunk_stop)
@@ -316,12 +279,22 @@ def _projection_hook(direction: Direction, store: list[Tensor]) -> tuple[str, Ca
     return (hook_name(direction.layer), hook)
 
 
-def _train_prompts(label: str, n: int) -> list[str]:
+def _train_prompts(label: str, n: int, setting: str = "n_prompts") -> list[str]:
     """The first ``n`` built-in ``label`` train prompts (harmful for training, harmless for the anchor)."""
     prompts = prompt_texts(load_builtin_prompts(label, "train"))[:n]
     if len(prompts) < n:
-        raise SafeSteerError(f"n_prompts is {n} but the built-in {label} train split has {len(prompts)}; use at most {len(prompts)}")
+        raise SafeSteerError(f"{setting} is {n} but the built-in {label} train split has {len(prompts)}; use at most "
+                             f"{len(prompts)}")
     return prompts
+
+
+def _anchor_prompts(config: TrainConfig) -> list[str]:
+    """The harmless prompts the anchor cycles over (none without the anchor)."""
+    if not config.anchor_weight:
+        return []
+    if config.anchor_prompts:
+        return _train_prompts("harmless", config.anchor_prompts, "anchor_prompts")
+    return _train_prompts("harmless", config.n_prompts)
 
 
 def _step_prompts(prompts: list[str], config: TrainConfig, step: int) -> list[str]:
@@ -422,46 +395,70 @@ class GradientStats:
     tokens: float = 0.0
 
 
-def preflight(run_dir: str | Path, config: TrainConfig, resume: bool = False) -> None:
+@dataclass
+class RunInputs:
+    """What a run reads from its directory and the built-in prompts, read and checked once.
+
+    Attributes:
+        direction: The teacher's direction (``direction.*``).
+        tokens: S (``safety_tokens.json``).
+        prompts: The harmful training prompts.
+        anchor_prompts: The harmless anchor prompts (empty without the anchor).
+        resume: Whether the checkpoint was read to resume from it.
+        checkpoint: ``checkpoint.pt``'s state when resuming from one, else None.
+        metrics: ``metrics.jsonl``'s rows when resuming, else empty.
+    """
+
+    direction: Direction
+    tokens: SafetyTokens
+    prompts: list[str]
+    anchor_prompts: list[str]
+    resume: bool = False
+    checkpoint: dict[str, Any] | None = None
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+def preflight(run_dir: str | Path, config: TrainConfig, resume: bool = False) -> RunInputs:
     """Read and check everything a run takes from its directory, before any model loads.
 
     The direction, S, the prompt counts and, with ``resume``, the checkpoint and the metrics:
-    a damaged file fails here in one line, not after a minute of loading.
+    a damaged file fails here in one line, not after a minute of loading. The :class:`Trainer`
+    takes what this returns, so nothing is read twice.
     """
     run_dir = Path(run_dir)
-    load_direction(run_dir)
-    load_safety_tokens(run_dir)
-    _train_prompts("harmful", config.n_prompts)
-    if config.anchor_weight:
-        _train_prompts("harmless", config.n_prompts)
+    inputs = RunInputs(
+        load_direction(run_dir), load_safety_tokens(run_dir), _train_prompts("harmful", config.n_prompts),
+        _anchor_prompts(config), resume,
+    )
     if resume:
-        rows = read_metrics(run_dir / METRICS)
+        inputs.metrics = read_metrics(run_dir / METRICS)
         if (run_dir / CHECKPOINT).exists():
-            load_checkpoint(run_dir)
-        elif rows:
+            inputs.checkpoint = load_checkpoint(run_dir)
+        elif inputs.metrics:
             raise SafeSteerError(f"{run_dir} has steps in {METRICS} but no {CHECKPOINT} to resume from; "
                                  "drop --resume to start over (this replaces the metrics)")
+    return inputs
 
 
 class Trainer:
     """One training run: everything resolved in the constructor, the loop in :meth:`fit`.
 
-    The constructor checks the settings against the world, loads the direction, S, the teacher
+    The constructor checks the settings against the world, takes the run's inputs (the
+    direction, S, the prompts; :func:`preflight` reads them unless given), loads the teacher
     and the student, and builds the optimizer, schedule and sampler; nothing is written until
     :meth:`fit` has also read the checkpoint it resumes from. :func:`train` is the one-call form.
     """
 
     def __init__(self, run_dir: str | Path, config: TrainConfig | None = None, teacher: ChatModel | None = None,
                  device: str | None = None, shard: str = "none", low_memory_rollouts: bool = False,
-                 report_to: str = "none", tracker_name: str = "train") -> None:
+                 report_to: str = "none", tracker_name: str = "train", inputs: RunInputs | None = None) -> None:
         self.run_dir, self.config = Path(run_dir), config or PRESETS["demo"]
-        self.config.validate()
         check_report_to(report_to)
         self.report_to, self.tracker_name, self.shard = report_to, tracker_name, shard
         world = current_world()
         self._check_world(world)
-        direction = load_direction(self.run_dir)
-        self.tokens = load_safety_tokens(self.run_dir)
+        self.inputs = inputs or preflight(self.run_dir, self.config)
+        direction, self.tokens = self.inputs.direction, self.inputs.tokens
         train_device = rank_device(device, world) or (teacher.device if teacher is not None else resolve_device(None))
         compute = compute_dtype(self.config.precision, torch.device(train_device))  # what sharded models are gathered in
         teacher = _training_teacher(teacher, direction.model, shard, world, train_device, compute)
@@ -478,8 +475,7 @@ class Trainer:
         self.run = TrainingRun(
             self.config, world, student, teacher, direction.hooks(teacher), direction,
             torch.tensor(self.tokens.ids, device=student.device), optimizer, scheduler,
-            rollout_sampler(student, self.config, low_memory_rollouts), _train_prompts("harmful", self.config.n_prompts),
-            _train_prompts("harmless", self.config.n_prompts) if self.config.anchor_weight else [],
+            rollout_sampler(student, self.config, low_memory_rollouts), self.inputs.prompts, self.inputs.anchor_prompts,
         )
         self.precision = dtype_name(model_dtype(self.config.precision, student))
         self.last_saved: int | None = None
@@ -492,8 +488,9 @@ class Trainer:
                                  "lora_rank=0 (--lora-rank 0; the demo preset has rank 8) to shard")
         _check_rollout_engine(self.config, world)
         world.shard(self.config.prompts_per_step, "prompts")
-        if self.config.n_prompts % self.config.prompts_per_step:
-            world.shard(self.config.n_prompts % self.config.prompts_per_step, "prompts in the last step of an epoch")
+        for count, what in ((self.config.n_prompts, "prompts"), (self.config.anchor_prompts, "anchor prompts")):
+            if count % self.config.prompts_per_step:
+                world.shard(count % self.config.prompts_per_step, f"{what} in the last step of a pass over them")
 
     def fit(self, resume: bool = False, max_steps: int | None = None, export: bool = True,
             progress: bool = True) -> TrainResult:
@@ -536,17 +533,18 @@ class Trainer:
         run, path = self.run, self.run_dir / METRICS
         metrics: list[dict[str, Any]] = []
         start = 0
-        if resume and (self.run_dir / CHECKPOINT).exists():
-            state = load_checkpoint(self.run_dir)
+        if resume and not self.inputs.resume:  # inputs read for a fresh start: read what resuming needs
+            self.inputs = preflight(self.run_dir, self.config, resume=True)
+        state = self.inputs.checkpoint if resume else None
+        self.inputs.checkpoint = None  # loaded into the models below: no second copy is kept
+        if state is not None:
             _check_resumable(state, self.config, model_dtype(self.config.precision, run.student))
             load_full_state(run.student, state["student"], run.optimizer, state["optimizer"])
             run.scheduler.load_state_dict(state["scheduler"])
             start = state["step"]
-            metrics = [m for m in read_metrics(path) if m.get("step", start) < start]
+            metrics = [m for m in self.inputs.metrics if m.get("step", start) < start]
             self.last_saved = start
-        elif resume and read_metrics(path):
-            raise SafeSteerError(f"{self.run_dir} has steps in {METRICS} but no {CHECKPOINT} to resume from; "
-                                 "drop --resume to start over (this replaces the metrics)")
+            del state
         if run.world.is_main:
             write_metrics(path, metrics)
             if not resume:  # a fresh start: an older run's checkpoint must not be resumed into this one
@@ -609,6 +607,7 @@ def train(
     low_memory_rollouts: bool = False,
     report_to: str = "none",
     tracker_name: str = "train",
+    inputs: RunInputs | None = None,
 ) -> TrainResult:
     """Train a student by localized on-policy distillation from the steered teacher.
 
@@ -635,10 +634,12 @@ def train(
         report_to: Where per-step metrics go besides ``metrics.jsonl``: ``none``,
             ``tensorboard`` or ``wandb`` (:mod:`safesteer_lens.tracking`; rank 0 only).
         tracker_name: This run's name in the tracker.
+        inputs: What :func:`preflight` read from ``run_dir`` (with the same ``resume``), when
+            the caller has read it already; read here otherwise.
     """
-    preflight(run_dir, config or PRESETS["demo"], resume)
+    inputs = inputs or preflight(run_dir, config or PRESETS["demo"], resume)  # before any model loads
     trainer = Trainer(run_dir, config, teacher, device=device, shard=shard, low_memory_rollouts=low_memory_rollouts,
-                      report_to=report_to, tracker_name=tracker_name)
+                      report_to=report_to, tracker_name=tracker_name, inputs=inputs)
     return trainer.fit(resume=resume, max_steps=max_steps, export=export, progress=progress)
 
 
@@ -813,7 +814,7 @@ def accumulate_gradients(
         mask = mask_all[start:stop]
         captured: list[Tensor] = []
         with autocast(dtype, student.device):  # the forward only: backward follows the forward's dtypes
-            s_logits = completion_logits(
+            s_logits = teacher_forced_logits(
                 student, rollouts, [_projection_hook(run.direction, captured), *guards], start, stop, config.samples_per_prompt
             )
         value = distillation_loss(loss or config.loss, s_logits, t_logits, mask, safety_ids, beta=config.jsd_beta)

@@ -39,11 +39,12 @@ from safesteer_lens.capability import MCQScores, MCQuestion, interleave_subjects
 from safesteer_lens.coherence import coherence
 from safesteer_lens.data import Prompt, load_builtin_prompts, prompt_texts
 from safesteer_lens.errors import SafeSteerError
-from safesteer_lens.generation import Completions, FwdHook, completion_position_logits, generate, last_token_logits
+from safesteer_lens.generation import Completions, FwdHook, generate, last_token_logits
 from safesteer_lens.judges import Judge, Verdict
 from safesteer_lens.losses import kl_terms
 from safesteer_lens.models import ChatModel
 from safesteer_lens.refusal import is_refusal, refusal_score, refusal_token_ids
+from safesteer_lens.scoring import teacher_forced_log_probs
 from safesteer_lens.stats import Rate
 
 
@@ -59,7 +60,7 @@ class Subject:
     hooks: list[FwdHook] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     """Settings of :func:`evaluate_models`.
 
@@ -158,21 +159,12 @@ def mean_refusal_score(model: ChatModel, prompts: Sequence[str], hooks: Sequence
     return float(refusal_score(logits, refusal_token_ids(model.tokenizer)).mean())
 
 
-@torch.no_grad()
 def _reply_log_probs(
     model: ChatModel, replies: Completions, hooks: Sequence[FwdHook], batch_size: int = 16
 ) -> list[Float[Tensor, "reply_pos vocab"]]:
     """Log-probs over the vocabulary at each reply position, one tensor per row (masked rows)."""
-    out = []
-    for start in range(0, len(replies.texts), batch_size):
-        seq = replies.sequences[start : start + batch_size]
-        mask = replies.attention_mask[start : start + batch_size]
-        with model.bridge.hooks(fwd_hooks=list(hooks)):
-            logits = completion_position_logits(model, seq, mask, replies.completion_ids.shape[1])
-        logp = torch.log_softmax(logits.float(), -1)
-        for row, m in zip(logp, replies.completion_mask[start : start + batch_size]):
-            out.append(row[m])
-    return out
+    logp = teacher_forced_log_probs(model, replies, hooks, batch_size)
+    return [row[mask] for row, mask in zip(logp, replies.completion_mask)]
 
 
 def kl_from_base(subject: Subject, base: ChatModel, base_replies: Completions) -> float:

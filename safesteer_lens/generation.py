@@ -184,21 +184,6 @@ def split_output(
     return Completions(prompt_ids, prompt_mask, new, mask, texts)
 
 
-def completion_position_logits(
-    model: ChatModel,
-    sequences: Int[Tensor, "batch pos"],
-    attention_mask: Int[Tensor, "batch pos"],
-    n_completion: int,
-) -> Float[Tensor, "batch n_completion vocab"]:
-    """Logits that predict the last ``n_completion`` tokens of each sequence (teacher forcing).
-
-    Only those positions go through the unembedding (``logits_to_keep``); gradients flow when
-    enabled by the caller.
-    """
-    logits = model.bridge(sequences, attention_mask=attention_mask, logits_to_keep=n_completion + 1)
-    return logits[:, :-1]
-
-
 @torch.no_grad()
 def last_token_logits(
     model: ChatModel, prompts: Sequence[str], fwd_hooks: Sequence[FwdHook] = (), batch_size: int = 32

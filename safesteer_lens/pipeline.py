@@ -1,17 +1,20 @@
 """The end-to-end job: direction -> teacher -> safety tokens -> training -> evaluation -> report.
 
-Each stage reads the previous stage's artifact from the run directory and writes its own, and
-is skipped when its artifact exists and was made from the same settings and the same upstream
-artifact (a stamp records both). ``rerun=("tokens",)`` redoes a stage, and everything
-downstream of it, because their inputs change.
+The job is a table of stages (:class:`Stage`): each names the artifacts it reads and writes
+and the function that makes them, and one runner treats them alike. A stage is skipped when
+its outputs exist and its stamp records the same settings and the same content hashes of
+what it read, so a hand-made change upstream (an edited ``safety_tokens.json``, a student
+retrained by ``safesteer train``) makes every stage that reads it run again.
+``rerun=("tokens",)`` redoes a stage, and every stage downstream of it, because what they
+read was just rewritten.
 
 Run directory layout::
 
     direction.safetensors  direction.json  probes.csv  direction_report.html   stage 1
-    safety_tokens.json     tokens_report.html                          stage 2
+    safety_tokens.json     token_views.json  tokens_report.html        stage 2
     metrics.jsonl  checkpoint.pt  student/  train.json                 stage 3 (the recipe's student)
     ablation-<name>/{metrics.jsonl, student/, train.json}              stage 4, one per comparison student
-    results.csv  comparison.csv  mcq.csv  examples.json  evaluate.json  evaluation
+    results.csv  comparison.csv  mcq.csv  examples.json  representation.safetensors  evaluate.json  evaluation
     report.md  report.html  figures/                                   report
 """
 
@@ -23,8 +26,9 @@ import json
 import os
 import shutil
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -41,10 +45,11 @@ from safesteer_lens.evaluate import (
 from safesteer_lens.model_card import build_model_card, write_model_card
 from safesteer_lens.models import DEFAULT_MODEL, ChatModel, load_model, resolve_device
 from safesteer_lens.pages import write_direction_report, write_tokens_report
-from safesteer_lens.probes import probe_accuracy, save_probes
+from safesteer_lens.probes import PROBES_CSV, probe_accuracy, save_probes
 from safesteer_lens.parallel import current_world, rank_device
 from safesteer_lens.precision import compute_dtype, dtype_name
 from safesteer_lens.sharding import check_sharding
+from safesteer_lens.token_views import TOKEN_VIEWS, collect_token_views
 from safesteer_lens.tokens import TOKENS_JSON, TokenConfig, load_safety_tokens, select_safety_tokens
 from safesteer_lens.rundir import locked, read_json
 from safesteer_lens.tracking import check_report_to
@@ -229,10 +234,9 @@ def run_pipeline(
         if preset not in PIPELINE_PRESETS:
             raise SafeSteerError(f"unknown preset {preset!r}: use one of {', '.join(PIPELINE_PRESETS)}")
         config = PIPELINE_PRESETS[preset]
-    config.train.validate()
     check_report_to(report_to)
     for ablation in config.ablations:
-        ablation.config(config.train).validate()
+        ablation.config(config.train)  # a comparison student's settings are checked as they are built
     if judge is not None:
         from safesteer_lens.judges import check_judge
 
@@ -246,139 +250,197 @@ def run_pipeline(
                            report_to, world)
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One row of the pipeline's stage table: what a stage reads, writes and runs.
+
+    The runner (:func:`_run_table`) treats every row alike: a stage is current when its stamp
+    holds the same settings ``key`` and the same content hashes of its ``inputs``, and every
+    one of its ``outputs`` exists. Otherwise it runs, and every later stage that reads one of
+    its outputs runs too.
+
+    Attributes:
+        name: Its ``--rerun`` name (each comparison student is an ``ablation`` row).
+        message: The progress line when it runs.
+        key: Hash of the settings it runs with.
+        inputs: Artifacts it reads (files, or model directories by their weight files).
+        outputs: Artifacts it writes.
+        run: Makes the outputs.
+        stamp: Its stamp file; None runs it every time (the report, which is cheap).
+        every_rank: Every process runs it (training); otherwise rank 0 alone.
+        extra: More fields for its stamp.
+        label: Which of several rows of one name it is (the student), for the progress line.
+    """
+
+    name: str
+    message: str
+    key: str
+    inputs: tuple[Path, ...]
+    outputs: tuple[Path, ...]
+    run: Callable[[], None]
+    stamp: Path | None
+    every_rank: bool = False
+    extra: tuple[tuple[str, Any], ...] = ()
+    label: str = ""
+
+    @property
+    def number(self) -> int:
+        return STAGES.index(self.name) + 1
+
+
+class _Job:
+    """What the stages of one run share: its settings, its directory and the base model.
+
+    The base model loads on first use, so a run whose stages are all current loads none.
+    """
+
+    def __init__(self, out: Path, model_name: str, config: PipelineConfig, model: ChatModel | None, progress: bool,
+                 shard: str, low_memory_rollouts: bool, judge: str | None, report_to: str, world: Any) -> None:
+        self.out, self.model_name, self.config, self.progress = out, model_name, config, progress
+        self.shard, self.low_memory_rollouts, self.judge, self.report_to, self.world = (
+            shard, low_memory_rollouts, judge, report_to, world)
+        self._given, self._base = model, model
+        self.students: dict[str, Path] = {}
+        self.trained: dict[str, TrainConfig] = {}
+
+    @property
+    def base(self) -> ChatModel:
+        if self._base is None:
+            self._base = load_model(self.model_name, device=rank_device(None, self.world))
+        return self._base
+
+    def release_base(self) -> None:
+        """With ``shard="all"`` no rank holds the whole base model while training: let it go."""
+        if self._given is None and self._base is not None:
+            self._base = None
+            _free_device_memory()
+
+    # ---- the stages' run functions
+    def direction(self) -> None:
+        direction = find_direction(self.base, self.config.direction, progress=self.progress)
+        probes = probe_accuracy(self.base)
+        direction.save(self.out)
+        save_probes(probes, self.out)
+        write_direction_report(direction, self.out, probes)
+
+    def tokens(self) -> None:
+        direction = load_direction(self.out)
+        tokens = select_safety_tokens(self.base, direction, self.config.tokens, progress=self.progress)
+        tokens.save(self.out)
+        collect_token_views(self.base, direction, tokens, compare_horizon=1).save(self.out)
+        write_tokens_report(self.out, tokens)
+
+    def train(self, label: str, config: TrainConfig, run_dir: Path) -> None:
+        if self.world.is_main:
+            _prepare_train_dir(self.out, run_dir)
+        self.world.barrier()
+        if self.shard == "all":
+            self.release_base()  # train() loads its own sharded teacher
+        train(run_dir, config, teacher=None if self.shard == "all" else self.base, progress=self.progress,
+              shard=self.shard, low_memory_rollouts=self.low_memory_rollouts, report_to=self.report_to,
+              tracker_name=label)
+
+    def evaluate(self) -> None:
+        base, direction = self.base, load_direction(self.out)
+        subjects = [
+            Subject("base", base),
+            Subject(f"teacher (layer {direction.layer}, coeff {direction.coeff:g})", base, direction.hooks(base)),
+            *(Subject(label, load_model(str(path), device=base.device)) for label, path in self.students.items()),
+        ]
+        judge = None
+        if self.judge:
+            from safesteer_lens.judges import load_judge
+
+            judge = load_judge(self.judge, device=str(base.device))
+        evaluation = evaluate_models(subjects, base, self.config.evaluate, judge=judge)
+        write_evaluation(self.out, evaluation)
+        states = representation_states({s.name: (s.model, s.hooks) for s in subjects[:3]},
+                                       split=self.config.evaluate.split)
+        write_atomic(self.out / REPRESENTATION,
+                     lambda tmp: save_file({k: v.contiguous() for k, v in states.items()}, str(tmp)))
+
+    def report(self) -> None:
+        import pandas
+
+        from safesteer_lens.report import write_report
+
+        table = pandas.read_csv(self.out / "results.csv", index_col="model")
+        direction, tokens = load_direction(self.out), load_safety_tokens(self.out)
+        for label, path in self.students.items():  # each student's card gains its evaluation
+            write_model_card(path, build_model_card(direction.model, self.trained[label], direction, tokens, table,
+                                                    label, self.config.evaluate.split))
+        write_report(self.out, direction.model, table, self.config)
+
+    # ---- the table
+    def stages(self) -> list[Stage]:
+        """The stage table: each stage's settings key, the artifacts it reads and writes, and its run."""
+        out, config = self.out, self.config
+        name = self._given.name if self._given is not None else self.model_name
+        direction_key = _hash([name, asdict(config.direction)])
+        tokens_key = _hash([direction_key, asdict(config.tokens)])
+        direction_files = tuple(out / f for f in DIRECTION_FILES)
+        table = [
+            Stage("direction", "finding the refusal direction and the teacher's coefficient",
+                  direction_key, (), (*direction_files, out / PROBES_CSV), self.direction, out / "direction.stamp.json"),
+            Stage("tokens", "choosing the safety tokens S", tokens_key, direction_files,
+                  (out / TOKENS_JSON, out / TOKEN_VIEWS), self.tokens, out / "tokens.stamp.json"),
+        ]
+        students = [(RECIPE_LABEL, "train", config.train, out),
+                    *((a.label, "ablation", a.config(config.train), out / a.dir_name) for a in config.ablations)]
+        # what "auto" means on this machine, so a run moved to other hardware trains again
+        matmuls = dtype_name(compute_dtype(config.train.precision, resolve_device(None)))
+        for label, stage, train_config, run_dir in students:
+            self.students[label], self.trained[label] = run_dir / STUDENT_DIR, train_config
+            table.append(Stage(
+                stage, f"training the {label} ({train_config.loss} loss)",
+                _hash([tokens_key, asdict(train_config), matmuls]), tuple(out / f for f in TRAIN_INPUTS),
+                (run_dir / STUDENT_DIR,), partial(self.train, label, train_config, run_dir), run_dir / "train.json",
+                every_rank=True, extra=(("loss", train_config.loss),), label=label,
+            ))
+        table += [
+            Stage("evaluate", "base, teacher and students on held-out prompts",
+                  _hash([list(self.students), asdict(config.evaluate), self.judge]),
+                  (*direction_files, *self.students.values()), (out / "results.csv", out / REPRESENTATION),
+                  self.evaluate, out / "evaluate.json"),
+            Stage("report", "report.md, report.html and figures/", "", (out / "results.csv",),
+                  (out / "report.html",), self.report, None),
+        ]
+        return table
+
+
 def _run_stages(out: Path, model_name: str, rerun: Sequence[str], config: PipelineConfig, model: ChatModel | None,
                 progress: bool, shard: str, low_memory_rollouts: bool, judge: str | None, report_to: str,
                 world: Any) -> Any:
-    """The stages of :func:`run_pipeline` in order, on a locked run directory with checked settings."""
-    say = print if progress and world.is_main else (lambda *a, **k: None)
-    # with shard="all" no rank holds the whole base model while training: rank 0 loads it for
-    # stages 1-2, lets it go, and loads it again for evaluation
-    hold_base = model is not None or shard != "all"
-    base = model or (load_model(model_name, device=rank_device(None, world)) if hold_base or world.is_main else None)
-
-    direction_key = _hash([model.name if model is not None else model_name, asdict(config.direction)])
-    tokens_key = _hash([direction_key, asdict(config.tokens)])
-    if world.is_main:
-        rerun = _direction_and_tokens(out, base, config, direction_key, tokens_key, rerun, say, progress)
-    world.barrier()  # the other ranks wait here for stages 1 and 2
-    direction = load_direction(out)
-    if not hold_base:
-        base = None
-        _free_device_memory()
-
-    # ---- stages 3 and 4: the recipe's student, and the comparison students on the same budget
-    students: dict[str, Path] = {}
-    trained: dict[str, TrainConfig] = {}
-    for number, stage, label, train_config, run_dir in (
-        (3, "train", RECIPE_LABEL, config.train, out),
-        *((4, "ablation", a.label, a.config(config.train), out / a.dir_name) for a in config.ablations),
-    ):
-        loss = train_config.loss
-        # what "auto" means on this machine, so a run moved to other hardware trains again
-        matmuls = dtype_name(compute_dtype(train_config.precision, resolve_device(None)))
-        key = _hash([tokens_key, asdict(train_config), matmuls])
-        stamp = run_dir / "train.json"
-        inputs = digests([out / name for name in TRAIN_INPUTS], stamp.parent)
-        stale = stage in rerun or not _stamp_ok(stamp, key, inputs) or not (run_dir / STUDENT_DIR).exists()
-        if world.main_says(stale):
-            say(f"[{number}/6] {stage}: training the {label} ({loss} loss)")
-            if world.is_main:
-                _prepare_train_dir(out, run_dir)
-            world.barrier()
-            train(run_dir, train_config, teacher=None if shard == "all" else base, progress=progress, shard=shard,
-                  low_memory_rollouts=low_memory_rollouts, report_to=report_to, tracker_name=label)
-            if world.is_main:
-                _write_stamp(stamp, key, inputs, loss=loss)
-            rerun = (*rerun, "evaluate")
-        else:
-            say(f"[{number}/6] {stage}: {label}: current, skipped")
-        students[label] = run_dir / STUDENT_DIR
-        trained[label] = train_config
-    if not world.is_main:  # evaluation and the report are rank 0's
-        world.barrier()
-        import pandas
-
-        return pandas.read_csv(out / "results.csv", index_col="model")
-
-    # ---- evaluation
-    base = base or load_model(model_name, device=rank_device(None, world))
-    key = _hash([list(students), asdict(config.evaluate), judge])
-    stamp = out / "evaluate.json"
-    inputs = digests([*(out / name for name in DIRECTION_FILES), *students.values()], stamp.parent)
-    if "evaluate" in rerun or not _stamp_ok(stamp, key, inputs) or not (out / "results.csv").exists():
-        say("[5/6] evaluate: base, teacher and students on held-out prompts")
-        subjects = [
-            Subject("base", base),
-            Subject(f"teacher (layer {direction.layer}, coeff {direction.coeff:g})", base,
-                    direction.hooks(base)),
-            *(Subject(label, load_model(str(path), device=base.device)) for label, path in students.items()),
-        ]
-        from safesteer_lens.judges import load_judge
-
-        evaluation = evaluate_models(subjects, base, config.evaluate, judge=load_judge(judge, device=str(base.device))
-                                     if judge else None)
-        write_evaluation(out, evaluation)
-        states = representation_states({s.name: (s.model, s.hooks) for s in subjects[:3]}, split=config.evaluate.split)
-        write_atomic(out / REPRESENTATION, lambda tmp: save_file({k: v.contiguous() for k, v in states.items()}, str(tmp)))
-        _write_stamp(stamp, key, inputs)
-        rerun = (*rerun, "report")
-    else:
-        say("[5/6] evaluate: current, skipped")
-
+    """The stage table of :func:`run_pipeline`, run in order on a locked run directory with checked settings."""
+    job = _Job(out, model_name, config, model, progress, shard, low_memory_rollouts, judge, report_to, world)
+    _run_table(job.stages(), out, rerun, world, print if progress and world.is_main else (lambda *a, **k: None))
+    world.barrier()  # the other ranks wait here for rank 0's evaluation and report
     import pandas
 
-    table = pandas.read_csv(out / "results.csv", index_col="model")
-    tokens = load_safety_tokens(out)
-    for label, path in students.items():  # each student's card gains its evaluation
-        write_model_card(path, build_model_card(base.name, trained[label], direction, tokens, table, label,
-                                                config.evaluate.split))
-    from safesteer_lens.report import write_report
-
-    say("[6/6] report: report.md, report.html and figures/")
-    write_report(out, base, table, config)
-    world.barrier()
-    return table
+    return pandas.read_csv(out / "results.csv", index_col="model")
 
 
-def _direction_and_tokens(
-    out: Path,
-    base: ChatModel,
-    config: PipelineConfig,
-    direction_key: str,
-    tokens_key: str,
-    rerun: Sequence[str],
-    say: Any,
-    progress: bool,
-) -> Sequence[str]:
-    """Stages 1 and 2 (rank 0's alone); returns ``rerun`` with the stages they made stale."""
-    # ---- stage 1: direction and teacher
-    stamp = out / "direction.stamp.json"
-    if "direction" in rerun or not _stamp_ok(stamp, direction_key) or not (out / "direction.json").exists():
-        say("[1/6] direction: finding the refusal direction and the teacher's coefficient")
-        direction = find_direction(base, config.direction, progress=progress)
-        probes = probe_accuracy(base)
-        direction.save(out)
-        save_probes(probes, out)
-        write_direction_report(direction, out, probes)
-        _write_stamp(stamp, direction_key)
-        rerun = (*rerun, "tokens")
-    else:
-        say("[1/6] direction: current, skipped")
-    direction = load_direction(out)
-
-    # ---- stage 2: safety tokens
-    stamp = out / "tokens.stamp.json"
-    inputs = digests([out / name for name in DIRECTION_FILES], stamp.parent)
-    if "tokens" in rerun or not _stamp_ok(stamp, tokens_key, inputs) or not (out / "safety_tokens.json").exists():
-        say("[2/6] tokens: choosing the safety tokens S")
-        tokens = select_safety_tokens(base, direction, config.tokens, progress=progress)
-        tokens.save(out)
-        write_tokens_report(base, direction, tokens, out, compare_horizon=1)
-        _write_stamp(stamp, tokens_key, inputs)
-        rerun = (*rerun, "train", "ablation")
-    else:
-        say("[2/6] tokens: current, skipped")
-    return rerun
+def _run_table(stages: Sequence[Stage], out: Path, rerun: Sequence[str], world: Any, say: Callable[..., None]) -> None:
+    """Run each stage that is stale, in order; one that runs makes every later reader of its outputs stale."""
+    made: set[Path] = set()
+    for stage in stages:
+        if not (stage.every_rank or world.is_main):
+            continue
+        if stage.every_rank:
+            world.barrier()  # every rank waits for rank 0's stages before it
+        inputs = digests(stage.inputs, out)
+        stale = (stage.name in rerun or bool(made & set(stage.inputs)) or stage.stamp is None
+                 or not _stamp_ok(stage.stamp, stage.key, inputs) or not all(p.exists() for p in stage.outputs))
+        if stage.every_rank:
+            stale = world.main_says(stale)
+        if not stale:
+            say(f"[{stage.number}/{len(STAGES)}] {stage.name}: {stage.label + ': ' if stage.label else ''}current, skipped")
+            continue
+        say(f"[{stage.number}/{len(STAGES)}] {stage.name}: {stage.message}")
+        stage.run()
+        if stage.stamp is not None and world.is_main:
+            _write_stamp(stage.stamp, stage.key, inputs, **dict(stage.extra))
+        made |= set(stage.outputs)
 
 
 def _free_device_memory() -> None:

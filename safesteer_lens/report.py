@@ -9,7 +9,6 @@ export works on the machine (kaleido needs a Chrome or Chromium binary; see the 
 from __future__ import annotations
 
 import html
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,11 +22,10 @@ from plotly.subplots import make_subplots
 from safesteer_lens.atomic import write_atomic, write_text_atomic
 from safesteer_lens.directions import Direction, load_direction
 from safesteer_lens.checkpoints import load_metrics
-from safesteer_lens.models import ChatModel
 from safesteer_lens.stats import format_rate
 from safesteer_lens.tokens import load_safety_tokens
 from safesteer_lens.evaluate import REPRESENTATION
-from safesteer_lens.rundir import read_tensors
+from safesteer_lens.rundir import read_json, read_tensors
 from safesteer_lens.token_views import HtmlView
 from safesteer_lens.viz import completions_table, direction_score_heatmaps, safety_tokens_bar
 from safesteer_lens.webpage import Captioned, data_table, write_figure, write_page
@@ -368,16 +366,17 @@ FIGURE_CAPTIONS = {
 }
 
 
-def write_report(run_dir: str | Path, base: ChatModel, table: Any, config: Any) -> Path:
+def write_report(run_dir: str | Path, model_name: str, table: Any, config: Any) -> Path:
     """Write ``report.md``, ``report.html`` and ``figures/`` for a finished run.
 
     It only presents: every number and state it draws was computed by a stage and saved in the
-    run directory (``representation.safetensors`` by the evaluation stage). ``base`` names the model.
+    run directory (``representation.safetensors`` by the evaluation stage), so it needs the
+    base model's name, not the model.
     """
     run_dir = Path(run_dir)
     direction: Direction = load_direction(run_dir)
     tokens = load_safety_tokens(run_dir)
-    examples = json.loads((run_dir / "examples.json").read_text())
+    examples = read_json(run_dir / "examples.json", f"safesteer run --out {run_dir} --rerun evaluate")
     from safesteer_lens.pipeline import RECIPE_LABEL
 
     curves = {RECIPE_LABEL: load_metrics(run_dir),
@@ -403,7 +402,7 @@ def write_report(run_dir: str | Path, base: ChatModel, table: Any, config: Any) 
     comparison_path = run_dir / "comparison.csv"
     # keep_default_na=False: an empty reply stays "" rather than NaN (empty replies are what damage looks like)
     comparison = pandas.read_csv(comparison_path, keep_default_na=False) if comparison_path.is_file() else None
-    opening = summary(table, direction, len(tokens), config.train, base.name)
+    opening = summary(table, direction, len(tokens), config.train, model_name)
     intro = "<div class='summary'><ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in opening) + "</ul></div>"
     views = [results_view(table),
              *(Captioned(fig, FIGURE_CAPTIONS.get(name, "")) for name, fig in figures.items()), *tables]
@@ -412,10 +411,10 @@ def write_report(run_dir: str | Path, base: ChatModel, table: Any, config: Any) 
                               f"<details><summary>{len(comparison)} prompts, one row each: every model's reply and flags "
                               "(click a column header to sort)</summary><div class='scroll'>"
                               + data_table(comparison, sortable=True) + "</div></details>", prose=True))
-    write_page(views, run_dir / "report.html", f"SafeSteer run on {base.name}", assets=run_dir, intro=intro)
+    write_page(views, run_dir / "report.html", f"SafeSteer run on {model_name}", assets=run_dir, intro=intro)
 
     md = [
-        f"# SafeSteer run on {base.name}",
+        f"# SafeSteer run on {model_name}",
         "",
         f"Teacher: {direction.method} direction at layer {direction.layer}, coefficient {direction.coeff:g}. "
         f"|S| = {len(tokens)}: " + ", ".join(f"`{t!r}`" for t in tokens.texts[:20]) + (" ..." if len(tokens) > 20 else ""),

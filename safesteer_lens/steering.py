@@ -123,32 +123,35 @@ def orthogonalize_weights(model: ChatModel, direction: Float[Tensor, "d_model"])
 @contextmanager
 def steered(
     model: ChatModel,
-    direction: "Float[Tensor, 'd_model'] | Any",
+    vector: Float[Tensor, "d_model"],
     layer: int | None = None,
-    coeff: float | None = None,
+    coeff: float = 1.0,
     mode: Literal["add", "ablate"] = "add",
 ) -> Iterator[ChatModel]:
-    """Run code with the model steered, for notebooks::
+    """Run code with the model steered by a raw vector, for notebooks::
 
-        with steered(model, direction):            # a Direction artifact: its layer and coeff
+        with steered(model, vector, layer=11, coeff=1.5):
             print(generate(model, prompts).texts)
+
+    A stage-1 :class:`~safesteer_lens.directions.Direction` steers itself, with its own layer
+    and coefficient: ``with direction.apply(model):``.
 
     Args:
         model: The chat model.
-        direction: A raw ``[d_model]`` tensor or a :class:`~safesteer_lens.directions.Direction`.
-        layer: Block whose ``resid_pre`` receives the vector (default: the artifact's).
-        coeff: Multiplier of the raw vector (default: the artifact's, else 1).
+        vector: A ``[d_model]`` tensor.
+        layer: Block whose ``resid_pre`` receives the vector (``mode="add"``).
+        coeff: Multiplier of the vector.
         mode: ``"add"`` the vector at one layer, or ``"ablate"`` it everywhere.
 
     Yields:
         The model, with hooks active until the block ends.
     """
-    vector = getattr(direction, "vector", direction)
-    layer = layer if layer is not None else getattr(direction, "layer", None)
-    coeff = coeff if coeff is not None else getattr(direction, "coeff", 1.0)
+    if not isinstance(vector, Tensor):
+        raise SafeSteerError(f"steered() takes a [d_model] tensor, got {type(vector).__name__}; a Direction steers "
+                             "itself: `with direction.apply(model):`")
     if mode == "add":
         if layer is None:
-            raise SafeSteerError("steered(..., mode='add') needs layer= for a raw tensor")
+            raise SafeSteerError("steered(..., mode='add') needs layer=: the block whose resid_pre gets the vector")
         hooks = add_hooks(model, vector, layer, coeff)
     elif mode == "ablate":
         hooks = ablation_hooks(model, vector)

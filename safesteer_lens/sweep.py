@@ -96,10 +96,8 @@ class Trial:
         return "_".join(f"{k}={v}" for k, v in self.settings)
 
     def config(self, base: TrainConfig) -> TrainConfig:
-        """The base settings with this trial's overrides, validated."""
-        config = replace(base, **dict(self.settings))
-        config.validate()
-        return config
+        """The base settings with this trial's overrides (validated on construction)."""
+        return replace(base, **dict(self.settings))
 
 
 def trials(grid: dict[str, list[Any]]) -> list[Trial]:

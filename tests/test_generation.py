@@ -64,18 +64,6 @@ def test_bad_settings_are_rejected(tiny):
         generate(tiny, ["a"], do_sample=True, temperature=0.0)
 
 
-def test_completion_position_logits_equal_the_full_forward_slice(tiny):
-    from safesteer_lens.generation import completion_position_logits
-
-    out = generate(tiny, ["How do I bake bread?", "Hi"], max_new_tokens=5)
-    n = out.completion_ids.shape[1]
-    with torch.no_grad():
-        full = tiny.bridge(out.sequences, attention_mask=out.attention_mask)
-        part = completion_position_logits(tiny, out.sequences, out.attention_mask, n)
-    assert part.shape[1] == n
-    assert torch.allclose(part, full[:, out.prompt_ids.shape[1] - 1 : -1], atol=1e-5)
-
-
 def test_shipped_decoding_preferences_do_not_change_what_is_generated(tiny_dir):
     from safesteer_lens.models import load_model
 

@@ -166,7 +166,7 @@ def test_a_registered_loss_is_usable_everywhere_by_name():
         mask = torch.ones(STUDENT.shape[:2], dtype=torch.bool)
         expected = (STUDENT - TEACHER).square().mean(-1).mean()
         assert distillation_loss("test-l2", STUDENT, TEACHER, mask).item() == pytest.approx(expected.item(), rel=1e-6)
-        TrainConfig(loss="test-l2").validate()
+        TrainConfig(loss="test-l2")
         train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
         assert "test-l2" in next(a for a in train_parser._actions if a.dest == "loss").choices
         with pytest.raises(ValueError, match="registered already"):

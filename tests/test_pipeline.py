@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
 
 from safesteer_lens.cli import main
 from safesteer_lens.errors import SafeSteerError
-from safesteer_lens.pipeline import BOUNDED, FULL_REVERSE, PIPELINE_PRESETS, Ablation, PipelineConfig, run_pipeline
+from safesteer_lens.parallel import World
+from safesteer_lens.pipeline import BOUNDED, FULL_REVERSE, PIPELINE_PRESETS, Ablation, PipelineConfig, _Job, run_pipeline
 
 from conftest import tiny_pipeline_config
 
@@ -32,6 +34,25 @@ def test_pipeline_writes_every_artifact_then_skips_current_stages(tiny, tmp_path
     third = capsys.readouterr().out
     assert "direction: current, skipped" in third and "tokens: current, skipped" in third
     assert "train: training" in third and "evaluate: base" in third
+    # a hand-made change upstream (one token dropped from S) makes every stage that read it stale
+    tokens = json.loads((tmp_path / "safety_tokens.json").read_text())
+    tokens["tokens"] = tokens["tokens"][:-1]
+    (tmp_path / "safety_tokens.json").write_text(json.dumps(tokens))
+    run_pipeline(tmp_path, config=replace(TINY, train=replace(TINY.train, lr=2e-3)), model=tiny)
+    fourth = capsys.readouterr().out
+    assert "direction: current, skipped" in fourth and "tokens: current, skipped" in fourth
+    assert fourth.count("training the") == 1 + len(TINY.ablations) and "evaluate: base" in fourth
+
+
+def test_every_stage_reads_only_what_an_earlier_stage_wrote(tiny, tmp_path):
+    stages = _Job(tmp_path, "tiny", TINY, tiny, False, "none", False, None, "none", World()).stages()
+    assert [s.name for s in stages] == ["direction", "tokens", "train", *["ablation"] * len(TINY.ablations),
+                                        "evaluate", "report"]
+    written: set = set()
+    for stage in stages:
+        assert set(stage.inputs) <= written, f"{stage.name} reads {set(stage.inputs) - written}, which nothing wrote before it"
+        assert not set(stage.outputs) & written, f"{stage.name} rewrites an earlier stage's artifact"
+        written |= set(stage.outputs)
 
 
 def test_unknown_stage_or_preset_is_rejected(tmp_path):

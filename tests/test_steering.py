@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from safesteer_lens.directions import Direction
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.generation import generate
 from safesteer_lens.models import load_model
@@ -95,6 +96,13 @@ def test_bad_directions_and_layers_are_rejected(tiny, direction):
     with pytest.raises(SafeSteerError, match="needs layer"):
         with steered(tiny, direction):
             pass
+    artifact = Direction(direction, "tiny", "diff-means", 1, -1, 2.0)
+    with pytest.raises(SafeSteerError, match=r"direction.apply\(model\)"):
+        with steered(tiny, artifact, layer=1):
+            pass
+    expected = _logits(tiny, add_hooks(tiny, direction, 1, 2.0))
+    with artifact.apply(tiny):  # the artifact's own layer and coefficient
+        assert torch.allclose(_logits(tiny), expected)
 
 
 @pytest.mark.integration

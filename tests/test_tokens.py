@@ -55,12 +55,6 @@ def test_positions_after_the_base_ends_the_turn_cast_no_votes():
     assert votes.tolist() == [0, 1, 2]
 
 
-@pytest.fixture(scope="module")
-def tiny_direction(tiny):
-    torch.manual_seed(0)
-    return Direction(torch.randn(tiny.d_model) * 4, "tiny", "diff-means", 2, -1, 1.0)
-
-
 SMALL = dict(horizon=3, samples_per_prompt=2, n_prompts=4, top_k_votes=20, set_size=10, prob_floor=0.0)
 
 
