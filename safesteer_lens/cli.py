@@ -130,7 +130,7 @@ def cmd_tokens(args: argparse.Namespace) -> None:
     from safesteer_lens.models import load_model
     from safesteer_lens.pages import write_tokens_report
     from safesteer_lens.token_views import collect_token_views
-    from safesteer_lens.tokens import TokenConfig, select_safety_tokens
+    from safesteer_lens.tokens import TokenConfig, select_with_comparison
 
     from safesteer_lens.rundir import locked
 
@@ -145,9 +145,9 @@ def cmd_tokens(args: argparse.Namespace) -> None:
         _import_direction(args)
         direction = load_direction(args.run)
         model = load_model(args.model or direction.model, device=args.device, dtype=args.dtype)
-        tokens = select_safety_tokens(model, direction, config)
+        tokens, compared = select_with_comparison(model, direction, config, args.compare_horizon)
         tokens.save(args.run)
-        collect_token_views(model, direction, tokens, compare_horizon=args.compare_horizon).save(args.run)
+        collect_token_views(model, direction, tokens, compared).save(args.run)
         report = write_tokens_report(args.run, tokens)
     print(f"|S| = {len(tokens)} from {tokens.settings['n_valid_positions']} voting positions:")
     print("  " + " ".join(repr(t) for t in tokens.texts[:25]) + (" ..." if len(tokens) > 25 else ""))

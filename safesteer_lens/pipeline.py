@@ -50,7 +50,7 @@ from safesteer_lens.parallel import current_world, rank_device
 from safesteer_lens.precision import compute_dtype, dtype_name
 from safesteer_lens.sharding import check_sharding
 from safesteer_lens.token_views import TOKEN_VIEWS, collect_token_views
-from safesteer_lens.tokens import TOKENS_JSON, TokenConfig, load_safety_tokens, select_safety_tokens
+from safesteer_lens.tokens import TOKENS_JSON, TokenConfig, load_safety_tokens, select_with_comparison
 from safesteer_lens.rundir import locked, read_json
 from safesteer_lens.tracking import check_report_to
 
@@ -325,9 +325,9 @@ class _Job:
 
     def tokens(self) -> None:
         direction = load_direction(self.out)
-        tokens = select_safety_tokens(self.base, direction, self.config.tokens, progress=self.progress)
+        tokens, h1 = select_with_comparison(self.base, direction, self.config.tokens, 1, progress=self.progress)
         tokens.save(self.out)
-        collect_token_views(self.base, direction, tokens, compare_horizon=1).save(self.out)
+        collect_token_views(self.base, direction, tokens, h1).save(self.out)
         write_tokens_report(self.out, tokens)
 
     def train(self, label: str, config: TrainConfig, run_dir: Path) -> None:

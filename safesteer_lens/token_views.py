@@ -20,7 +20,7 @@ from __future__ import annotations
 import html
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -35,7 +35,7 @@ from safesteer_lens.losses import safety_mass
 from safesteer_lens.models import ChatModel
 from safesteer_lens.rundir import artifact_error, read_json
 from safesteer_lens.scoring import single_completion, teacher_forced_log_probs
-from safesteer_lens.tokens import SafetyTokens, TokenConfig, select_safety_tokens
+from safesteer_lens.tokens import SafetyTokens
 
 _STYLE = """
 <style>
@@ -344,30 +344,28 @@ def collect_token_views(
     model: ChatModel,
     direction: Direction,
     tokens: SafetyTokens,
-    compare_horizon: int = 1,
+    compared: SafetyTokens | None = None,
     n_examples: int = 3,
 ) -> TokenViews:
-    """Run the models behind the tokens page: S at another horizon, and the per-token views.
+    """Run the models behind the tokens page: the per-token views, beside S at another horizon.
 
     Args:
         model: The base model (the teacher is it plus the direction's hook).
         direction: The stage-1 artifact.
-        tokens: The chosen S, whose settings the comparison reuses with another horizon.
-        compare_horizon: H of the side-by-side set; 0 or S's own horizon skips it.
+        tokens: The chosen S (its seed seeds the rollouts shown).
+        compared: S at another horizon, shown side by side
+            (:func:`~safesteer_lens.tokens.select_with_comparison`); None shows none.
         n_examples: Harmless validation prompts shown as contrast views.
     """
-    config = TokenConfig(**{k: v for k, v in tokens.settings.items() if k in TokenConfig.__dataclass_fields__})
-    compared = None
-    if compare_horizon and compare_horizon != config.horizon:
-        other = replace(config, horizon=compare_horizon)
-        compared = select_safety_tokens(model, direction, other, progress=False).tokens
+    seed = int(tokens.settings.get("seed", 0))
     harmless = prompt_texts(load_builtin_prompts("harmless", "val"))[:n_examples]
-    teacher_out = generate(model, harmless, max_new_tokens=24, do_sample=True, seed=config.seed,
+    teacher_out = generate(model, harmless, max_new_tokens=24, do_sample=True, seed=seed,
                            fwd_hooks=direction.hooks(model))
     contrasts = [token_contrast(model, direction, prompt, ids[mask].tolist())
                  for prompt, ids, mask in zip(harmless, teacher_out.completion_ids, teacher_out.completion_mask)]
     harmful = prompt_texts(load_builtin_prompts("harmful", "train"))[:2]
-    student_out = generate(model, harmful, max_new_tokens=16, do_sample=True, seed=config.seed)
+    student_out = generate(model, harmful, max_new_tokens=16, do_sample=True, seed=seed)
     masses = [token_masses(model, direction, tokens, prompt, ids.tolist(), mask.tolist())
               for prompt, ids, mask in zip(harmful, student_out.completion_ids, student_out.completion_mask)]
-    return TokenViews(compare_horizon if compared is not None else 0, compared, contrasts, masses)
+    horizon = int(compared.settings.get("horizon", 0)) if compared is not None else 0
+    return TokenViews(horizon, compared.tokens if compared is not None else None, contrasts, masses)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -258,30 +258,102 @@ def select_safety_tokens(
         :class:`SafetyTokens` with up to ``set_size`` tokens, most votes first.
     """
     config = config or TokenConfig()
+    return safety_token_sets(model, direction, config, (config.horizon,), prompts, progress)[config.horizon]
+
+
+def safety_token_sets(
+    model: ChatModel,
+    direction: Direction,
+    config: TokenConfig,
+    horizons: Sequence[int],
+    prompts: Sequence[str] | None = None,
+    progress: bool = True,
+) -> dict[int, SafetyTokens]:
+    """S at several horizons from one set of rollouts: the set at ``h`` votes over the first ``h`` positions.
+
+    The first ``h`` tokens of an ``H``-token rollout are themselves an ``h``-token rollout, so
+    one pass serves every horizon up to ``config.horizon``: S at ``config.horizon`` is what
+    :func:`select_safety_tokens` returns, and S at ``h = 1`` is exactly what a separate run at
+    H = 1 would choose (the first position's distributions depend only on the prompt). The
+    tokens page's H = 1 comparison costs no second pass this way.
+
+    Args:
+        model: The base model.
+        direction: The stage-1 artifact.
+        config: Settings; each set takes them with its own ``horizon``.
+        horizons: Horizons from 1 to ``config.horizon``.
+        prompts: As for :func:`select_safety_tokens`.
+        progress: Show a progress bar.
+    """
     validate_config(config, model)
+    if not horizons or not all(1 <= h <= config.horizon for h in horizons):
+        raise SafeSteerError(f"horizons must lie between 1 and the rollouts' horizon {config.horizon}, got {list(horizons)}")
     prompts = list(prompts) if prompts is not None else prompt_texts(load_builtin_prompts("harmless", "train"))[: config.n_prompts]
     if not prompts:
         raise SafeSteerError("no prompts to build safety tokens from; pass at least one harmless prompt")
     teacher_hooks = direction.hooks(model)
     n_rows = len(prompts) * config.samples_per_prompt
     bar = tqdm(total=n_rows, desc="safety tokens", disable=not progress)
-    deltas, teacher_probs, n_rollouts = [], [], 0
+    deltas, teacher_probs, positions, n_rollouts = [], [], [], 0
     step = max(1, config.batch_size // config.samples_per_prompt)
     for start in range(0, len(prompts), step):
-        chunk = TokenConfig(**{**asdict(config), "seed": config.seed + start})
-        rollouts = teacher_rollouts(model, direction, prompts[start : start + step], chunk)
+        rollouts = teacher_rollouts(model, direction, prompts[start : start + step], replace(config, seed=config.seed + start))
         teacher = teacher_forced_log_probs(model, rollouts, teacher_hooks, config.batch_size)
         base = teacher_forced_log_probs(model, rollouts, (), config.batch_size)
         valid = valid_positions(rollouts.completion_mask.cpu(), base.argmax(-1), model.eot_token_ids)
         deltas.append((teacher - base)[valid])
         teacher_probs.append(teacher[valid].exp())
+        positions.append(valid.nonzero()[:, 1])  # which completion position each kept row is
         n_rollouts += len(rollouts.texts)
         bar.update(len(rollouts.texts))
     bar.close()
-    delta = torch.cat(deltas)
+    delta, probs, position = torch.cat(deltas), torch.cat(teacher_probs), torch.cat(positions)
+    sets = {}
+    for horizon in horizons:
+        rows = position < horizon
+        run = {"model": model.name, "n_rollouts": n_rollouts, "prompts_hash": prompts_hash(prompts),
+               "direction": {"layer": direction.layer, "coeff": direction.coeff, "prompts_hash": direction.prompts_hash}}
+        sets[horizon] = _vote_for_tokens(model, delta[rows], probs[rows], replace(config, horizon=horizon), run)
+    return sets
+
+
+def select_with_comparison(
+    model: ChatModel,
+    direction: Direction,
+    config: TokenConfig,
+    compare_horizon: int = 1,
+    progress: bool = True,
+) -> tuple[SafetyTokens, SafetyTokens | None]:
+    """S, and S at ``compare_horizon`` for the tokens page (None when 0 or S's own horizon).
+
+    A comparison horizon up to S's comes from the same rollouts (:func:`safety_token_sets`);
+    a longer one needs rollouts of its own.
+    """
+    if compare_horizon < 0:
+        raise SafeSteerError(f"compare_horizon must be 0 (skip) or a horizon >= 1, got {compare_horizon}")
+    if compare_horizon in (0, config.horizon):
+        return select_safety_tokens(model, direction, config, progress=progress), None
+    if compare_horizon < config.horizon:
+        sets = safety_token_sets(model, direction, config, (config.horizon, compare_horizon), progress=progress)
+        return sets[config.horizon], sets[compare_horizon]
+    tokens = select_safety_tokens(model, direction, config, progress=progress)
+    return tokens, select_safety_tokens(model, direction, replace(config, horizon=compare_horizon), progress=False)
+
+
+def _vote_for_tokens(
+    model: ChatModel,
+    delta: Float[Tensor, "position vocab"],
+    teacher_probs: Float[Tensor, "position vocab"],
+    config: TokenConfig,
+    run: dict[str, Any],
+) -> SafetyTokens:
+    """S from the voting positions' log-prob shifts: the eligible tokens, the votes, the ranking.
+
+    ``run`` describes the rollouts (model, direction, counts, prompts' hash) for the settings.
+    """
     if delta.shape[0] == 0:
         raise SafeSteerError("no valid positions: every rollout ended at once; raise the horizon")
-    allowed = torch.cat(teacher_probs).mean(0) >= config.prob_floor
+    allowed = teacher_probs.mean(0) >= config.prob_floor
     if config.ban_special:
         allowed &= ~special_token_mask(model)
     n_allowed = int(allowed.sum())
@@ -294,7 +366,7 @@ def select_safety_tokens(
             f"only {n_allowed} tokens pass prob_floor={config.prob_floor:g}, and each position votes for K'={top_k} "
             f"of them, so most eligible tokens get a vote at every position and S is decided by ties; "
             f"lower --prob-floor or give --top-k as a share of the eligible tokens (e.g. 0.05)",
-            SaturationWarning, stacklevel=2,
+            SaturationWarning, stacklevel=3,
         )
     votes = vote(delta, top_k, allowed)
     mean_delta = delta.mean(0)
@@ -303,17 +375,9 @@ def select_safety_tokens(
         {"id": i, "text": model.tokenizer.decode([i]), "votes": int(votes[i]), "mean_delta": round(float(mean_delta[i]), 4)}
         for i in chosen
     ]
-    settings = asdict(config)
-    settings.update(
-        model=model.name,
-        direction={"layer": direction.layer, "coeff": direction.coeff, "prompts_hash": direction.prompts_hash},
-        n_rollouts=n_rollouts,
-        n_valid_positions=int(delta.shape[0]),
-        n_allowed=n_allowed,
-        top_k_votes_used=top_k,
-        saturated=saturated,
-        prompts_hash=prompts_hash(prompts),
-    )
+    settings = {**asdict(config), "model": run["model"], "direction": run["direction"], "n_rollouts": run["n_rollouts"],
+                "n_valid_positions": int(delta.shape[0]), "n_allowed": n_allowed, "top_k_votes_used": top_k,
+                "saturated": saturated, "prompts_hash": run["prompts_hash"]}
     return SafetyTokens(tokens, settings)
 
 

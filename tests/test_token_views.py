@@ -45,7 +45,8 @@ def test_masses_are_probabilities_of_s_and_the_view_draws_them(tiny, tiny_direct
 
 
 def test_saved_views_draw_the_same_page_without_a_model(tiny, tiny_direction, tmp_path):
-    views = collect_token_views(tiny, tiny_direction, S, compare_horizon=1, n_examples=2)
+    h1 = SafetyTokens(S.tokens[:2], {**S.settings, "horizon": 1})
+    views = collect_token_views(tiny, tiny_direction, S, h1, n_examples=2)
     assert views.compare_horizon == 1 and views.compared and len(views.contrasts) == 2 and len(views.masses) == 2
     views.save(tmp_path)
     S.save(tmp_path)
@@ -64,9 +65,10 @@ def test_contrast_view_is_render_of_the_data(tiny, tiny_direction):
     assert f"full colour = {shown:.2f} nats" in view.body and math.isfinite(shown)
 
 
-def test_same_horizon_skips_the_comparison(tiny, tiny_direction):
-    views = collect_token_views(tiny, tiny_direction, S, compare_horizon=3, n_examples=1)
+def test_no_comparison_set_shows_none(tiny, tiny_direction, tmp_path):
+    views = collect_token_views(tiny, tiny_direction, S, n_examples=1)
     assert views.compared is None and views.compare_horizon == 0
+    assert len(views.items(S)) == 1 + 2  # one contrast view and two mask views, no set comparison
 
 
 @pytest.mark.parametrize("text", ['{"compare_horizon": 1', '{"compare_horizon": 1, "compared": null}', "[]"])

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -11,7 +13,9 @@ from safesteer_lens.tokens import (
     TokenConfig,
     load_safety_tokens,
     rank_tokens,
+    safety_token_sets,
     select_safety_tokens,
+    select_with_comparison,
     SaturationWarning,
     special_token_mask,
     valid_positions,
@@ -139,3 +143,24 @@ def test_a_floor_no_token_passes_and_a_bad_k_prime_are_clear_errors(tiny, tiny_d
     for bad in (0, 1.5, 0.0, True):
         with pytest.raises(SafeSteerError, match="top_k_votes must be a count"):
             select_safety_tokens(tiny, tiny_direction, TokenConfig(**{**SMALL, "top_k_votes": bad}), progress=False)
+
+
+def test_shorter_horizons_come_from_the_same_rollouts_and_match_a_run_of_their_own(tiny, tiny_direction):
+    config = TokenConfig(**SMALL)
+    sets = safety_token_sets(tiny, tiny_direction, config, (3, 1), progress=False)
+    assert sets[3].tokens == select_safety_tokens(tiny, tiny_direction, config, progress=False).tokens
+    alone = select_safety_tokens(tiny, tiny_direction, replace(config, horizon=1), progress=False)
+    assert sets[1].tokens == alone.tokens  # the first position depends on the prompt alone
+    assert sets[1].settings["horizon"] == 1 and sets[1].settings["n_valid_positions"] < sets[3].settings["n_valid_positions"]
+    with pytest.raises(SafeSteerError, match="horizons must lie between 1 and"):
+        safety_token_sets(tiny, tiny_direction, config, (4,), progress=False)
+
+
+def test_the_comparison_set_is_skipped_shared_or_sampled_anew(tiny, tiny_direction):
+    config = TokenConfig(**SMALL)
+    tokens, none = select_with_comparison(tiny, tiny_direction, config, 3, progress=False)
+    assert none is None and tokens.settings["horizon"] == 3
+    _, longer = select_with_comparison(tiny, tiny_direction, config, 5, progress=False)
+    assert longer.settings["horizon"] == 5
+    with pytest.raises(SafeSteerError, match="compare_horizon must be 0"):
+        select_with_comparison(tiny, tiny_direction, config, -1)
