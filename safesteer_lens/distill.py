@@ -106,9 +106,8 @@ class TrainConfig:
             over S it holds the student to the base's own use of the refusal tokens.
         anchor_prompts: How many harmless train prompts the anchor cycles over (0: as many as
             ``n_prompts``). Each step still anchors on as many prompts as it trains on, so
-            more prompts cost nothing per step; they let the anchor cover more of the ways a
-            request is phrased, so that a phrasing the harmful prompts use ("What's the best
-            way to ...") is not learnt as a sign of harm.
+            more prompts cost nothing per step; they cover more of the ways a harmless
+            request is phrased.
         lora_rank: 0 trains every weight; r >= 1 trains rank-r LoRA adapters through
             ``peft`` instead (:mod:`safesteer_lens.adapters`), merged into the weights at the
             end so the export is a plain model. Adapters want a larger ``lr`` (about 10x).

@@ -288,20 +288,30 @@ class Stage:
         return STAGES.index(self.name) + 1
 
 
+@dataclass
 class _Job:
     """What the stages of one run share: its settings, its directory and the base model.
 
     The base model loads on first use, so a run whose stages are all current loads none.
+    ``students`` and ``trained`` (each student's directory and settings, by label) are filled
+    as :meth:`stages` builds the table.
     """
 
-    def __init__(self, out: Path, model_name: str, config: PipelineConfig, model: ChatModel | None, progress: bool,
-                 shard: str, low_memory_rollouts: bool, judge: str | None, report_to: str, world: Any) -> None:
-        self.out, self.model_name, self.config, self.progress = out, model_name, config, progress
-        self.shard, self.low_memory_rollouts, self.judge, self.report_to, self.world = (
-            shard, low_memory_rollouts, judge, report_to, world)
-        self._given, self._base = model, model
-        self.students: dict[str, Path] = {}
-        self.trained: dict[str, TrainConfig] = {}
+    out: Path
+    model_name: str
+    config: PipelineConfig
+    given: ChatModel | None
+    progress: bool
+    shard: str
+    low_memory_rollouts: bool
+    judge: str | None
+    report_to: str
+    world: Any
+    students: dict[str, Path] = field(default_factory=dict)
+    trained: dict[str, TrainConfig] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._base = self.given
 
     @property
     def base(self) -> ChatModel:
@@ -311,7 +321,7 @@ class _Job:
 
     def release_base(self) -> None:
         """With ``shard="all"`` no rank holds the whole base model while training: let it go."""
-        if self._given is None and self._base is not None:
+        if self.given is None and self._base is not None:
             self._base = None
             _free_device_memory()
 
@@ -375,35 +385,36 @@ class _Job:
     def stages(self) -> list[Stage]:
         """The stage table: each stage's settings key, the artifacts it reads and writes, and its run."""
         out, config = self.out, self.config
-        name = self._given.name if self._given is not None else self.model_name
+        name = self.given.name if self.given is not None else self.model_name
         direction_key = _hash([name, asdict(config.direction)])
         tokens_key = _hash([direction_key, asdict(config.tokens)])
         direction_files = tuple(out / f for f in DIRECTION_FILES)
         table = [
-            Stage("direction", "finding the refusal direction and the teacher's coefficient",
-                  direction_key, (), (*direction_files, out / PROBES_CSV), self.direction, out / "direction.stamp.json"),
-            Stage("tokens", "choosing the safety tokens S", tokens_key, direction_files,
-                  (out / TOKENS_JSON, out / TOKEN_VIEWS), self.tokens, out / "tokens.stamp.json"),
+            Stage(name="direction", message="finding the refusal direction and the teacher's coefficient",
+                  key=direction_key, inputs=(), outputs=(*direction_files, out / PROBES_CSV), run=self.direction,
+                  stamp=out / "direction.stamp.json"),
+            Stage(name="tokens", message="choosing the safety tokens S", key=tokens_key, inputs=direction_files,
+                  outputs=(out / TOKENS_JSON, out / TOKEN_VIEWS), run=self.tokens, stamp=out / "tokens.stamp.json"),
         ]
         students = [(RECIPE_LABEL, "train", config.train, out),
                     *((a.label, "ablation", a.config(config.train), out / a.dir_name) for a in config.ablations)]
-        # what "auto" means on this machine, so a run moved to other hardware trains again
-        matmuls = dtype_name(compute_dtype(config.train.precision, resolve_device(None)))
         for label, stage, train_config, run_dir in students:
             self.students[label], self.trained[label] = run_dir / STUDENT_DIR, train_config
+            # what "auto" means on this machine, so a run moved to other hardware trains again
+            matmuls = dtype_name(compute_dtype(train_config.precision, resolve_device(None)))
             table.append(Stage(
-                stage, f"training the {label} ({train_config.loss} loss)",
-                _hash([tokens_key, asdict(train_config), matmuls]), tuple(out / f for f in TRAIN_INPUTS),
-                (run_dir / STUDENT_DIR,), partial(self.train, label, train_config, run_dir), run_dir / "train.json",
-                every_rank=True, extra=(("loss", train_config.loss),), label=label,
+                name=stage, message=f"training the {label} ({train_config.loss} loss)", label=label,
+                key=_hash([tokens_key, asdict(train_config), matmuls]), inputs=tuple(out / f for f in TRAIN_INPUTS),
+                outputs=(run_dir / STUDENT_DIR,), run=partial(self.train, label, train_config, run_dir),
+                stamp=run_dir / "train.json", every_rank=True, extra=(("loss", train_config.loss),),
             ))
         table += [
-            Stage("evaluate", "base, teacher and students on held-out prompts",
-                  _hash([list(self.students), asdict(config.evaluate), self.judge]),
-                  (*direction_files, *self.students.values()), (out / "results.csv", out / REPRESENTATION),
-                  self.evaluate, out / "evaluate.json"),
-            Stage("report", "report.md, report.html and figures/", "", (out / "results.csv",),
-                  (out / "report.html",), self.report, None),
+            Stage(name="evaluate", message="base, teacher and students on held-out prompts",
+                  key=_hash([list(self.students), asdict(config.evaluate), self.judge]),
+                  inputs=(*direction_files, *self.students.values()), outputs=(out / "results.csv", out / REPRESENTATION),
+                  run=self.evaluate, stamp=out / "evaluate.json"),
+            Stage(name="report", message="report.md, report.html and figures/", key="", inputs=(out / "results.csv",),
+                  outputs=(out / "report.html",), run=self.report, stamp=None),
         ]
         return table
 

@@ -21,12 +21,14 @@ import pandas
 from safesteer_lens.pipeline import PAPER_LOSS, RECIPE_LABEL
 from safesteer_lens.sweep import load_trials, sweep_figure
 
-ROUNDS = ("sweep", "anchor", "seeds", "steps", "small-steps", "lora", "lora-anchor")
+ROUNDS = ("sweep", "anchor", "seeds", "steps", "small-steps", "lora", "lora-anchor", "anchor-prompts")
 # the demo training preset while the validation rounds ran: a setting a round did not vary had this value
-PRESET_THEN = {"loss": "safesteer", "anchor_weight": 0.0, "lr": 1e-4, "epochs": 1, "sequences_per_step": 16, "lora_rank": 0}
+PRESET_THEN = {"loss": "safesteer", "anchor_weight": 0.0, "lr": 1e-4, "epochs": 1, "sequences_per_step": 16, "lora_rank": 0,
+               "anchor_prompts": 0}
 # rounds run on a later preset (the LoRA recipe) fill their unvaried settings from it instead
-LATER_PRESETS = {"lora-anchor": {"loss": "safesteer-bounded", "anchor_weight": 0.75, "lr": 1e-3, "epochs": 2,
-                                 "sequences_per_step": 16, "lora_rank": 8}}
+LORA_PRESET = {"loss": "safesteer-bounded", "anchor_weight": 0.75, "lr": 1e-3, "epochs": 2, "sequences_per_step": 16,
+               "lora_rank": 8, "anchor_prompts": 0}
+LATER_PRESETS = {"lora-anchor": LORA_PRESET, "anchor-prompts": LORA_PRESET}
 HERE = Path(__file__).parent
 FULL, LORA = "full fine-tuning recipe", "LoRA recipe (demo preset)"
 
