@@ -34,7 +34,7 @@ from safesteer_lens.atomic import write_atomic, write_text_atomic
 from safesteer_lens.checkpoints import CHECKPOINT, STUDENT_DIR
 from safesteer_lens.distill import TrainConfig, train
 from safesteer_lens.errors import SafeSteerError
-from safesteer_lens.rundir import holds_lock
+from safesteer_lens.rundir import artifact_error, holds_lock, read_json
 from safesteer_lens.tracking import check_report_to
 from safesteer_lens.evaluate import DEMO_EVAL, EvalConfig, Subject, evaluate_models
 from safesteer_lens.models import ChatModel, load_model
@@ -169,7 +169,8 @@ def run_sweep(
     eval_key = _key(asdict(eval_config))
 
     base_path = out / "base.json"
-    cached = json.loads(base_path.read_text()) if base_path.is_file() else {}
+    remake = f"safesteer sweep --run {run_dir} --name {name}"
+    cached = _record(base_path, remake) if base_path.is_file() else {}
     if cached.get("key") != eval_key:
         say("sweep: evaluating the base model")
         cached = {"key": eval_key, "row": _row(evaluate_models([Subject("base", base)], base, eval_config), "base")}
@@ -180,7 +181,7 @@ def run_sweep(
         trial_dir = out / trial.name
         record_path = trial_dir / "trial.json"
         key = _key(asdict(config), eval_key)
-        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        record = _record(record_path, remake) if record_path.is_file() else {}
         if record.get("key") != key:
             say(f"sweep [{number}/{len(points)}] {trial.name}: training")
             trial_dir.mkdir(exist_ok=True)
@@ -211,6 +212,14 @@ def run_sweep(
     return table
 
 
+def _record(path: Path, remake: str) -> dict[str, Any]:
+    """A trial's (or the base's) ``trial.json``; a partial or foreign one is a one-line error."""
+    record = read_json(path, remake)
+    if not isinstance(record, dict) or not isinstance(record.get("row"), dict):
+        raise artifact_error(path, "holds no result row (an interrupted trial?); delete it to rerun the trial", remake)
+    return record
+
+
 def load_trials(run_dir: str | Path, names: Sequence[str] = (SWEEP_DIR,)) -> Any:
     """Every finished trial of one or more sweeps of a run, as one table (plus each sweep's base row).
 
@@ -227,10 +236,11 @@ def load_trials(run_dir: str | Path, names: Sequence[str] = (SWEEP_DIR,)) -> Any
         out = Path(run_dir) / name
         if not out.is_dir():
             raise SafeSteerError(f"{out} does not exist; run `safesteer sweep --run {run_dir} --name {name}` first")
+        remake = f"safesteer sweep --run {run_dir} --name {name}"
         if base is None and (out / "base.json").is_file():
-            base = {"trial": "base", **json.loads((out / "base.json").read_text())["row"]}
+            base = {"trial": "base", **_record(out / "base.json", remake)["row"]}
         for record_path in sorted(out.glob("*/trial.json")):
-            record = json.loads(record_path.read_text())
+            record = _record(record_path, remake)
             rows.append({"trial": f"{name}/{record_path.parent.name}", "sweep": name, **record["settings"], **record["row"]})
     table = pandas.DataFrame(([base] if base else []) + rows).set_index("trial")
     table["pareto"] = pareto_mask(table)

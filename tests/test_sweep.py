@@ -101,3 +101,13 @@ def test_named_sweeps_keep_their_own_tables_and_load_trials_joins_them(tiny, run
         run_sweep(run_dir, parse_grid(["lr=1e-3"]), TINY_TRAIN, TINY_EVAL, model=tiny, progress=False, name="../elsewhere")
     with pytest.raises(SafeSteerError, match="does not exist"):
         load_trials(run_dir, ["round-3"])
+
+
+@pytest.mark.parametrize("text", ['{"key": "abc", "row": {"harmful', '{"key": "abc"}', "[]"])
+def test_a_damaged_trial_record_is_a_one_line_error(tmp_path, text):
+    trial = tmp_path / "sweep" / "lr=0.001_seed=0"
+    trial.mkdir(parents=True)
+    (trial / "trial.json").write_text(text)
+    with pytest.raises(SafeSteerError, match=r"trial.json .*safesteer sweep --run") as info:
+        load_trials(tmp_path)
+    assert "\n" not in str(info.value)
