@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 
 from safesteer_lens.atomic import write_atomic, write_text_atomic
-from safesteer_lens.errors import SafeSteerError
+from safesteer_lens.errors import SafeSteerError, first_line
 from safesteer_lens.model_card import write_model_card
 from safesteer_lens.models import ChatModel
 from safesteer_lens.rundir import read_checkpoint, read_jsonl
@@ -59,8 +60,6 @@ def export_student(student: ChatModel, out_dir: str | Path, weights: dict[str, T
         card: A ``huggingface_hub.ModelCard`` written as the export's ``README.md``.
     """
     from transformers import AutoModelForCausalLM
-
-    import shutil
 
     out_dir = Path(out_dir)
     clean = AutoModelForCausalLM.from_config(student.hf_model.config)
@@ -101,7 +100,7 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
         last = "none"
         if (run_dir / CHECKPOINT).exists():
             last = f"step {read_checkpoint(run_dir / CHECKPOINT, 'safesteer train').get('step')}"
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
         raise SafeSteerError(
             f"could not write a checkpoint at step {state['step']} ({reason}); "
             f"the last good checkpoint is {last}; free disk space and rerun with --resume"

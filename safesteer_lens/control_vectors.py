@@ -30,7 +30,7 @@ import torch
 
 from safesteer_lens.atomic import write_atomic
 from safesteer_lens.directions import Direction
-from safesteer_lens.errors import SafeSteerError
+from safesteer_lens.errors import SafeSteerError, first_line
 from safesteer_lens.steering import hook_name
 
 ARCH = "controlvector"
@@ -100,7 +100,7 @@ def load_control_vector(path: str | Path, layer: int | None = None) -> Direction
         arch = _field(reader, "general.architecture")
         tensors = {t.name: np.asarray(t.data, dtype=np.float32).reshape(-1).copy() for t in reader.tensors}
     except Exception as exc:  # truncated or not GGUF at all
-        raise SafeSteerError(f"{path} cannot be read as a GGUF control vector ({(str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]}); "
+        raise SafeSteerError(f"{path} cannot be read as a GGUF control vector ({first_line(exc)}); "
                              "export it again") from exc
     if arch != ARCH:
         raise SafeSteerError(f"{path} is a GGUF file of architecture {arch!r}, not a control vector ({ARCH!r})")

@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, Literal, Sequence
 
-from safesteer_lens.errors import SafeSteerError
+from safesteer_lens.errors import SafeSteerError, first_line
 
 Label = Literal["harmful", "harmless"]
 Split = Literal["train", "val", "test"]
@@ -160,7 +160,7 @@ def read_rows(path: Path) -> list[dict]:
     try:
         dataset = datasets.load_dataset(fmt, data_files=str(path), split="train")
     except Exception as exc:  # datasets raises many types for unreadable files
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = first_line(exc, None)
         raise SafeSteerError(f"cannot read {path} as {fmt}: {reason}") from exc
     finally:
         if shown:
@@ -274,7 +274,7 @@ def read_hub_rows(hub_id: str, config: str | None, split: str, name: str, hint: 
     try:
         dataset = load_dataset(hub_id, config, split=split)
     except Exception as exc:  # offline, gated, renamed: all end the same way for the user
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc, None)
         raise SafeSteerError(
             f"could not fetch {name} from the hub ({hub_id}: {first}); download it elsewhere and pass the local file: {hint}"
         ) from exc

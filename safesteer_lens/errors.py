@@ -11,3 +11,11 @@ from __future__ import annotations
 
 class SafeSteerError(ValueError):
     """A problem with the user's input, explained in one line with the fix."""
+
+
+def first_line(exc: BaseException, width: int | None = 120) -> str:
+    """A library exception's first line of text (its type's name when it has none), cut to ``width``.
+
+    What a :class:`SafeSteerError` quotes of the error behind it, so the message stays one line.
+    """
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:width]

@@ -32,7 +32,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from safesteer_lens.errors import SafeSteerError
+from safesteer_lens.errors import SafeSteerError, first_line
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -354,7 +354,7 @@ def _local_files(path: Path, fix: str) -> Iterator[None]:
     except SafeSteerError:
         raise
     except Exception as exc:  # noqa: BLE001 - any reader's failure on a user's file is the user's to fix
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = first_line(exc, 200)
         raise SafeSteerError(f"cannot load the model at {path} ({type(exc).__name__}: {first}); {fix}") from exc
 
 

@@ -19,17 +19,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from safesteer_lens.errors import SafeSteerError
+from safesteer_lens.errors import SafeSteerError, first_line
 
 LOCK = ".safesteer.lock"
 F = TypeVar("F", bound=Callable[..., Any])
 
 _held: dict[Path, list[Any]] = {}  # lock files this process holds, with a re-entry count
-
-
-def _first_line(exc: BaseException, width: int = 120) -> str:
-    """An exception's first line of text (its type's name when it has none), cut to ``width``."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:width]
 
 
 def artifact_error(path: str | Path, problem: str, remake: str) -> SafeSteerError:
@@ -132,7 +127,7 @@ def read_json(path: str | Path, remake: str) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise artifact_error(path, f"is not valid JSON ({_first_line(exc, 80)})", remake) from exc
+        raise artifact_error(path, f"is not valid JSON ({first_line(exc, 80)})", remake) from exc
 
 
 def read_jsonl(path: str | Path, remake: str) -> list[dict[str, Any]]:
@@ -143,7 +138,7 @@ def read_jsonl(path: str | Path, remake: str) -> list[dict[str, Any]]:
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        raise artifact_error(path, f"cannot be read as text ({_first_line(exc)})", remake) from exc
+        raise artifact_error(path, f"cannot be read as text ({first_line(exc)})", remake) from exc
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -168,7 +163,7 @@ def read_tensors(path: str | Path, remake: str) -> dict[str, Any]:
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for a header or size mismatch
-        raise artifact_error(path, f"cannot be read as safetensors ({_first_line(exc, 80)})", remake) from exc
+        raise artifact_error(path, f"cannot be read as safetensors ({first_line(exc, 80)})", remake) from exc
 
 
 def read_checkpoint(path: str | Path, remake: str) -> dict[str, Any]:
@@ -180,7 +175,7 @@ def read_checkpoint(path: str | Path, remake: str) -> dict[str, Any]:
         # mmap: the ranks of a machine share one page cache of the file
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # truncated, foreign, or carrying objects beyond tensors and plain data
-        raise artifact_error(path, f"cannot be read as a checkpoint ({_first_line(exc)})", remake) from exc
+        raise artifact_error(path, f"cannot be read as a checkpoint ({first_line(exc)})", remake) from exc
     if not isinstance(state, dict):
         raise artifact_error(path, "is not a safesteer checkpoint", remake)
     return state
