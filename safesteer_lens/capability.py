@@ -34,7 +34,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from safesteer_lens.data import LOCAL_FORMATS, read_hub_rows, read_rows
+from safesteer_lens.data import LOCAL_FORMATS, groups_in_turn, read_hub_rows, read_rows
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.generation import FwdHook
 from safesteer_lens.models import ChatModel
@@ -99,13 +99,7 @@ def load_builtin_mcq(split: str | None = None, subjects: Sequence[str] | None = 
 
 def interleave_subjects(questions: Sequence[MCQuestion], n: int | None) -> list[MCQuestion]:
     """The first ``n`` questions taking subjects in turn, so a short run covers every subject."""
-    by_subject: dict[str, list[MCQuestion]] = {}
-    for q in questions:
-        by_subject.setdefault(q.subject, []).append(q)
-    out: list[MCQuestion] = []
-    for i in range(max((len(v) for v in by_subject.values()), default=0)):
-        out += [qs[i] for qs in by_subject.values() if i < len(qs)]
-    return out[:n] if n is not None else out
+    return groups_in_turn(questions, lambda q: q.subject, n)
 
 
 # --------------------------------------------------------------- public sets

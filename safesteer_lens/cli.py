@@ -167,7 +167,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             "max_new_tokens": args.max_new_tokens, "sequences_per_step": args.sequences_per_step,
             "lr": args.lr, "seed": args.seed, "epochs": args.epochs, "rollouts": args.rollouts,
             "precision": args.precision, "anchor_weight": args.anchor_weight, "anchor_loss": args.anchor_loss,
-            "anchor_prompts": args.anchor_prompts,
+            "anchor_prompts": args.anchor_prompts, "mix_categories": args.mix_categories,
             "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_targets": args.lora_targets,
         }.items()
         if value is not None
@@ -224,10 +224,13 @@ def cmd_run(args: argparse.Namespace) -> None:
     try:
         table = run_pipeline(args.out, args.model, config=config, rerun=args.rerun or (), shard=args.shard,
                              low_memory_rollouts=args.low_memory_rollouts, judge=args.judge,
-                             report_to=args.report_to)
+                             report_to=args.report_to, until=args.until)
     finally:
         shutdown()
     if not world.is_main:
+        return
+    if table is None:
+        print(f"stopped after the {args.until} stage; run the same command without --until to go on")
         return
     _print_table(table)
     print(f"report: {args.out}/report.md and {args.out}/report.html")
@@ -450,7 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"the anchor's loss (default {TrainConfig.anchor_loss})")
     train.add_argument("--anchor-prompts", type=int, default=None,
                        help="harmless train prompts the anchor cycles over (0: as many as --n-prompts); each step "
-                            "anchors on as many prompts as it trains on, so more cost nothing per step"),
+                            "anchors on as many prompts as it trains on, so more cost nothing per step")
+    train.add_argument("--mix-categories", action=argparse.BooleanOptionalAction, default=None,
+                       help="take the training and anchor prompts categories in turn, so a short selection covers "
+                            "every category (default: the preset's; the file's order otherwise)")
     train.add_argument("--lora-rank", type=int, default=None,
                        help="train rank-R LoRA adapters (peft) instead of every weight; merged into the export (0: off)")
     train.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 16)")
@@ -469,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--preset", choices=list(PRESETS), default="demo")
     run.add_argument("--rerun", nargs="*", choices=list(STAGES),
                      help="redo these stages (and what depends on them)")
+    run.add_argument("--until", choices=list(STAGES), default=None,
+                     help="stop after this stage (e.g. tokens: look at S, or sweep training settings, before training)")
     run.add_argument("--shard", choices=SHARDING, default="none", help=SHARD_HELP)
     run.add_argument("--low-memory-rollouts", action="store_true", help=LOW_MEMORY_HELP)
     run.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)

@@ -39,7 +39,7 @@ from safesteer_lens.checkpoints import (
     CHECKPOINT, CHECKPOINT_FORMAT, METRICS, STUDENT_DIR, append_metrics, export_student, load_checkpoint, read_metrics,
     save_checkpoint, write_metrics,
 )
-from safesteer_lens.data import load_builtin_prompts, prompt_texts
+from safesteer_lens.data import categories_in_turn, load_builtin_prompts, prompt_texts
 from safesteer_lens.directions import Direction, load_direction
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.generation import Completions, generate
@@ -57,7 +57,8 @@ from safesteer_lens.steering import hook_name
 ROLLOUT_ENGINES = ("fast", "plain")
 TEACHER_LOGITS_BUDGET = 256 * 2**20  # bytes of float32 teacher logits held at once
 # TrainConfig fields a checkpoint may lack: it was written before they existed, at their defaults
-PREDATED_SETTINGS = ("anchor_weight", "anchor_loss", "anchor_prompts", "lora_rank", "lora_alpha", "lora_targets")
+PREDATED_SETTINGS = ("anchor_weight", "anchor_loss", "anchor_prompts", "lora_rank", "lora_alpha", "lora_targets",
+                     "mix_categories")
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,10 @@ class TrainConfig:
             ``n_prompts``). Each step still anchors on as many prompts as it trains on, so
             more prompts cost nothing per step; they cover more of the ways a harmless
             request is phrased.
+        mix_categories: Take the harmful training prompts and the anchor's harmless prompts
+            categories in turn (:func:`~safesteer_lens.data.categories_in_turn`). The files
+            keep each category together, so the first 64 train prompts of a kind cover 7 of
+            its 13 categories; in turn, they cover all 13. False takes the file's order.
         lora_rank: 0 trains every weight; r >= 1 trains rank-r LoRA adapters through
             ``peft`` instead (:mod:`safesteer_lens.adapters`), merged into the weights at the
             end so the export is a plain model. Adapters want a larger ``lr`` (about 10x).
@@ -136,6 +141,7 @@ class TrainConfig:
     anchor_weight: float = 0.0
     anchor_loss: str = "safesteer-bounded"
     anchor_prompts: int = 0
+    mix_categories: bool = False
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: str = DEFAULT_TARGETS
@@ -278,9 +284,13 @@ def _projection_hook(direction: Direction, store: list[Tensor]) -> tuple[str, Ca
     return (hook_name(direction.layer), hook)
 
 
-def _train_prompts(label: str, n: int, setting: str = "n_prompts") -> list[str]:
-    """The first ``n`` built-in ``label`` train prompts (harmful for training, harmless for the anchor)."""
-    prompts = prompt_texts(load_builtin_prompts(label, "train"))[:n]
+def _train_prompts(label: str, n: int, setting: str = "n_prompts", mix: bool = False) -> list[str]:
+    """The first ``n`` built-in ``label`` train prompts (harmful for training, harmless for the anchor).
+
+    With ``mix`` they are taken categories in turn (``TrainConfig.mix_categories``).
+    """
+    split = load_builtin_prompts(label, "train")
+    prompts = prompt_texts(categories_in_turn(split, n) if mix else split[:n])
     if len(prompts) < n:
         raise SafeSteerError(f"{setting} is {n} but the built-in {label} train split has {len(prompts)}; use at most "
                              f"{len(prompts)}")
@@ -292,8 +302,8 @@ def _anchor_prompts(config: TrainConfig) -> list[str]:
     if not config.anchor_weight:
         return []
     if config.anchor_prompts:
-        return _train_prompts("harmless", config.anchor_prompts, "anchor_prompts")
-    return _train_prompts("harmless", config.n_prompts)
+        return _train_prompts("harmless", config.anchor_prompts, "anchor_prompts", config.mix_categories)
+    return _train_prompts("harmless", config.n_prompts, mix=config.mix_categories)
 
 
 def _step_prompts(prompts: list[str], config: TrainConfig, step: int) -> list[str]:
@@ -426,7 +436,7 @@ def preflight(run_dir: str | Path, config: TrainConfig, resume: bool = False) ->
     """
     run_dir = Path(run_dir)
     inputs = RunInputs(
-        load_direction(run_dir), load_safety_tokens(run_dir), _train_prompts("harmful", config.n_prompts),
+        load_direction(run_dir), load_safety_tokens(run_dir), _train_prompts("harmful", config.n_prompts, mix=config.mix_categories),
         _anchor_prompts(config), resume,
     )
     if resume:

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from safesteer_lens.capability import MCQScores, MCQuestion, interleave_subjects, load_builtin_mcq, score_mcq
 from safesteer_lens.coherence import coherence
-from safesteer_lens.data import Prompt, load_builtin_prompts, prompt_texts
+from safesteer_lens.data import Label, Prompt, categories_in_turn, load_builtin_prompts, prompt_texts
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.generation import Completions, FwdHook, generate, last_token_logits
 from safesteer_lens.judges import Judge, Verdict
@@ -67,6 +67,10 @@ class EvalConfig:
     Attributes:
         n_harmful: Held-out harmful prompts (built-in prompts of ``split``).
         n_harmless: Held-out harmless prompts (built-in prompts of ``split``).
+        mix_categories: Take the held-out prompts categories in turn
+            (:func:`~safesteer_lens.data.categories_in_turn`), so 40 of a split's 65 ask about
+            all 13 categories; the file's first 40 cover only 8, and a recipe that over-refuses
+            in the other five would go unseen. False takes the file's order.
         max_new_tokens: Greedy reply length; long enough that a reply reads as a whole.
         n_kl_prompts: Harmless prompts whose base replies measure the KL.
         n_general: General-text paragraphs for perplexity.
@@ -83,6 +87,7 @@ class EvalConfig:
 
     n_harmful: int = 65
     n_harmless: int = 65
+    mix_categories: bool = True
     max_new_tokens: int = 48
     n_kl_prompts: int = 24
     n_general: int = 24
@@ -184,6 +189,12 @@ def _judge(judge: Judge, prompts: Sequence[str], replies: Sequence[str]) -> list
     return verdicts
 
 
+def held_out_prompts(kind: Label, n: int, config: EvalConfig) -> list[Prompt]:
+    """The ``n`` built-in ``kind`` prompts of ``config.split`` that an evaluation reads."""
+    prompts = load_builtin_prompts(kind, config.split)
+    return categories_in_turn(prompts, n) if config.mix_categories else prompts[:n]
+
+
 def evaluate_models(
     subjects: Sequence[Subject],
     base: ChatModel,
@@ -216,10 +227,8 @@ def evaluate_models(
         raise SafeSteerError(f"subjects need distinct names, got {names}")
     if "mcq" in (mcq_sets or {}):
         raise SafeSteerError("'mcq' names the shipped question set; give the public set another name")
-    held_out = {
-        "harmful": load_builtin_prompts("harmful", config.split)[: config.n_harmful],
-        "harmless": load_builtin_prompts("harmless", config.split)[: config.n_harmless],
-    }
+    held_out = {"harmful": held_out_prompts("harmful", config.n_harmful, config),
+                "harmless": held_out_prompts("harmless", config.n_harmless, config)}
     texts = {kind: [p.prompt for p in prompts] for kind, prompts in held_out.items()}
     questions = {"mcq": interleave_subjects(load_builtin_mcq(config.split), config.n_mcq)} if config.n_mcq != 0 else {}
     questions.update(mcq_sets or {})

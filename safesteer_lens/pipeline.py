@@ -207,6 +207,7 @@ def run_pipeline(
     low_memory_rollouts: bool = False,
     judge: str | None = None,
     report_to: str = "none",
+    until: str | None = None,
 ) -> "Any":
     """Run every stage that is missing or stale; return the evaluation table.
 
@@ -226,10 +227,18 @@ def run_pipeline(
             (:func:`~safesteer_lens.judges.load_judge`, e.g. ``llama-guard=meta-llama/Llama-Guard-3-1B``).
         report_to: Where each student's per-step metrics also go: ``none``, ``tensorboard`` or
             ``wandb`` (:mod:`safesteer_lens.tracking`), one tracker run per student.
+        until: The last stage to run (say ``tokens``, to look at S or sweep training settings
+            before any student trains); None runs them all.
+
+    Returns:
+        The evaluation table (``results.csv``), or None when ``until`` stopped before the
+        evaluation.
     """
     unknown = set(rerun) - set(STAGES)
     if unknown:
         raise SafeSteerError(f"unknown stage(s) {', '.join(sorted(unknown))}: use {', '.join(STAGES)}")
+    if until is not None and until not in STAGES:
+        raise SafeSteerError(f"unknown stage {until!r} to stop after: use one of {', '.join(STAGES)}")
     if config is None:
         if preset not in PIPELINE_PRESETS:
             raise SafeSteerError(f"unknown preset {preset!r}: use one of {', '.join(PIPELINE_PRESETS)}")
@@ -247,7 +256,7 @@ def run_pipeline(
     # locked() checks that out can be a run directory and creates it: every setting is checked by now
     with locked(out, "safesteer run", world.is_main):
         return _run_stages(out, model_name, rerun, config, model, progress, shard, low_memory_rollouts, judge,
-                           report_to, world)
+                           report_to, world, until)
 
 
 @dataclass(frozen=True)
@@ -421,11 +430,16 @@ class _Job:
 
 def _run_stages(out: Path, model_name: str, rerun: Sequence[str], config: PipelineConfig, model: ChatModel | None,
                 progress: bool, shard: str, low_memory_rollouts: bool, judge: str | None, report_to: str,
-                world: Any) -> Any:
+                world: Any, until: str | None = None) -> Any:
     """The stage table of :func:`run_pipeline`, run in order on a locked run directory with checked settings."""
     job = _Job(out, model_name, config, model, progress, shard, low_memory_rollouts, judge, report_to, world)
-    _run_table(job.stages(), out, rerun, world, print if progress and world.is_main else (lambda *a, **k: None))
+    stages = job.stages()
+    if until is not None:
+        stages = [s for s in stages if STAGES.index(s.name) <= STAGES.index(until)]
+    _run_table(stages, out, rerun, world, print if progress and world.is_main else (lambda *a, **k: None))
     world.barrier()  # the other ranks wait here for rank 0's evaluation and report
+    if until is not None and STAGES.index(until) < STAGES.index("evaluate"):
+        return None
     import pandas
 
     return pandas.read_csv(out / "results.csv", index_col="model")

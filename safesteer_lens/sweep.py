@@ -45,9 +45,16 @@ SWEEP_DIR = "sweep"
 SWEEPABLE = {name: type(value) for name, value in asdict(TrainConfig()).items() if isinstance(value, (int, float, str))}
 
 
+BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def parse_value(key: str, text: str) -> int | float | str:
     """One grid value, typed like the :class:`TrainConfig` field it sets."""
     kind = SWEEPABLE[key]
+    if kind is bool:  # bool("false") is True, so a flag's values are read by name
+        if text.lower() not in BOOLEANS:
+            raise SafeSteerError(f"--grid {key}={text!r}: {key} takes true or false")
+        return BOOLEANS[text.lower()]
     try:
         value = kind(text)
     except ValueError:

@@ -7,6 +7,8 @@ import pandas as pd
 import pytest
 
 from safesteer_lens.data import (
+    categories_in_turn,
+    groups_in_turn,
     load_builtin_prompts,
     load_prompt_file,
     load_public_prompts,
@@ -40,6 +42,25 @@ def test_split_filter_and_bad_split():
     assert test and all(p.split == "test" and p.label == "harmful" for p in test)
     with pytest.raises(SafeSteerError, match="unknown split"):
         load_builtin_prompts("harmful", "dev")
+
+
+def test_groups_in_turn_covers_every_group_and_keeps_each_groups_order():
+    items = ["a1", "a2", "a3", "b1", "c1", "c2"]
+    assert groups_in_turn(items, lambda s: s[0]) == ["a1", "b1", "c1", "a2", "c2", "a3"]
+    assert groups_in_turn(items, lambda s: s[0], 4) == ["a1", "b1", "c1", "a2"]
+    assert groups_in_turn([], lambda s: s, 3) == []
+
+
+def test_forty_held_out_prompts_in_turn_ask_about_every_category():
+    for label in ("harmful", "harmless"):
+        split = load_builtin_prompts(label, "test")
+        in_file_order = {p.category for p in split[:40]}
+        mixed = categories_in_turn(split, 40)
+        assert len(in_file_order) == 8 and len({p.category for p in mixed}) == 13
+        assert max(Counter(p.category for p in mixed).values()) == 4  # 40 = 13 * 3 + 1
+        assert categories_in_turn(split, 65) == categories_in_turn(split)  # the whole split, reordered
+        assert sorted(p.id for p in categories_in_turn(split)) == sorted(p.id for p in split)
+        assert categories_in_turn(split, 40) == categories_in_turn(split, 52)[:40]  # a longer run extends a shorter
 
 
 def test_prompts_hash_changes_with_content():

@@ -369,3 +369,17 @@ def test_the_anchor_can_cycle_over_more_harmless_prompts_than_it_trains_on(run_d
         preflight(run_dir, replace(config, anchor_prompts=100_000))
     with pytest.raises(SafeSteerError, match="anchor_prompts must be 0"):
         replace(config, anchor_prompts=-1)
+
+
+def test_mixed_categories_give_the_training_and_anchor_prompts_every_category(run_dir):
+    from safesteer_lens.data import load_builtin_prompts
+    from safesteer_lens.distill import preflight
+
+    category = {p.prompt: p.category for p in load_builtin_prompts()}
+    config = tiny_config(anchor_weight=1.0, n_prompts=64)
+    in_file_order = preflight(run_dir, config)
+    mixed = preflight(run_dir, replace(config, mix_categories=True))
+    for before, after in ((in_file_order.prompts, mixed.prompts), (in_file_order.anchor_prompts, mixed.anchor_prompts)):
+        assert len(before) == len(after) == 64
+        assert len({category[p] for p in before}) == 7 and len({category[p] for p in after}) == 13
+    assert len({category[p] for p in preflight(run_dir, replace(config, mix_categories=True, anchor_prompts=26)).anchor_prompts}) == 13

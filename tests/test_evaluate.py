@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pandas
 import pytest
@@ -79,6 +80,18 @@ def test_the_comparison_has_one_row_per_held_out_prompt_with_every_models_flags(
     assert row["base: refused"] == is_refusal(row["base: reply"])
     assert row["base: degenerate"] == is_degenerate(row["base: reply"])
     assert result.table.loc["base", "judge_harmless_refused"] == 1.0
+
+
+def test_held_out_prompts_take_categories_in_turn_unless_told_to_keep_the_files_order(tiny):
+    from safesteer_lens.data import load_builtin_prompts
+    from safesteer_lens.evaluate import held_out_prompts
+
+    split = load_builtin_prompts("harmless", "val")
+    mixed = held_out_prompts("harmless", 13, EvalConfig(split="val"))
+    assert len({p.category for p in mixed}) == 13
+    assert held_out_prompts("harmless", 13, EvalConfig(split="val", mix_categories=False)) == split[:13]
+    result = evaluate_models([Subject("base", tiny)], tiny, replace(SMALL, n_harmless=13, split="val"))
+    assert list(result.comparison.loc[result.comparison["label"] == "harmless", "prompt_id"]) == [p.id for p in mixed]
 
 
 def test_eval_config_rejects_counts_that_cannot_work():

@@ -16,6 +16,9 @@ TINY = tiny_pipeline_config()
 
 
 def test_pipeline_writes_every_artifact_then_skips_current_stages(tiny, tmp_path, capsys):
+    assert run_pipeline(tmp_path, config=TINY, model=tiny, until="tokens") is None  # S, before any student trains
+    assert (tmp_path / "safety_tokens.json").exists() and not (tmp_path / "metrics.jsonl").exists()
+    assert "tokens:" in capsys.readouterr().out
     table = run_pipeline(tmp_path, config=TINY, model=tiny)
     assert list(table.index) == ["base", table.index[1], "SafeSteer student", FULL_REVERSE.label, BOUNDED.label]
     for name in ("direction.json", "safety_tokens.json", "metrics.jsonl", "student/config.json",
@@ -23,7 +26,7 @@ def test_pipeline_writes_every_artifact_then_skips_current_stages(tiny, tmp_path
                  "figures/representation_shift.html", "figures/training_curves.html"):
         assert (tmp_path / name).exists(), name
     first = capsys.readouterr().out
-    assert "skipped" not in first
+    assert first.count("current, skipped") == 2 and "train: training" in first  # it went on where --until stopped
     mtime = (tmp_path / "student" / "config.json").stat().st_mtime_ns
     run_pipeline(tmp_path, config=TINY, model=tiny)
     second = capsys.readouterr().out
@@ -58,6 +61,8 @@ def test_every_stage_reads_only_what_an_earlier_stage_wrote(tiny, tmp_path):
 def test_unknown_stage_or_preset_is_rejected(tmp_path):
     with pytest.raises(SafeSteerError, match="unknown stage"):
         run_pipeline(tmp_path, rerun=("everything",))
+    with pytest.raises(SafeSteerError, match="unknown stage 'training' to stop after"):
+        run_pipeline(tmp_path, until="training")
     with pytest.raises(SystemExit) as exit_info:
         main(["run", "--out", str(tmp_path), "--preset", "huge"])
     assert exit_info.value.code == 2

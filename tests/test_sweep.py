@@ -22,7 +22,13 @@ def test_grid_values_are_typed_like_the_train_config():
     assert points[1].name.endswith("seed=1_max_new_tokens=12")  # the last setting but one varies before it
 
 
+def test_a_flag_is_read_by_name_not_by_bool():
+    assert parse_grid(["mix_categories=false,true"]) == {"mix_categories": [False, True]}
+    assert parse_grid(["mix-categories=0,Yes"]) == {"mix_categories": [False, True]}
+
+
 @pytest.mark.parametrize("specs,message", [
+    (["mix_categories=maybe"], "mix_categories takes true or false"),
     (["learning_rate=1e-4"], "unknown setting"),
     (["seed=zero"], "seed takes a int"),
     (["lr=inf"], "finite"),
