@@ -249,6 +249,9 @@ def load_trials(run_dir: str | Path, names: Sequence[str] = (SWEEP_DIR,)) -> Any
         for record_path in sorted(out.glob("*/trial.json")):
             record = _record(record_path, remake)
             rows.append({"trial": f"{name}/{record_path.parent.name}", "sweep": name, **record["settings"], **record["row"]})
+    if base is None and not rows:
+        raise SafeSteerError(f"no sweep in {', '.join(names)} under {run_dir} has finished a trial or its base row yet; "
+                             f"wait for `safesteer sweep` to get that far, or name a finished sweep")
     table = pandas.DataFrame(([base] if base else []) + rows).set_index("trial")
     table["pareto"] = pareto_mask(table)
     return table

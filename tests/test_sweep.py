@@ -109,6 +109,12 @@ def test_named_sweeps_keep_their_own_tables_and_load_trials_joins_them(tiny, run
         load_trials(run_dir, ["round-3"])
 
 
+def test_a_sweep_that_has_not_finished_anything_yet_is_a_one_line_error(tmp_path):
+    (tmp_path / "started" / "lr=0.001_seed=0").mkdir(parents=True)  # a trial still training: no trial.json
+    with pytest.raises(SafeSteerError, match="has finished a trial or its base row yet"):
+        load_trials(tmp_path, ["started"])
+
+
 @pytest.mark.parametrize("text", ['{"key": "abc", "row": {"harmful', '{"key": "abc"}', "[]"])
 def test_a_damaged_trial_record_is_a_one_line_error(tmp_path, text):
     trial = tmp_path / "sweep" / "lr=0.001_seed=0"

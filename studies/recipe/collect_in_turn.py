@@ -9,7 +9,8 @@ categories in turn (``EvalConfig.mix_categories``), so their 40 ask about all 13
 - ``categories``: the preset against ``mix_categories=True`` (the training and anchor
   prompts also taken categories in turn), seeds 0-2 of each;
 - ``full-anchor``: the anchor scored over the whole vocabulary (``anchor_loss=full-reverse``)
-  instead of over S, seeds 0-2.
+  instead of over S, at the preset's weight 0.75 (seed 0; stopped after it, see the README);
+- ``full-anchor-w``: the same anchor at weight 0.2 (seed 0; stopped after it).
 
 ``val_trials_in_turn.csv``: those rounds' trials (validation split) and the base row.
 ``test_seeds_in_turn.csv``: the ``test-in-turn`` sweep (test split), when it has run.
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from safesteer_lens.sweep import load_trials, sweep_figure
 
-ROUNDS = ("categories", "full-anchor")
+ROUNDS = ("categories", "full-anchor", "full-anchor-w")
 HERE = Path(__file__).parent
 
 
@@ -38,7 +39,7 @@ def main() -> None:
     figure = sweep_figure(val).update_layout(
         title="Validation split, 13 categories in turn (size: MCQ accuracy, colour: degenerate)")
     figure.write_image(HERE.parents[1] / "figures" / "study_in_turn.png")
-    if (Path(args.run) / "test-in-turn").is_dir():
+    if any((Path(args.run) / "test-in-turn").glob("*/trial.json")):
         load_trials(args.run, ["test-in-turn"]).to_csv(HERE / "test_seeds_in_turn.csv")
 
 
