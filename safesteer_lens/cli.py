@@ -168,6 +168,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             "lr": args.lr, "seed": args.seed, "epochs": args.epochs, "rollouts": args.rollouts,
             "precision": args.precision, "anchor_weight": args.anchor_weight, "anchor_loss": args.anchor_loss,
             "anchor_prompts": args.anchor_prompts, "mix_categories": args.mix_categories,
+            "teacher_coeff": args.teacher_coeff,
             "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_targets": args.lora_targets,
         }.items()
         if value is not None
@@ -457,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mix-categories", action=argparse.BooleanOptionalAction, default=None,
                        help="take the training and anchor prompts categories in turn, so a short selection covers "
                             "every category (default: the preset's; the file's order otherwise)")
+    train.add_argument("--teacher-coeff", type=float, default=None,
+                       help="the teacher's steering coefficient while training (0: the direction's own)")
     train.add_argument("--lora-rank", type=int, default=None,
                        help="train rank-R LoRA adapters (peft) instead of every weight; merged into the export (0: off)")
     train.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 16)")

@@ -58,7 +58,7 @@ ROLLOUT_ENGINES = ("fast", "plain")
 TEACHER_LOGITS_BUDGET = 256 * 2**20  # bytes of float32 teacher logits held at once
 # TrainConfig fields a checkpoint may lack: it was written before they existed, at their defaults
 PREDATED_SETTINGS = ("anchor_weight", "anchor_loss", "anchor_prompts", "lora_rank", "lora_alpha", "lora_targets",
-                     "mix_categories")
+                     "mix_categories", "teacher_coeff")
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,10 @@ class TrainConfig:
             categories in turn (:func:`~safesteer_lens.data.categories_in_turn`). The files
             keep each category together, so the first 64 train prompts of a kind cover 7 of
             its 13 categories; in turn, they cover all 13. False takes the file's order.
+        teacher_coeff: The teacher's steering coefficient while the student trains; 0 uses the
+            direction's own (``direction.json``). A milder teacher over-refuses less, so it
+            moves the targets the student is pulled to; S stays the set chosen with the
+            direction's coefficient.
         lora_rank: 0 trains every weight; r >= 1 trains rank-r LoRA adapters through
             ``peft`` instead (:mod:`safesteer_lens.adapters`), merged into the weights at the
             end so the export is a plain model. Adapters want a larger ``lr`` (about 10x).
@@ -142,6 +146,7 @@ class TrainConfig:
     anchor_loss: str = "safesteer-bounded"
     anchor_prompts: int = 0
     mix_categories: bool = False
+    teacher_coeff: float = 0.0
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: str = DEFAULT_TARGETS
@@ -182,6 +187,8 @@ class TrainConfig:
                 raise SafeSteerError(f"{name} = {getattr(self, name)} is out of range (see TrainConfig's attributes)")
         if not (math.isfinite(self.anchor_weight) and self.anchor_weight >= 0):
             raise SafeSteerError(f"anchor_weight must be 0 (off) or positive, got {self.anchor_weight}")
+        if not (math.isfinite(self.teacher_coeff) and self.teacher_coeff >= 0):
+            raise SafeSteerError(f"teacher_coeff must be 0 (the direction's own) or positive, got {self.teacher_coeff}")
         if self.anchor_prompts < 0:
             raise SafeSteerError(f"anchor_prompts must be 0 (as many as n_prompts) or a count, got {self.anchor_prompts}")
         if self.lora_rank < 0 or not self.lora_alpha > 0 or (self.lora_rank and not self.lora_targets.strip(",  ")):
@@ -468,6 +475,8 @@ class Trainer:
         self._check_world(world)
         self.inputs = inputs or preflight(self.run_dir, self.config)
         direction, self.tokens = self.inputs.direction, self.inputs.tokens
+        if self.config.teacher_coeff:
+            direction = replace(direction, coeff=self.config.teacher_coeff)  # the teacher this run distils
         train_device = rank_device(device, world) or (teacher.device if teacher is not None else resolve_device(None))
         compute = compute_dtype(self.config.precision, torch.device(train_device))  # what sharded models are gathered in
         teacher = _training_teacher(teacher, direction.model, shard, world, train_device, compute)

@@ -92,6 +92,7 @@ CASES = [
      ["train", "--run", "{run}", "--resume", *TRAIN], "no checkpoint.pt"),
     ("more prompts than the split has", None, ["train", "--run", "{run}", *TRAIN, "--n-prompts", "100000"], "n_prompts"),
     ("--lr inf", None, ["train", "--run", "{run}", *TRAIN, "--lr", "inf"], "lr"),
+    ("--teacher-coeff nan", None, ["train", "--run", "{run}", *TRAIN, "--teacher-coeff", "nan"], "teacher_coeff"),
     ("empty prompt file", lambda w, r, t: (w / "empty.jsonl").write_text(""),
      ["direction", "--out", "{work}/new-run", "--model", "{tiny}", "--harmful", "{work}/empty.jsonl",
       "--harmless", "{work}/empty.jsonl"], "empty.jsonl"),

@@ -383,3 +383,20 @@ def test_mixed_categories_give_the_training_and_anchor_prompts_every_category(ru
         assert len(before) == len(after) == 64
         assert len({category[p] for p in before}) == 7 and len({category[p] for p in after}) == 13
     assert len({category[p] for p in preflight(run_dir, replace(config, mix_categories=True, anchor_prompts=26)).anchor_prompts}) == 13
+
+
+def test_the_teacher_coefficient_is_the_directions_unless_the_config_names_another(tiny, run_dir):
+    from safesteer_lens.directions import load_direction
+    from safesteer_lens.distill import Trainer
+
+    config = tiny_config(n_prompts=4, epochs=1)
+    own = load_direction(run_dir).coeff
+    default = train(run_dir, config, teacher=tiny, progress=False, export=False).metrics
+    same = train(run_dir, replace(config, teacher_coeff=own), teacher=tiny, progress=False, export=False).metrics
+    milder = train(run_dir, replace(config, teacher_coeff=own / 4), teacher=tiny, progress=False, export=False)
+    assert _strip(same) == _strip(default)
+    assert [m["kl_full"] for m in milder.metrics] != [m["kl_full"] for m in default]
+    assert Trainer(run_dir, replace(config, teacher_coeff=own / 4), teacher=tiny).run.direction.coeff == own / 4
+    assert load_direction(run_dir).coeff == own  # the artifact is untouched
+    with pytest.raises(SafeSteerError, match="teacher_coeff must be 0"):
+        replace(config, teacher_coeff=-1.0)
