@@ -10,7 +10,8 @@ categories in turn (``EvalConfig.mix_categories``), so their 40 ask about all 13
   prompts also taken categories in turn), seeds 0-2 of each;
 - ``full-anchor``: the anchor scored over the whole vocabulary (``anchor_loss=full-reverse``)
   instead of over S, at the preset's weight 0.75 (seed 0; stopped after it, see the README);
-- ``full-anchor-w``: the same anchor at weight 0.2 (seed 0; stopped after it).
+- ``full-anchor-w``: the same anchor at weight 0.2 (seed 0; stopped after it);
+- ``teacher``: a milder teacher (``teacher_coeff=1.0`` against the direction's 1.5), seeds 0-2.
 
 ``val_trials_in_turn.csv``: those rounds' trials (validation split) and the base row.
 ``test_seeds_in_turn.csv``: the ``test-in-turn`` sweep (test split), when it has run.
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from safesteer_lens.sweep import load_trials, sweep_figure
 
-ROUNDS = ("categories", "full-anchor", "full-anchor-w")
+ROUNDS = ("categories", "full-anchor", "full-anchor-w", "teacher")
 HERE = Path(__file__).parent
 
 
