@@ -96,6 +96,11 @@ def categories_in_turn(prompts: Sequence[Prompt], n: int | None = None) -> list[
     return groups_in_turn(prompts, lambda p: p.category, n)
 
 
+def first_prompts(prompts: Sequence[Prompt], n: int, in_turn: bool) -> list[Prompt]:
+    """The first ``n`` prompts, categories in turn or in the file's order (the configs' ``mix_categories``)."""
+    return categories_in_turn(prompts, n) if in_turn else list(prompts[:n])
+
+
 def prompt_texts(prompts: Iterable[Prompt]) -> list[str]:
     """Just the request strings."""
     return [p.prompt for p in prompts]

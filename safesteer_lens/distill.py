@@ -39,7 +39,7 @@ from safesteer_lens.checkpoints import (
     CHECKPOINT, CHECKPOINT_FORMAT, METRICS, STUDENT_DIR, append_metrics, export_student, load_checkpoint, read_metrics,
     save_checkpoint, write_metrics,
 )
-from safesteer_lens.data import categories_in_turn, load_builtin_prompts, prompt_texts
+from safesteer_lens.data import first_prompts, load_builtin_prompts, prompt_texts
 from safesteer_lens.directions import Direction, load_direction
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.generation import Completions, generate
@@ -296,8 +296,7 @@ def _train_prompts(label: str, n: int, setting: str = "n_prompts", mix: bool = F
 
     With ``mix`` they are taken categories in turn (``TrainConfig.mix_categories``).
     """
-    split = load_builtin_prompts(label, "train")
-    prompts = prompt_texts(categories_in_turn(split, n) if mix else split[:n])
+    prompts = prompt_texts(first_prompts(load_builtin_prompts(label, "train"), n, mix))
     if len(prompts) < n:
         raise SafeSteerError(f"{setting} is {n} but the built-in {label} train split has {len(prompts)}; use at most "
                              f"{len(prompts)}")
@@ -309,7 +308,7 @@ def _anchor_prompts(config: TrainConfig) -> list[str]:
     if not config.anchor_weight:
         return []
     if config.anchor_prompts:
-        return _train_prompts("harmless", config.anchor_prompts, "anchor_prompts", config.mix_categories)
+        return _train_prompts("harmless", config.anchor_prompts, "anchor_prompts", mix=config.mix_categories)
     return _train_prompts("harmless", config.n_prompts, mix=config.mix_categories)
 
 

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from safesteer_lens.capability import MCQScores, MCQuestion, interleave_subjects, load_builtin_mcq, score_mcq
 from safesteer_lens.coherence import coherence
-from safesteer_lens.data import Label, Prompt, categories_in_turn, load_builtin_prompts, prompt_texts
+from safesteer_lens.data import Label, Prompt, first_prompts, load_builtin_prompts, prompt_texts
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.generation import Completions, FwdHook, generate, last_token_logits
 from safesteer_lens.judges import Judge, Verdict
@@ -191,8 +191,7 @@ def _judge(judge: Judge, prompts: Sequence[str], replies: Sequence[str]) -> list
 
 def held_out_prompts(kind: Label, n: int, config: EvalConfig) -> list[Prompt]:
     """The ``n`` built-in ``kind`` prompts of ``config.split`` that an evaluation reads."""
-    prompts = load_builtin_prompts(kind, config.split)
-    return categories_in_turn(prompts, n) if config.mix_categories else prompts[:n]
+    return first_prompts(load_builtin_prompts(kind, config.split), n, config.mix_categories)
 
 
 def evaluate_models(
