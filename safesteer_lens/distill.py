@@ -159,6 +159,14 @@ class TrainConfig:
     def total_steps(self) -> int:
         return math.ceil(self.n_prompts / self.prompts_per_step) * self.epochs  # each epoch ends on a short step
 
+    def teacher_direction(self, direction: Direction) -> Direction:
+        """The direction as the teacher these settings distil: ``teacher_coeff`` replaces its coefficient.
+
+        Training, the evaluation's teacher row, the report and the model card all take the
+        teacher from here, so they describe the teacher the student was pulled to.
+        """
+        return replace(direction, coeff=self.teacher_coeff) if self.teacher_coeff else direction
+
     def __post_init__(self) -> None:
         """Reject settings that cannot work, before any compute: a config that exists is valid (it is frozen)."""
         get_loss(self.loss)
@@ -473,9 +481,7 @@ class Trainer:
         world = current_world()
         self._check_world(world)
         self.inputs = inputs or preflight(self.run_dir, self.config)
-        direction, self.tokens = self.inputs.direction, self.inputs.tokens
-        if self.config.teacher_coeff:
-            direction = replace(direction, coeff=self.config.teacher_coeff)  # the teacher this run distils
+        direction, self.tokens = self.config.teacher_direction(self.inputs.direction), self.inputs.tokens
         train_device = rank_device(device, world) or (teacher.device if teacher is not None else resolve_device(None))
         compute = compute_dtype(self.config.precision, torch.device(train_device))  # what sharded models are gathered in
         teacher = _training_teacher(teacher, direction.model, shard, world, train_device, compute)

@@ -360,7 +360,7 @@ class _Job:
               tracker_name=label)
 
     def evaluate(self) -> None:
-        base, direction = self.base, load_direction(self.out)
+        base, direction = self.base, self.config.train.teacher_direction(load_direction(self.out))
         subjects = [
             Subject("base", base),
             Subject(f"teacher (layer {direction.layer}, coeff {direction.coeff:g})", base, direction.hooks(base)),
@@ -386,8 +386,9 @@ class _Job:
         table = pandas.read_csv(self.out / "results.csv", index_col="model")
         direction, tokens = load_direction(self.out), load_safety_tokens(self.out)
         for label, path in self.students.items():  # each student's card gains its evaluation
-            write_model_card(path, build_model_card(direction.model, self.trained[label], direction, tokens, table,
-                                                    label, self.config.evaluate.split))
+            config = self.trained[label]
+            write_model_card(path, build_model_card(direction.model, config, config.teacher_direction(direction), tokens,
+                                                    table, label, self.config.evaluate.split))
         write_report(self.out, direction.model, table, self.config)
 
     # ---- the table

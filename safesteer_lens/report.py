@@ -321,6 +321,12 @@ def results_view(table: Any) -> HtmlView:
     return HtmlView("Results (95% Wilson intervals)", body, prose=True)
 
 
+def _teacher_coeff(direction: Direction, train: Any) -> str:
+    """The distilled teacher's coefficient, and the direction's own when training replaced it (S was chosen with that)."""
+    coeff = train.teacher_direction(direction).coeff
+    return f"{coeff:g}" if coeff == direction.coeff else f"{coeff:g} (S was chosen at the direction's own {direction.coeff:g})"
+
+
 def summary(table: Any, direction: Direction, n_tokens: int, train: Any, model_name: str) -> list[str]:
     """The report's opening lines, in plain sentences: what was trained, how it did, the targets.
 
@@ -337,7 +343,7 @@ def summary(table: Any, direction: Direction, n_tokens: int, train: Any, model_n
     anchor = f", with the harmless anchor at weight {train.anchor_weight:g}" if train.anchor_weight else ""
     lines = [f"Trained: {model_name} ({lora}) by the {train.loss} loss over {n_tokens} safety tokens{anchor}, against a "
              f"teacher steered by the {direction.method} direction at layer {direction.layer} with coefficient "
-             f"{direction.coeff:g}; lr {train.lr:g}, {train.epochs} epoch(s) of {train.n_prompts} prompts x "
+             f"{_teacher_coeff(direction, train)}; lr {train.lr:g}, {train.epochs} epoch(s) of {train.n_prompts} prompts x "
              f"{train.samples_per_prompt} rollouts of {train.max_new_tokens} tokens, seed {train.seed}."]
     if RECIPE_LABEL in table.index and "base" in table.index:
         row, base = table.loc[RECIPE_LABEL], table.loc["base"]
@@ -416,7 +422,8 @@ def write_report(run_dir: str | Path, model_name: str, table: Any, config: Any) 
     md = [
         f"# SafeSteer run on {model_name}",
         "",
-        f"Teacher: {direction.method} direction at layer {direction.layer}, coefficient {direction.coeff:g}. "
+        f"Teacher: {direction.method} direction at layer {direction.layer}, coefficient "
+        f"{_teacher_coeff(direction, config.train)}. "
         f"|S| = {len(tokens)}: " + ", ".join(f"`{t!r}`" for t in tokens.texts[:20]) + (" ..." if len(tokens) > 20 else ""),
         "",
         *(f"- {line}" for line in opening),

@@ -3,7 +3,8 @@ import shutil
 import pandas
 import pytest
 
-from safesteer_lens.report import Targets, closeness, comparison_markdown, damage, rate_text, report_columns, target_check
+from safesteer_lens.report import (Targets, closeness, comparison_markdown, damage, rate_text, report_columns, summary,
+                                   target_check)
 from safesteer_lens.stats import Rate
 
 
@@ -66,6 +67,20 @@ def test_the_per_prompt_markdown_flags_each_reply(tmp_path):
     assert lines[2] == "| Line one line two \\| pipe | harmless | **D**  |"
     with pytest.raises(KeyError):
         comparison_markdown(back, ["teacher"])
+
+
+def test_the_summary_names_the_teacher_the_student_distilled():
+    import torch
+
+    from safesteer_lens.directions import Direction
+    from safesteer_lens.distill import TrainConfig
+
+    direction = Direction(vector=torch.ones(4), model="tiny", method="diff-means", layer=2, position=-1, coeff=1.5)
+    table = _table([BASE])
+    own = summary(table, direction, 50, TrainConfig(), "tiny")[0]
+    milder = summary(table, direction, 50, TrainConfig(teacher_coeff=1.0), "tiny")[0]
+    assert "with coefficient 1.5;" in own
+    assert "with coefficient 1 (S was chosen at the direction's own 1.5);" in milder
 
 
 def test_the_report_opens_with_a_summary_and_captions_every_figure(finished_run):
