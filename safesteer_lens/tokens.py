@@ -70,6 +70,12 @@ class TokenConfig:
         ban_special: Exclude the tokenizer's special tokens.
         seed: Seeds the rollouts; the same seed gives the same S.
         batch_size: Sequences per forward pass.
+        openers: Also add to S the ``openers`` tokens whose probability the teacher raises most
+            at the reply's first position (:func:`opener_tokens`; 0: none, the paper's S).
+            A reply becomes a refusal at its first token ("I" of "I'm sorry"), but that
+            token carries the shift at one position of the horizon only, so it never wins
+            the votes; without it in S neither the loss nor the harmless anchor sees the
+            choice between refusing and answering.
     """
 
     horizon: int = 7
@@ -83,12 +89,15 @@ class TokenConfig:
     ban_special: bool = True
     seed: int = 0
     batch_size: int = 32
+    openers: int = 0
 
     def __post_init__(self) -> None:
         """Reject settings that cannot work on any model (:func:`validate_config` adds the vocabulary's)."""
         for name in ("horizon", "samples_per_prompt", "n_prompts", "batch_size"):
             if getattr(self, name) < 1:
                 raise SafeSteerError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.openers < 0:
+            raise SafeSteerError(f"openers must be 0 (none) or a count of first-position tokens, got {self.openers}")
         if self.method not in ("vote", "mean-delta"):
             raise SafeSteerError(f"unknown selection method {self.method!r}: use 'vote' or 'mean-delta'")
         if not 0 <= self.prob_floor < 1:
@@ -210,6 +219,32 @@ def rank_tokens(
     raise SafeSteerError(f"unknown selection method {method!r}: use 'vote' or 'mean-delta'")
 
 
+def opener_tokens(
+    delta: Float[Tensor, "position vocab"],
+    teacher_probs: Float[Tensor, "position vocab"],
+    n: int,
+    allowed: Bool[Tensor, "vocab"],
+) -> list[int]:
+    """The ``n`` allowed ids with the largest mean probability gain, teacher over base, at these positions.
+
+    Given the first positions of the rollouts, this finds the token a refusal opens with. The
+    gain is in probability, not log-probability: the votes' log-ratio favours rare tokens
+    that grow from almost nothing, while the opener is a common token ("I") that the teacher
+    makes the likeliest first word. Ids that the teacher makes less likely are never returned.
+
+    Args:
+        delta: Teacher minus base log-probabilities, one row per position.
+        teacher_probs: The teacher's probabilities at the same positions.
+        n: How many ids at most.
+        allowed: Ids that may be chosen (the floor and the bans).
+    """
+    if n == 0 or delta.shape[0] == 0:
+        return []
+    gain = (teacher_probs * -torch.expm1(-delta)).mean(0).masked_fill(~allowed, float("-inf"))
+    top = gain.topk(min(n, int(allowed.sum())))
+    return [i for i, g in zip(top.indices.tolist(), top.values.tolist()) if g > 0]
+
+
 def special_token_mask(model: ChatModel) -> Bool[Tensor, "vocab"]:
     """True for ids that are the tokenizer's special or added control tokens."""
     banned = torch.zeros(model.d_vocab, dtype=torch.bool)
@@ -313,7 +348,8 @@ def safety_token_sets(
         rows = position < horizon
         run = {"model": model.name, "n_rollouts": n_rollouts, "prompts_hash": prompts_hash(prompts),
                "direction": {"layer": direction.layer, "coeff": direction.coeff, "prompts_hash": direction.prompts_hash}}
-        sets[horizon] = _vote_for_tokens(model, delta[rows], probs[rows], replace(config, horizon=horizon), run)
+        sets[horizon] = _vote_for_tokens(model, delta[rows], probs[rows], position[rows] == 0,
+                                         replace(config, horizon=horizon), run)
     return sets
 
 
@@ -344,12 +380,14 @@ def _vote_for_tokens(
     model: ChatModel,
     delta: Float[Tensor, "position vocab"],
     teacher_probs: Float[Tensor, "position vocab"],
+    first: Bool[Tensor, "position"],
     config: TokenConfig,
     run: dict[str, Any],
 ) -> SafetyTokens:
     """S from the voting positions' log-prob shifts: the eligible tokens, the votes, the ranking.
 
-    ``run`` describes the rollouts (model, direction, counts, prompts' hash) for the settings.
+    ``first`` marks the rows at a reply's first position (for ``config.openers``). ``run``
+    describes the rollouts (model, direction, counts, prompts' hash) for the settings.
     """
     if delta.shape[0] == 0:
         raise SafeSteerError("no valid positions: every rollout ended at once; raise the horizon")
@@ -371,9 +409,11 @@ def _vote_for_tokens(
     votes = vote(delta, top_k, allowed)
     mean_delta = delta.mean(0)
     chosen = rank_tokens(votes, mean_delta, config.set_size, config.method, allowed)
+    openers = [i for i in opener_tokens(delta[first], teacher_probs[first], config.openers, allowed) if i not in chosen]
     tokens = [
-        {"id": i, "text": model.tokenizer.decode([i]), "votes": int(votes[i]), "mean_delta": round(float(mean_delta[i]), 4)}
-        for i in chosen
+        {"id": i, "text": model.tokenizer.decode([i]), "votes": int(votes[i]), "mean_delta": round(float(mean_delta[i]), 4),
+         **({"opener": True} if i in openers else {})}
+        for i in chosen + openers
     ]
     settings = {**asdict(config), "model": run["model"], "direction": run["direction"], "n_rollouts": run["n_rollouts"],
                 "n_valid_positions": int(delta.shape[0]), "n_allowed": n_allowed, "top_k_votes_used": top_k,

@@ -97,8 +97,12 @@ def direction_figures(direction: Direction) -> dict[str, go.Figure]:
 
 
 def safety_tokens_bar(tokens: SafetyTokens, title: str | None = None) -> go.Figure:
-    """Horizontal bar chart of the safety tokens by votes, most votes on top."""
-    labels = [f"{i + 1}. {t['text']!r}" for i, t in enumerate(tokens.tokens)]
+    """Horizontal bar chart of the safety tokens by votes, most votes on top.
+
+    Openers (``TokenConfig.openers``) joined S for the probability they gain at the reply's
+    first position, not for votes, so their labels say so.
+    """
+    labels = [f"{i + 1}. {t['text']!r}" + (" (opener)" if t.get("opener") else "") for i, t in enumerate(tokens.tokens)]
     fig = go.Figure(
         go.Bar(
             x=[t["votes"] for t in tokens.tokens][::-1], y=labels[::-1], orientation="h",

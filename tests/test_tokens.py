@@ -12,6 +12,7 @@ from safesteer_lens.tokens import (
     SafetyTokens,
     TokenConfig,
     load_safety_tokens,
+    opener_tokens,
     rank_tokens,
     safety_token_sets,
     select_safety_tokens,
@@ -38,6 +39,34 @@ def test_voting_on_a_hand_made_delta_gives_the_expected_set():
     assert rank_tokens(votes, delta.mean(0), 2, "vote", allowed) == [1, 2]
     # mean-delta picks the largest means instead: token 2 (4.33) then token 1 (3.33)
     assert rank_tokens(votes, delta.mean(0), 2, "mean-delta", allowed) == [2, 1]
+
+
+def test_the_opener_is_the_largest_probability_gain_not_the_largest_log_ratio():
+    base = torch.tensor([[0.50, 0.05, 1e-5, 0.445 - 1e-5], [0.40, 0.05, 1e-5, 0.55 - 1e-5]])
+    teacher = torch.tensor([[0.05, 0.60, 1e-3, 0.349], [0.05, 0.50, 1e-3, 0.449]])
+    delta = teacher.log() - base.log()
+    allowed = torch.ones(4, dtype=torch.bool)
+    assert int(delta.mean(0).argmax()) == 2  # the rare token has by far the largest log-ratio
+    assert opener_tokens(delta, teacher, 1, allowed) == [1]  # token 1 gains 0.5 of probability mass
+    assert opener_tokens(delta, teacher, 4, allowed) == [1, 2]  # tokens 0 and 3 lose mass: never openers
+    assert opener_tokens(delta, teacher, 1, torch.tensor([True, False, True, True])) == [2]
+    assert opener_tokens(delta[:0], teacher[:0], 1, allowed) == [] and opener_tokens(delta, teacher, 0, allowed) == []
+
+
+def test_openers_join_the_voted_set_and_are_marked(tiny, tiny_direction):
+    small = {**SMALL, "set_size": 2}
+    plain = select_safety_tokens(tiny, tiny_direction, TokenConfig(**small), progress=False)
+    joined = select_safety_tokens(tiny, tiny_direction, TokenConfig(**small, openers=3), progress=False)
+    added = [t for t in joined.tokens if t.get("opener")]
+    assert joined.tokens[: len(plain)] == plain.tokens  # the vote's S is untouched, in its order
+    assert 1 <= len(added) <= 3 and joined.tokens[len(plain):] == added
+    assert not {t["id"] for t in added} & set(plain.ids) and joined.settings["openers"] == 3
+    from safesteer_lens.viz import safety_tokens_bar
+
+    labels = safety_tokens_bar(joined).data[0].y
+    assert sum("(opener)" in label for label in labels) == len(added)
+    with pytest.raises(SafeSteerError, match="openers must be 0"):
+        TokenConfig(openers=-1)
 
 
 def test_banned_ids_never_get_votes_or_places():
