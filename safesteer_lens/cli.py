@@ -137,7 +137,7 @@ def cmd_tokens(args: argparse.Namespace) -> None:
     config = TokenConfig(
         horizon=args.horizon, samples_per_prompt=args.samples, n_prompts=args.n_prompts,
         top_k_votes=args.top_k, set_size=args.set_size, prob_floor=args.prob_floor,
-        method=args.method, seed=args.seed,
+        method=args.method, seed=args.seed, openers=args.openers,
     )
     if args.compare_horizon < 0:
         raise SafeSteerError(f"--compare-horizon must be 0 (skip) or a horizon >= 1, got {args.compare_horizon}")
@@ -425,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     tokens.add_argument("--set-size", type=int, default=50, help="|S|")
     tokens.add_argument("--prob-floor", type=float, default=1e-4, help="minimum mean teacher probability")
     tokens.add_argument("--method", choices=["vote", "mean-delta"], default="vote")
+    tokens.add_argument("--openers", type=int, default=0,
+                        help="also add the N tokens the teacher makes likeliest at the reply's first position, "
+                             "where a reply becomes a refusal ('I'); 0: the paper's S")
     tokens.add_argument("--seed", type=int, default=0)
     tokens.add_argument("--compare-horizon", type=int, default=1, help="H of the side-by-side set (0: skip)")
     _add_direction_arg(tokens)

@@ -116,10 +116,11 @@ class PipelineConfig:
 
 
 PIPELINE_PRESETS: dict[str, PipelineConfig] = {
-    # 2 CPU cores, embedded 135M model: under 20 minutes end to end.
+    # 2 CPU cores, embedded 135M model. S gains the refusal's opener ("I"), the token where a
+    # reply becomes a refusal, which the vote alone never picks (studies/recipe/).
     "demo": PipelineConfig(
         direction=DirectionConfig(n_train=48, n_val=16, n_test=24),
-        tokens=TokenConfig(n_prompts=24),
+        tokens=TokenConfig(n_prompts=24, openers=1),
         train=TRAIN_PRESETS["demo"],
         evaluate=DEMO_EVAL,
         ablations=(PAPER_LOSS, FULL_REVERSE, BOUNDED),

@@ -81,8 +81,8 @@ def test_the_demo_preset_compares_four_students_on_one_budget():
     demo = PIPELINE_PRESETS["demo"]
     configs = [demo.train, *(a.config(demo.train) for a in demo.ablations)]
     assert len(configs) == 4
-    budget = {(c.n_prompts, c.samples_per_prompt, c.max_new_tokens, c.sequences_per_step, c.epochs, c.lr, c.seed)
-              for c in configs}
+    budget = {(c.n_prompts, c.samples_per_prompt, c.max_new_tokens, c.sequences_per_step, c.epochs, c.lr, c.seed,
+               c.lora_rank, c.teacher_coeff) for c in configs}
     assert len(budget) == 1
     assert {c.loss for c in configs[1:]} == {"safesteer", "full-reverse", "safesteer-bounded"}
     assert all(c.anchor_weight == 0 for c in configs[1:])

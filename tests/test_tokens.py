@@ -136,6 +136,7 @@ def test_cli_tokens_writes_artifact_and_report(tiny_dir, tiny_direction, tmp_pat
     report = (tmp_path / "tokens_report.html").read_text()
     assert "H = 1" in report and "S mass" in report and "Teacher vs base" in report
     assert main(["tokens", "--run", str(tmp_path), "--horizon", "0"]) == 2
+    assert main(["tokens", "--run", str(tmp_path), "--openers", "-1"]) == 2
 
 
 def test_k_prime_as_a_share_of_the_eligible_tokens():
