@@ -8,6 +8,7 @@ exits with status 2 (argparse's own usage errors use 2 as well).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any, Callable, Sequence
 
@@ -256,6 +257,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     config = EvalConfig(n_harmful=args.n, n_harmless=args.n, max_new_tokens=args.max_new_tokens,
                         n_mcq=args.n_mcq, split=args.split)
+    if not (math.isfinite(args.teacher_coeff) and args.teacher_coeff >= 0):
+        raise SafeSteerError(f"--teacher-coeff must be 0 (the direction's own) or positive, got {args.teacher_coeff}")
     _import_direction(args)
     direction = load_direction(args.run)
     students = list(args.students or [])
@@ -275,7 +278,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.judge:
         check_judge(args.judge)
     base = load_model(args.model or direction.model, device=args.device, dtype=args.dtype)
-    subjects = [Subject("base", base), Subject("teacher", base, direction.hooks(base))]
+    subjects = [Subject("base", base), Subject("teacher", base, direction.hooks(base, coeff=args.teacher_coeff or None))]
     for name, path in zip(names, students):
         subjects.append(Subject(name, load_model(path, device=base.device)))
     judge = load_judge(args.judge, device=str(base.device)) if args.judge else None
@@ -510,6 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="questions per public set, subjects in turn (MMLU has 14,042; default 1000)")
     evaluate.add_argument("--judge", default=None,
                           help="NAME=PATH_OR_ID, e.g. llama-guard=meta-llama/Llama-Guard-3-1B (also llama-guard-1b=, llama-guard-8b=)")
+    evaluate.add_argument("--teacher-coeff", type=float, default=0.0,
+                          help="the teacher row's coefficient: the one the students distilled (train --teacher-coeff; "
+                               "the demo preset's is 1.0); 0: the direction's own")
     evaluate.add_argument("--csv", default=None, help="also write the table here")
     _add_direction_arg(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)

@@ -108,6 +108,7 @@ CASES = [
      lambda w, r, t: _hf_copy(t, w, lambda m: _truncate(m / "model.safetensors")),
      ["info", "--model", "{work}/model"], "SafetensorError"),
     ("evaluate --n 0", None, ["evaluate", "--run", "{run}", "--n", "0"], "n_harmful"),
+    ("evaluate --teacher-coeff -1", None, ["evaluate", "--run", "{run}", "--teacher-coeff", "-1"], "--teacher-coeff"),
     ("tokens --prob-floor 2", None, ["tokens", "--run", "{run}", "--prob-floor", "2"], "prob_floor"),
     ("tokens --compare-horizon -1", None, ["tokens", "--run", "{run}", "--compare-horizon", "-1"], "--compare-horizon"),
     ("--out naming a file", lambda w, r, t: (w / "a-file").write_text("x"),

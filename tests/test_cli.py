@@ -59,6 +59,11 @@ def test_evaluate_writes_the_tables_and_the_per_prompt_comparison(run_dir, capsy
     assert table.loc["base", "mcq_acc_n"] == 6 and "harmful_refusal_low" in table.columns
     assert len(pandas.read_csv(run_dir / "mcq.csv")) == 12  # 6 questions x (base, teacher)
     assert not (run_dir / "evaluate.json").exists()  # a later `safesteer run` evaluates its own students again
+    assert table.loc["teacher", "kl_from_base"] > 0
+    assert main(["evaluate", "--run", str(run_dir), "--device", "cpu", "--n", "2", "--max-new-tokens", "3",
+                 "--n-mcq", "0", "--split", "val", "--teacher-coeff", "1e-6"]) == 0  # the teacher the students distilled
+    faint = pandas.read_csv(run_dir / "results.csv", index_col="model")
+    assert faint.loc["teacher", "kl_from_base"] < 1e-3 < table.loc["teacher", "kl_from_base"]
 
 
 def _bad_evaluate(run_dir, tmp_path, *extra):
