@@ -115,6 +115,22 @@ def prompts_hash(*groups: Sequence[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+BUILTIN_DATA = ("harmful.jsonl", "harmless.jsonl", "mcq.jsonl", "general_text.txt")
+
+
+def builtin_data_digest(names: Sequence[str] = BUILTIN_DATA) -> str:
+    """A short SHA-256 of the shipped prompt, question and text files.
+
+    The pipeline's stage keys include it: a run directory made before the shipped data changed
+    (a re-split, a prompt mended) finds its direction stale instead of mixing old and new splits.
+    """
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.encode() + b"\x00")
+        digest.update(resources.files("safesteer_lens").joinpath(f"prompts/{name}").read_bytes())
+    return digest.hexdigest()[:16]
+
+
 # --------------------------------------------------------------- local files
 def load_prompt_file(
     path: str | Path,

@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from safesteer_lens.atomic import write_atomic, write_text_atomic
+from safesteer_lens.data import builtin_data_digest
 from safesteer_lens.directions import DIRECTION_JSON, DIRECTION_TENSOR, DirectionConfig, find_direction, load_direction
 from safesteer_lens.distill import PRESETS as TRAIN_PRESETS
 from safesteer_lens.checkpoints import STUDENT_DIR
@@ -397,7 +398,8 @@ class _Job:
         """The stage table: each stage's settings key, the artifacts it reads and writes, and its run."""
         out, config = self.out, self.config
         name = self.given.name if self.given is not None else self.model_name
-        direction_key = _hash([name, asdict(config.direction)])
+        data = builtin_data_digest()
+        direction_key = _hash([name, asdict(config.direction), data])
         tokens_key = _hash([direction_key, asdict(config.tokens)])
         direction_files = tuple(out / f for f in DIRECTION_FILES)
         table = [
@@ -421,7 +423,7 @@ class _Job:
             ))
         table += [
             Stage(name="evaluate", message="base, teacher and students on held-out prompts",
-                  key=_hash([list(self.students), asdict(config.evaluate), self.judge]),
+                  key=_hash([list(self.students), asdict(config.evaluate), self.judge, data]),
                   inputs=(*direction_files, *self.students.values()), outputs=(out / "results.csv", out / REPRESENTATION),
                   run=self.evaluate, stamp=out / "evaluate.json"),
             Stage(name="report", message="report.md, report.html and figures/", key="", inputs=(out / "results.csv",),

@@ -7,6 +7,8 @@ import pandas as pd
 import pytest
 
 from safesteer_lens.data import (
+    BUILTIN_DATA,
+    builtin_data_digest,
     categories_in_turn,
     groups_in_turn,
     load_builtin_prompts,
@@ -61,6 +63,26 @@ def test_forty_held_out_prompts_in_turn_ask_about_every_category():
         assert categories_in_turn(split, 65) == categories_in_turn(split)  # the whole split, reordered
         assert sorted(p.id for p in categories_in_turn(split)) == sorted(p.id for p in split)
         assert categories_in_turn(split, 40) == categories_in_turn(split, 52)[:40]  # a longer run extends a shorter
+
+
+@pytest.mark.parametrize("label", ["harmful", "harmless"])
+def test_validation_and_test_are_worded_alike(label):
+    """Settings chosen on validation carry to test only if both ask in the same words."""
+    opening = lambda p: p.prompt.split()[0].lower().removesuffix("'s")  # noqa: E731
+    val, test = load_builtin_prompts(label, "val"), load_builtin_prompts(label, "test")
+    for n in (39, None):  # the 39 read first (3 per category, categories in turn), and the whole splits
+        counts = Counter(map(opening, categories_in_turn(val, n)))
+        counts.subtract(map(opening, categories_in_turn(test, n)))
+        assert sum(map(abs, counts.values())) <= 6, {word: c for word, c in counts.items() if c}
+        assert abs(counts["tell"]) <= 1  # "Tell me ..." once opened 10 test harmless prompts and no validation one
+    for category in {p.category for p in val}:
+        assert sum(p.category == category for p in val) == sum(p.category == category for p in test) == 5
+
+
+def test_builtin_data_digest_names_the_shipped_files():
+    assert builtin_data_digest() == builtin_data_digest(BUILTIN_DATA)
+    assert builtin_data_digest(BUILTIN_DATA[:2]) != builtin_data_digest()
+    assert len(builtin_data_digest()) == 16
 
 
 def test_prompts_hash_changes_with_content():

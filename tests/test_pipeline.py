@@ -58,6 +58,19 @@ def test_every_stage_reads_only_what_an_earlier_stage_wrote(tiny, tmp_path):
         written |= set(stage.outputs)
 
 
+def test_changed_shipped_prompts_make_the_direction_and_evaluation_stale(tiny, tmp_path, monkeypatch):
+    """A run made before the built-in prompts were re-split must not mix old and new splits."""
+    import safesteer_lens.pipeline as pipeline
+
+    keys = lambda: {s.name: s.key for s in _Job(tmp_path, "tiny", TINY, tiny, False, "none", False, None,  # noqa: E731
+                                                  "none", World()).stages()}
+    before = keys()
+    monkeypatch.setattr(pipeline, "builtin_data_digest", lambda: "re-split")
+    after = keys()
+    for name in ("direction", "tokens", "train", "evaluate"):
+        assert before[name] != after[name], name
+
+
 def test_unknown_stage_or_preset_is_rejected(tmp_path):
     with pytest.raises(SafeSteerError, match="unknown stage"):
         run_pipeline(tmp_path, rerun=("everything",))

@@ -78,6 +78,18 @@ def test_a_sweep_trains_evaluates_and_skips_what_is_done(tiny, run_dir):
     assert [t.name for t in figure.data] == ["trials", "Pareto frontier", "base"]
 
 
+def test_re_split_shipped_prompts_make_a_finished_trial_run_again(tiny, run_dir, monkeypatch):
+    import safesteer_lens.sweep as sweep_module
+
+    grid = parse_grid(["lr=1e-3"])
+    run_sweep(run_dir, grid, TINY_TRAIN, TINY_EVAL, model=tiny, progress=False)
+    record = run_dir / "sweep" / "lr=0.001" / "trial.json"
+    stamp = record.stat().st_mtime_ns
+    monkeypatch.setattr(sweep_module, "builtin_data_digest", lambda: "re-split")
+    run_sweep(run_dir, grid, TINY_TRAIN, TINY_EVAL, model=tiny, progress=False)
+    assert record.stat().st_mtime_ns != stamp  # its validation prompts changed, so its row would be stale
+
+
 def test_the_cli_sweep_needs_exactly_one_grid(run_dir, capsys):
     from safesteer_lens.cli import main
 
