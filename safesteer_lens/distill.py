@@ -210,14 +210,16 @@ PRESETS: dict[str, TrainConfig] = {
     # The recipe the study in studies/recipe/ chose on the validation split for the embedded
     # 135M model on 2 CPU cores: the bounded loss (the paper's barely pulls on a model whose S
     # holds ~1% of its mass), the harmless anchor (without it the student refuses everything),
-    # two epochs (16 steps left the harmless refusal rate to the seed), rank-8 LoRA adapters
-    # (full fine-tuning met the refusal targets but made replies loop), and a teacher milder
-    # than the direction stage's choice (1.5 refuses 94% of harmless prompts, 1.0 refuses 38%).
+    # rank-8 LoRA adapters (full fine-tuning met the refusal targets but made replies loop), and
+    # every harmful train prompt once rather than half of them twice: the same 32 steps, and the
+    # wider set of prompts refuses as often with fewer harmless refusals. The teacher is fixed
+    # at 1.5, milder than the direction stage's choice: that is the smallest coefficient whose
+    # teacher refuses 90% of harmful and harmless prompts alike (2.0 on the built-in prompts).
     # Short rollouts put the budget on the opening tokens, where a refusal starts. It expects
     # S with the refusal's opener (the pipeline's demo TokenConfig has openers=1).
     "demo": TrainConfig(
-        loss="safesteer-bounded", anchor_weight=0.75, epochs=2, lora_rank=8, teacher_coeff=1.0,
-        n_prompts=64, samples_per_prompt=4, max_new_tokens=12, lr=1e-3,
+        loss="safesteer-bounded", anchor_weight=1.0, epochs=1, lora_rank=8, teacher_coeff=1.5,
+        n_prompts=128, samples_per_prompt=4, max_new_tokens=12, lr=1e-3,
         sequences_per_step=16, micro_batch=8, checkpoint_every=8,
     ),
     # The paper's setting (docs/ARCHITECTURE.md, "The method"), for GPUs and hub models.
