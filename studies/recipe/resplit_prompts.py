@@ -106,7 +106,7 @@ def resplit(rows: list[dict], rng: random.Random, read: int = 3) -> list[dict]:
 
 
 def openings_report() -> str:
-    """Opening words of the 40 prompts per split the evaluation reads, and of whole splits."""
+    """Opening words of the 40 prompts of each split that the evaluation reads."""
     lines = []
     for kind in KINDS:
         for split in ("val", "test"):
