@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from safesteer_lens.cli import main
-from safesteer_lens.distill import TrainConfig, train
+from safesteer_lens.distill import PRESETS, TrainConfig, train
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.generation import generate
 from safesteer_lens.tokens import SafetyTokens
@@ -139,7 +139,8 @@ def test_cli_train_on_tiny(run_dir, tiny_dir, capsys):
     assert code == 0
     assert (run_dir / "student" / "config.json").exists()
     rows = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert len(rows) == 2  # the demo preset's 2 epochs of one step
+    demo = replace(PRESETS["demo"], n_prompts=2, samples_per_prompt=2, sequences_per_step=4)
+    assert len(rows) == demo.total_steps  # the demo preset's epochs, of one step each
     assert json.loads(rows[0])["precision"] == "bfloat16" and "anchor_loss" in json.loads(rows[0])
 
 

@@ -3,14 +3,14 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 import torch
 from torchrun import CONFIG, WORKER, accelerate, assert_same_metrics, assert_same_step, launch, torchrun
 
-from safesteer_lens.distill import train
+from safesteer_lens.distill import PRESETS, train
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.parallel import World
 
@@ -56,7 +56,8 @@ def test_the_safesteer_command_trains_under_torchrun(run_dir):
     done = torchrun(str(script), "train", "--run-dir", str(run_dir), "--n-prompts", "4", "--samples", "2",
                     "--max-new-tokens", "4", "--sequences-per-step", "4")
     assert done.stdout.count("on 2 processes") == 1  # only rank 0 reports
-    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4  # 4 prompts, 2 per step, the demo's 2 epochs
+    demo = replace(PRESETS["demo"], n_prompts=4, samples_per_prompt=2, sequences_per_step=4)
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == demo.total_steps  # 2 prompts a step, the demo's epochs
     assert (run_dir / "student" / "config.json").exists()
 
 
