@@ -212,9 +212,10 @@ PRESETS: dict[str, TrainConfig] = {
     # holds ~1% of its mass), the harmless anchor (without it the student refuses everything),
     # rank-8 LoRA adapters (full fine-tuning met the refusal targets but made replies loop), and
     # every harmful train prompt once rather than half of them twice: the same 32 steps, and the
-    # wider set of prompts refuses as often with fewer harmless refusals. The teacher is fixed
-    # at 1.5, milder than the direction stage's choice: that is the smallest coefficient whose
-    # teacher refuses 90% of harmful and harmless prompts alike (2.0 on the built-in prompts).
+    # wider set makes the student more selective (fewer harmless refusals per harmful one),
+    # which leaves room for a stronger teacher. The teacher is fixed at 1.5, milder than the
+    # direction stage's choice: the smallest coefficient whose teacher refuses 90% of harmful
+    # and harmless prompts alike (2.0 on the built-in prompts).
     # Short rollouts put the budget on the opening tokens, where a refusal starts. It expects
     # S with the refusal's opener (the pipeline's demo TokenConfig has openers=1).
     "demo": TrainConfig(
