@@ -32,11 +32,12 @@ from pathlib import Path
 
 import pandas
 
-from safesteer_lens.sweep import load_trials, pareto_mask, sweep_figure
+from tables import write_test_sweep, write_validation
+
+from safesteer_lens.sweep import load_trials
 
 ROUNDS = ("categories", "full-anchor", "full-anchor-w", "teacher", "teacher-epochs", "teacher-lr")
 OPENER_ROUNDS = ("opener",)
-HERE = Path(__file__).parent
 
 
 def main() -> None:
@@ -54,16 +55,10 @@ def main() -> None:
             part = load_trials(run, present)
             part["openers"] = openers
             parts.append(part if not parts else part.drop(index="base", errors="ignore"))
-    val = pandas.concat(parts)
-    val["pareto"] = pareto_mask(val)
-    val.to_csv(HERE / "val_trials_in_turn.csv")
-    figure = sweep_figure(val).update_layout(
-        title="Validation split, 13 categories in turn (size: MCQ accuracy, colour: degenerate)")
-    figure.write_image(HERE.parents[1] / "figures" / "study_in_turn.png")
-    if any((Path(args.run) / "test-in-turn").glob("*/trial.json")):
-        load_trials(args.run, ["test-in-turn"]).to_csv(HERE / "test_seeds_in_turn.csv")
-    if any((Path(args.test_run) / "test-opener").glob("*/trial.json")):
-        load_trials(args.test_run, ["test-opener"]).to_csv(HERE / "test_seeds_opener.csv")
+    write_validation(pandas.concat(parts), "val_trials_in_turn.csv", "study_in_turn.png",
+                     "Validation split, 13 categories in turn")
+    write_test_sweep(args.run, "test-in-turn", "test_seeds_in_turn.csv")
+    write_test_sweep(args.test_run, "test-opener", "test_seeds_opener.csv")
 
 
 if __name__ == "__main__":

@@ -20,10 +20,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from safesteer_lens.sweep import load_trials, pareto_mask, sweep_figure
+from tables import write_test_sweep, write_validation
+
+from safesteer_lens.sweep import load_trials
 
 ROUNDS = ("preset", "anchor", "variety", "variety-teacher", "variety-anchor")
-HERE = Path(__file__).parent
 
 
 def main() -> None:
@@ -32,14 +33,8 @@ def main() -> None:
     args = parser.parse_args()
 
     val = load_trials(args.run, [name for name in ROUNDS if (Path(args.run) / name).is_dir()])
-    val["pareto"] = pareto_mask(val)
-    val.to_csv(HERE / "val_trials_resplit.csv")
-    figure = sweep_figure(val).update_layout(
-        title="Validation split after the re-split (size: MCQ accuracy, colour: degenerate)")
-    figure.write_image(HERE.parents[1] / "figures" / "study_resplit.png")
-    if any((Path(args.run) / "test-resplit").glob("*/trial.json")):
-        load_trials(args.run, ["test-resplit"]).to_csv(HERE / "test_seeds_resplit.csv")
-
+    write_validation(val, "val_trials_resplit.csv", "study_resplit.png", "Validation split after the re-split")
+    write_test_sweep(args.run, "test-resplit", "test_seeds_resplit.csv")
 
 if __name__ == "__main__":
     main()
