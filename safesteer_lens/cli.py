@@ -515,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="NAME=PATH_OR_ID, e.g. llama-guard=meta-llama/Llama-Guard-3-1B (also llama-guard-1b=, llama-guard-8b=)")
     evaluate.add_argument("--teacher-coeff", type=float, default=0.0,
                           help="the teacher row's coefficient: the one the students distilled (train --teacher-coeff; "
-                               "the demo preset's is 1.0); 0: the direction's own")
+                               f"the demo preset's is {PRESETS['demo'].teacher_coeff:g}); 0: the direction's own")
     evaluate.add_argument("--csv", default=None, help="also write the table here")
     _add_direction_arg(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
