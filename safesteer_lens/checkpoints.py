@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,7 +25,7 @@ from safesteer_lens.atomic import write_atomic, write_text_atomic
 from safesteer_lens.errors import SafeSteerError, first_line
 from safesteer_lens.model_card import write_model_card
 from safesteer_lens.models import ChatModel
-from safesteer_lens.rundir import read_checkpoint, read_jsonl
+from safesteer_lens.rundir import artifact_error, read_checkpoint, read_jsonl
 
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.pt"
@@ -34,10 +35,35 @@ STUDENT_DIR = "student"
 
 def load_checkpoint(run_dir: Path) -> dict[str, Any]:
     """``run_dir/checkpoint.pt`` as tensors and plain data, or a one-line error saying how to go on."""
-    state = read_checkpoint(run_dir / CHECKPOINT, f"safesteer train --run {run_dir}, without --resume")
+    remake = f"safesteer train --run {run_dir} --overwrite, without --resume"
+    state = read_checkpoint(run_dir / CHECKPOINT, remake)
     if state.get("format") != CHECKPOINT_FORMAT:
         raise SafeSteerError("checkpoint.pt was written by an older safesteer-lens; rerun this stage without --resume")
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise artifact_error(run_dir / CHECKPOINT, f"has step {step!r}, not a count of steps", remake)
+    for key in ("student", "optimizer", "scheduler", "config"):
+        if not isinstance(state.get(key), dict):
+            raise artifact_error(run_dir / CHECKPOINT, f"lacks its {key!r} table", remake)
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["student"].items()):
+        raise artifact_error(run_dir / CHECKPOINT, "holds student weights that are not named tensors", remake)
+    if "matmul_dtype" in state and not isinstance(state["matmul_dtype"], str):
+        raise artifact_error(run_dir / CHECKPOINT, f"has matmul_dtype {state['matmul_dtype']!r}", remake)
     return state
+
+
+def check_fresh_start(run_dir: str | Path) -> None:
+    """Refuse to start a run over the results of an earlier one unless the user says so (``--overwrite``).
+
+    A fresh start replaces ``metrics.jsonl`` and removes ``checkpoint.pt`` at its first step;
+    if it then fails (a learning rate that diverges), the earlier run's curve and checkpoint
+    would be gone with nothing in their place.
+    """
+    run_dir = Path(run_dir)
+    found = [name for name in (METRICS, CHECKPOINT, STUDENT_DIR) if (run_dir / name).exists()]
+    if found:
+        raise SafeSteerError(f"{run_dir} already holds a training run ({', '.join(found)}); pass --resume to continue it "
+                             "or --overwrite to start a new one in its place")
 
 
 def append_metrics(path: Path, row: dict[str, Any]) -> None:
@@ -62,6 +88,7 @@ def export_student(student: ChatModel, out_dir: str | Path, weights: dict[str, T
     from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir)
+    check_student_dir(out_dir)
     clean = AutoModelForCausalLM.from_config(student.hf_model.config)
     tied = bool(getattr(student.hf_model.config, "tie_word_embeddings", False))
     keys = clean.load_state_dict(student.hf_state_dict() if weights is None else weights, strict=False)
@@ -73,13 +100,23 @@ def export_student(student: ChatModel, out_dir: str | Path, weights: dict[str, T
         clean.tie_weights()
     clean.generation_config = student.hf_model.generation_config
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for orphan in out_dir.parent.glob(f".{out_dir.name}-*"):  # left by an export that was killed; the caller holds the lock
+        if orphan.is_dir() and not orphan.is_symlink():
+            shutil.rmtree(orphan, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; an export is meant to be shared
-        clean.save_pretrained(tmp)
-        student.tokenizer.save_pretrained(tmp)
-        if card is not None:
-            write_model_card(tmp, card)
+        try:
+            clean.save_pretrained(tmp)
+            student.tokenizer.save_pretrained(tmp)
+            if card is not None:
+                write_model_card(tmp, card)
+            written = sorted(p.name for p in tmp.iterdir())
+            write_text_atomic(tmp / EXPORT_MANIFEST, json.dumps({"files": written}, indent=1))
+        except (OSError, RuntimeError) as exc:  # a full disk: OSError from Python, RuntimeError from safetensors' writer
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+            raise SafeSteerError(f"could not write {out_dir} ({reason}); free disk space and rerun with --resume, which "
+                                 "exports the trained student from checkpoint.pt") from exc
         old = out_dir.with_name(f".{out_dir.name}-old")
         if out_dir.exists():  # moved aside first, so a crash in between leaves one complete student
             shutil.rmtree(old, ignore_errors=True)
@@ -90,6 +127,38 @@ def export_student(student: ChatModel, out_dir: str | Path, weights: dict[str, T
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+EXPORT_MANIFEST = ".safesteer-export.json"  # the files an export wrote: what a later export may replace
+# what an export wrote before it listed its files: save_pretrained's and the tokenizer's names, and the card
+_EXPORT_NAMES = re.compile(r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens)\.json"
+                           r"|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|chat_template\.jinja"
+                           r"|vocab\.json|merges\.txt|tokenizer\.model|README\.md")
+
+
+def check_student_dir(out_dir: str | Path) -> None:
+    """Fail in one line when an export would replace files that it did not write.
+
+    An export replaces ``student/`` whole; a user's own file put there (notes, an eval log)
+    would go with it. Checked before training starts and again at the export.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if out_dir.is_symlink() or not out_dir.is_dir():
+        raise SafeSteerError(f"{out_dir} is not a directory the export wrote; move it away and train again")
+    manifest = out_dir / EXPORT_MANIFEST
+    ours: set[str] = {EXPORT_MANIFEST}
+    try:
+        listed = json.loads(manifest.read_text(encoding="utf-8")).get("files") if manifest.is_file() else None
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        listed = None
+    if isinstance(listed, list):
+        ours |= {name for name in listed if isinstance(name, str)}
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in ours and not (listed is None and _EXPORT_NAMES.fullmatch(p.name)))
+    if foreign:
+        raise SafeSteerError(f"{out_dir} holds files safesteer-lens did not write ({', '.join(foreign[:3])}"
+                             f"{' ...' if len(foreign) > 3 else ''}); move them out of it, then run the command again")
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:

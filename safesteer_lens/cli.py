@@ -8,9 +8,11 @@ exits with status 2 (argparse's own usage errors use 2 as well).
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import sys
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, NoReturn, Sequence
 
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.directions import DIRECTION_METHODS
@@ -64,7 +66,12 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from safesteer_lens.generation import generate
     from safesteer_lens.models import load_model
 
+    from safesteer_lens.data import check_prompt_lengths, prompts_from_texts
+
+    if args.max_new_tokens < 1:
+        raise SafeSteerError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     model = load_model(args.model, device=args.device, dtype=args.dtype)
+    check_prompt_lengths(model, prompts_from_texts(args.prompts, "the command line"), args.max_new_tokens)
     out = generate(model, args.prompts, max_new_tokens=args.max_new_tokens)
     for prompt, text in zip(args.prompts, out.texts):
         print(f"user: {prompt}\nassistant: {text.strip()}\n")
@@ -103,20 +110,25 @@ def cmd_direction(args: argparse.Namespace) -> None:
         method=args.method, layers=parse_layers(args.layers), n_train=args.n_train,
         n_val=args.n_val, n_test=args.n_test,
     )
-    from safesteer_lens.rundir import check_out_dir
+    from safesteer_lens.rundir import check_out_dir, locked
 
     check_out_dir(args.out)
-    from safesteer_lens.data import load_prompt_file, split_by_position
+    from safesteer_lens.data import check_prompt_lengths, load_prompt_file, split_by_position
 
-    harmful = split_by_position(load_prompt_file(args.harmful, "harmful")) if args.harmful else None
-    harmless = split_by_position(load_prompt_file(args.harmless, "harmless")) if args.harmless else None
+    harmful_file = load_prompt_file(args.harmful, "harmful") if args.harmful else None
+    harmless_file = load_prompt_file(args.harmless, "harmless") if args.harmless else None
+    harmful = split_by_position(harmful_file) if harmful_file else None
+    harmless = split_by_position(harmless_file) if harmless_file else None
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    direction = find_direction(model, config, harmful=harmful, harmless=harmless)
-    probes = probe_accuracy(model, train=(harmful["train"], harmless["train"]) if harmful and harmless else None,
-                            test=(harmful["val"], harmless["val"]) if harmful and harmless else None)
-    direction.save(args.out)
-    save_probes(probes, args.out)
-    page = write_direction_report(direction, args.out, probes)
+    for prompts in (harmful_file, harmless_file):
+        check_prompt_lengths(model, prompts or [], config.max_new_tokens)
+    with locked(args.out, "safesteer direction"):
+        direction = find_direction(model, config, harmful=harmful, harmless=harmless)
+        probes = probe_accuracy(model, train=(harmful["train"], harmless["train"]) if harmful and harmless else None,
+                                test=(harmful["val"], harmless["val"]) if harmful and harmless else None)
+        direction.save(args.out)
+        save_probes(probes, args.out)
+        page = write_direction_report(direction, args.out, probes)
     ev = direction.evaluation
     print(f"method {direction.method}, layer {direction.layer}, position {direction.position}, coeff {direction.coeff:g}")
     print("held-out greedy replies that open as refusals:")
@@ -133,7 +145,7 @@ def cmd_tokens(args: argparse.Namespace) -> None:
     from safesteer_lens.token_views import collect_token_views
     from safesteer_lens.tokens import TokenConfig, select_with_comparison
 
-    from safesteer_lens.rundir import locked
+    from safesteer_lens.rundir import locked, require_run_dir
 
     config = TokenConfig(
         horizon=args.horizon, samples_per_prompt=args.samples, n_prompts=args.n_prompts,
@@ -142,6 +154,7 @@ def cmd_tokens(args: argparse.Namespace) -> None:
     )
     if args.compare_horizon < 0:
         raise SafeSteerError(f"--compare-horizon must be 0 (skip) or a horizon >= 1, got {args.compare_horizon}")
+    require_run_dir(args.run)
     with locked(args.run, "safesteer tokens"):
         _import_direction(args)
         direction = load_direction(args.run)
@@ -157,9 +170,10 @@ def cmd_tokens(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Stage 3: localized on-policy distillation of the student from the steered teacher."""
+    from safesteer_lens.checkpoints import CHECKPOINT, check_fresh_start
     from safesteer_lens.distill import preflight, preset
     from safesteer_lens.parallel import current_world, shutdown
-    from safesteer_lens.rundir import locked
+    from safesteer_lens.rundir import locked, require_run_dir
 
     overrides = {
         key: value
@@ -175,11 +189,18 @@ def cmd_train(args: argparse.Namespace) -> None:
         if value is not None
     }
     config = preset(args.preset, **overrides)  # validated on construction
+    require_run_dir(args.run)
+    if args.resume and args.overwrite:
+        raise SafeSteerError("--resume continues the run in place and --overwrite starts a new one; pass one of them")
     world = current_world()  # under torchrun: joins the process group; one process: World()
     try:
         with locked(args.run, "safesteer train", world.is_main):
+            if not (args.resume or args.overwrite):
+                check_fresh_start(args.run)
             _import_direction(args)
             inputs = preflight(args.run, config, args.resume)  # a damaged run directory fails before any model loads
+            if args.resume and inputs.checkpoint is None and world.is_main:
+                print(f"no {CHECKPOINT} in {args.run} yet: training starts at step 0")
             result = _train_command(args, config, world, inputs)
     finally:
         shutdown()
@@ -245,22 +266,44 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     ``comparison.csv``, ``mcq.csv``, ``examples.json``) and drops the pipeline's evaluation stamp,
     so a later ``safesteer run`` evaluates its own students again instead of reporting these.
     """
-    from pathlib import Path
-
-    from safesteer_lens.capability import parse_mcq_specs
-    from safesteer_lens.data import load_public_prompts
-    from safesteer_lens.directions import load_direction
-    from safesteer_lens.evaluate import EvalConfig, Subject, evaluate_models
-    from safesteer_lens.judges import check_judge, load_judge
-    from safesteer_lens.models import load_model
-    from safesteer_lens.pipeline import write_evaluation
+    from safesteer_lens.evaluate import EvalConfig
+    from safesteer_lens.rundir import check_out_file, locked, require_run_dir
 
     config = EvalConfig(n_harmful=args.n, n_harmless=args.n, max_new_tokens=args.max_new_tokens,
                         n_mcq=args.n_mcq, split=args.split)
     if not (math.isfinite(args.teacher_coeff) and args.teacher_coeff >= 0):
         raise SafeSteerError(f"--teacher-coeff must be 0 (the direction's own) or positive, got {args.teacher_coeff}")
-    _import_direction(args)
-    direction = load_direction(args.run)
+    require_run_dir(args.run)
+    if args.csv:
+        check_out_file(args.csv)
+    inputs = _evaluate_inputs(args, config)  # every input read and checked before the run is locked or written
+    with locked(args.run, "safesteer evaluate"):
+        _evaluate_command(args, config, inputs)
+
+
+@dataclass
+class _EvaluateInputs:
+    """What ``evaluate`` reads besides the models, read and checked before anything is written."""
+
+    direction: Any
+    imported: Any  # the --direction to write into the run once the models load, or None
+    students: list[tuple[str, str]]  # (table name, directory)
+    extra: dict[str, Any]
+    mcq_sets: dict[str, Any]
+
+
+def _evaluate_inputs(args: argparse.Namespace, config: Any) -> _EvaluateInputs:
+    """What ``evaluate`` reads besides the models: the direction (imported or the run's), students, benchmarks, MCQ sets."""
+    from pathlib import Path
+
+    from safesteer_lens.capability import parse_mcq_specs
+    from safesteer_lens.data import load_public_prompts
+    from safesteer_lens.directions import load_direction
+    from safesteer_lens.evaluate import check_counts
+    from safesteer_lens.judges import check_judge
+
+    imported = _checked_import(args)  # written into the run only once the models have loaded too
+    direction = imported or load_direction(args.run)
     students = list(args.students or [])
     if not students and (Path(args.run) / "student").is_dir():
         students = [str(Path(args.run) / "student")]
@@ -277,19 +320,40 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     mcq_sets = parse_mcq_specs(args.mcq or [], args.mcq_limit)
     if args.judge:
         check_judge(args.judge)
+    check_counts(config)
+    return _EvaluateInputs(direction, imported, list(zip(names, students)), extra, mcq_sets)
+
+
+def _evaluate_command(args: argparse.Namespace, config: Any, inputs: _EvaluateInputs) -> None:
+    """``cmd_evaluate`` on the locked run directory, with its inputs checked: load, evaluate, then write."""
+    from pathlib import Path
+
+    from safesteer_lens.atomic import write_atomic
+    from safesteer_lens.data import check_prompt_lengths
+    from safesteer_lens.evaluate import Subject, evaluate_models
+    from safesteer_lens.judges import load_judge
+    from safesteer_lens.models import load_model
+    from safesteer_lens.pipeline import write_evaluation
+
+    direction = inputs.direction
     base = load_model(args.model or direction.model, device=args.device, dtype=args.dtype)
-    subjects = [Subject("base", base), Subject("teacher", base, direction.hooks(base, coeff=args.teacher_coeff or None))]
-    for name, path in zip(names, students):
+    for prompts in inputs.extra.values():
+        check_prompt_lengths(base, prompts, config.max_new_tokens)
+    teacher_hooks = direction.hooks(base, coeff=args.teacher_coeff or None)  # checks the direction fits the model
+    if inputs.imported is not None:
+        _save_import(args, inputs.imported)
+    subjects = [Subject("base", base), Subject("teacher", base, teacher_hooks)]
+    for name, path in inputs.students:
         subjects.append(Subject(name, load_model(path, device=base.device)))
     judge = load_judge(args.judge, device=str(base.device)) if args.judge else None
-    evaluation = evaluate_models(subjects, base, config, extra_sets=extra, judge=judge, mcq_sets=mcq_sets)
+    evaluation = evaluate_models(subjects, base, config, extra_sets=inputs.extra, judge=judge, mcq_sets=inputs.mcq_sets)
     _print_table(evaluation.table)
     out = Path(args.run)
     (out / "evaluate.json").unlink(missing_ok=True)  # first: a crash mid-write must not leave a valid stamp
     write_evaluation(out, evaluation)
     print(f"wrote {out}/results.csv, comparison.csv (one row per held-out prompt), mcq.csv and examples.json")
     if args.csv:
-        evaluation.table.to_csv(args.csv)
+        write_atomic(args.csv, evaluation.table.to_csv)
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -297,9 +361,11 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
     from safesteer_lens.distill import PRESETS
-    from safesteer_lens.evaluate import DEMO_EVAL
-    from safesteer_lens.sweep import load_grid_file, parse_grid, run_sweep
+    from safesteer_lens.evaluate import DEMO_EVAL, check_counts
+    from safesteer_lens.rundir import locked, require_run_dir
+    from safesteer_lens.sweep import check_sweep_name, load_grid_file, parse_grid, run_sweep, trials
 
+    check_sweep_name(args.name)
     if bool(args.grid) == bool(args.grid_file):
         raise SafeSteerError("give the grid either as --grid KEY=V1,V2 ... or as --grid-file FILE.json")
     grid = parse_grid(args.grid) if args.grid else load_grid_file(args.grid_file)
@@ -308,9 +374,14 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     train_config = PRESETS[args.preset]
     if args.precision:
         train_config = replace(train_config, precision=args.precision)
-    _import_direction(args)
-    table = run_sweep(args.run, grid, train_config, eval_config, keep_students=args.keep_students, name=args.name,
-                      report_to=args.report_to)
+    for trial in trials(grid):
+        trial.config(train_config)  # every trial's settings checked before the import writes anything
+    check_counts(eval_config)
+    require_run_dir(args.run)
+    with locked(args.run, "safesteer sweep"):
+        _import_direction(args)
+        table = run_sweep(args.run, grid, train_config, eval_config, keep_students=args.keep_students, name=args.name,
+                          report_to=args.report_to)
     shown = [c for c in ("harmful_refusal", "harmless_refusal", "harmless_degenerate", "mcq_acc", "pareto") if c in table]
     _print_table(table[[*grid, *shown]])
     print(f"wrote {args.run}/{args.name}/sweep.csv and sweep.html ({len(table) - 1} trials, evaluated on the {args.split} split)")
@@ -353,16 +424,41 @@ def _add_direction_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _import_direction(args: argparse.Namespace) -> None:
-    """With ``--direction FILE.gguf``: read and check the file, then make it the run's direction."""
-    if not getattr(args, "direction", None):
-        return
-    from safesteer_lens.control_vectors import load_control_vector
+    """With ``--direction FILE.gguf`` or ``--direction RUN``: check the direction, then make it the run's."""
+    direction = _checked_import(args)
+    if direction is not None:
+        _save_import(args, direction)
 
-    direction = load_control_vector(args.direction)
+
+def _checked_import(args: argparse.Namespace) -> Any:
+    """The ``--direction`` to import, checked, or None without the flag; nothing is written.
+
+    The direction is checked against the model it will steer (its width, its layer range,
+    finite and non-zero) from the model's config alone, so a bad file fails before the run's
+    own direction is touched.
+    """
+    if not getattr(args, "direction", None):
+        return None
+    from pathlib import Path
+
+    from safesteer_lens.control_vectors import load_control_vector
+    from safesteer_lens.directions import load_direction
+    from safesteer_lens.models import model_shape
+
+    source = Path(args.direction)
+    direction = load_direction(source) if source.is_dir() else load_control_vector(source)
     if getattr(args, "model", None):
         direction.model = args.model  # the model the user steers, not the file's hint
     elif direction.model == "unknown":
         raise SafeSteerError(f"{args.direction} does not name its model; pass --model")
+    try:
+        direction.check_fits(*model_shape(direction.model), direction.model)
+    except SafeSteerError as exc:
+        raise SafeSteerError(f"{args.direction} cannot steer this run's model: {exc}") from None
+    return direction
+
+
+def _save_import(args: argparse.Namespace, direction: Any) -> None:
     direction.save(args.run)
     print(f"direction: {args.direction} -> {args.run}/direction.safetensors (layer {direction.layer}, "
           f"coeff {direction.coeff:g})")
@@ -374,15 +470,31 @@ def cmd_export_direction(args: argparse.Namespace) -> None:
     from safesteer_lens.directions import load_direction
     from safesteer_lens.steering import hook_name
 
-    direction = load_direction(args.run)
-    path = export_control_vector(direction, args.out, scale=args.scale)
+    from safesteer_lens.rundir import check_out_file, locked, require_run_dir
+
+    require_run_dir(args.run)
+    check_out_file(args.out)
+    with locked(args.run, "safesteer export-direction"):
+        direction = load_direction(args.run)
+        path = export_control_vector(direction, args.out, scale=args.scale)
     print(f"wrote {path}: {tensor_name(direction.layer)} = {args.scale * direction.coeff:g} x the direction "
           f"({hook_name(direction.layer)}); use it with llama.cpp's --control-vector {path}")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse with the toolkit's error form: ``error: ...`` on one line and exit status 2, no usage text.
+
+    ``--help`` still prints the full usage; a mistyped flag says what is wrong and where to look.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message.splitlines()[0] if message else 'bad arguments'}; "
+                     f"see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="safesteer",
         description="SafeSteer on TransformerLens: steering directions, safety tokens and "
         "localized on-policy distillation.",
@@ -470,7 +582,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train rank-R LoRA adapters (peft) instead of every weight; merged into the export (0: off)")
     train.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 16)")
     train.add_argument("--lora-targets", default=None, help="comma-separated linear layers for LoRA (default: all projections)")
-    train.add_argument("--resume", action="store_true", help="continue from checkpoint.pt")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from checkpoint.pt (with none yet, start again at step 0)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start a new run in a directory that holds one (its metrics and checkpoint are replaced; "
+                            "student/ is replaced when the new run finishes)")
     train.add_argument("--teacher-device", default=None, help="put the frozen teacher on another device (e.g. cuda:1)")
     train.add_argument("--shard", choices=SHARDING, default="none", help=SHARD_HELP)
     train.add_argument("--low-memory-rollouts", action="store_true", help=LOW_MEMORY_HELP)
@@ -553,17 +669,38 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``safesteer`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, already printed as one line)
+        return exc.code if isinstance(exc.code, int) else 2
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)
     except SafeSteerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the machine's, not the input's: a full or read-only disk while writing
+        print(f"error: {disk_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def one_line(text: str) -> str:
+    """A message as one line (a library's text quoted inside a message may carry newlines)."""
+    return " ".join(text.split())
+
+
+def disk_error(exc: OSError) -> str:
+    """One line for an operating-system error while reading or writing: what happened, to which file, what to do."""
+    where = f" {exc.filename}" if exc.filename else ""
+    if exc.errno == errno.ENOSPC or exc.errno == errno.EDQUOT:
+        return f"the disk is full (writing{where}); free some space and run the command again (training resumes with --resume)"
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write{where} ({exc.strerror}); choose a writable directory or fix its permissions"
+    return f"{exc.strerror or type(exc).__name__}{':' + where if where else ''}; check the path and the disk"
 
 
 if __name__ == "__main__":

@@ -79,7 +79,10 @@ def export_control_vector(direction: Direction, path: str | Path, scale: float =
 
 def _field(reader: "object", key: str) -> object | None:
     field = reader.fields.get(key)  # type: ignore[attr-defined]
-    return None if field is None else field.contents()
+    try:
+        return None if field is None else field.contents()
+    except Exception:  # noqa: BLE001 - a field another tool wrote in a form gguf cannot decode counts as absent
+        return None
 
 
 def load_control_vector(path: str | Path, layer: int | None = None) -> Direction:
@@ -115,12 +118,14 @@ def load_control_vector(path: str | Path, layer: int | None = None) -> Direction
     if chosen not in layers:
         raise SafeSteerError(f"{path} has no vector for layer {chosen}; it has {sorted(layers)}")
     values = torch.from_numpy(tensors[layers[chosen]])
-    ours = _field(reader, "safesteer.layer") == chosen and _field(reader, "safesteer.coeff") is not None
-    coeff = float(_field(reader, "safesteer.coeff")) if ours else 1.0
-    if not np.isfinite(coeff) or coeff == 0 or not torch.isfinite(values).all():
-        raise SafeSteerError(f"{path} holds a zero coefficient or non-finite values; export it again")
+    saved_coeff = _field(reader, "safesteer.coeff")
+    ours = _field(reader, "safesteer.layer") == chosen and isinstance(saved_coeff, (int, float)) and not isinstance(saved_coeff, bool)
+    coeff = float(saved_coeff) if ours else 1.0
+    if not np.isfinite(coeff) or coeff == 0 or not torch.isfinite(values).all() or not values.any():
+        raise SafeSteerError(f"{path} holds a zero coefficient, a zero vector or non-finite values; export it again")
+    hint, method = _field(reader, f"{ARCH}.model_hint"), _field(reader, "safesteer.method")
     return Direction(
-        vector=values / coeff, model=str(_field(reader, f"{ARCH}.model_hint") or "unknown"),
-        method=str(_field(reader, "safesteer.method") or "control-vector") if ours else "control-vector",
+        vector=values / coeff, model=hint if isinstance(hint, str) and hint else "unknown",
+        method=method if ours and isinstance(method, str) and method else "control-vector",
         layer=chosen, position=-1, coeff=coeff, settings={"source": str(path)},
     )

@@ -172,6 +172,42 @@ def load_prompt_file(
     return out
 
 
+def prompts_from_texts(texts: Sequence[str], source: str) -> list[Prompt]:
+    """Plain request strings as :class:`Prompt` rows from ``source`` (for messages that name where a prompt came from)."""
+    return [Prompt(f"{source}-{i}", text, "harmless", source=source) for i, text in enumerate(texts)]
+
+
+def check_prompt_lengths(model: "ChatModel", prompts: Sequence[Prompt], max_new_tokens: int) -> None:  # noqa: F821
+    """Fail in one line, naming the prompt's file and row, when a prompt and its reply exceed the model's context.
+
+    One very long prompt in a benchmark file would otherwise be batched with the rest and
+    take the whole batch to its length, which is how a 50,000-character prompt exhausts
+    memory; a reply budget past the context would run the model where it was never trained.
+
+    Args:
+        model: The model that will read the prompts.
+        prompts: As loaded (their ``source`` and ``id`` name the file and row).
+        max_new_tokens: The reply budget after each prompt.
+    """
+    limit = model.context_length
+    if max_new_tokens < 1:
+        raise SafeSteerError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if limit is None:
+        return
+    if max_new_tokens >= limit:
+        raise SafeSteerError(f"max_new_tokens = {max_new_tokens} leaves no room for a prompt in {model.name}'s context "
+                             f"of {limit} tokens; ask for fewer (--max-new-tokens)")
+    budget = limit - max_new_tokens
+    for prompt in prompts:
+        if len(prompt.prompt) <= budget:  # a token holds at least one character: short prompts need no tokenizer
+            continue
+        n_tokens = len(model.tokenizer(model.format_chat(prompt.prompt), add_special_tokens=False)["input_ids"])
+        if n_tokens > budget:
+            raise SafeSteerError(f"prompt {prompt.id} of {prompt.source} is {n_tokens} tokens with its "
+                                 f"chat template; with {max_new_tokens} reply tokens that exceeds {model.name}'s context of "
+                                 f"{limit}; shorten or remove it")
+
+
 def split_by_position(prompts: Sequence[Prompt]) -> dict[str, list[str]]:
     """Prompt texts per split: the file's own splits when it has all three, else 3:1:1 by position.
 
@@ -200,6 +236,11 @@ def read_rows(path: Path) -> list[dict]:
         raise SafeSteerError(
             f"unsupported prompt file {path.name}: use .json, .jsonl, .csv or .parquet"
         )
+    if fmt in ("json", "csv"):
+        try:
+            path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SafeSteerError(f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 and try again") from exc
     import datasets
 
     shown = datasets.is_progress_bar_enabled()

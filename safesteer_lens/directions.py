@@ -388,7 +388,31 @@ class Direction:
             model: The model to steer (the vector is moved to its device and dtype).
             coeff: Another coefficient than the teacher's.
         """
+        self.check_fits(model.n_layers, model.d_model, model.name)
         return add_hooks(model, self.vector, self.layer, self.coeff if coeff is None else coeff)
+
+    def check_fits(self, n_layers: int, d_model: int, model: str) -> None:
+        """Fail in one line unless this direction can steer a model of that shape.
+
+        Checked before a direction from elsewhere (a control vector, another run) replaces a
+        run's own, and again whenever hooks are built, so a mismatch never reaches a forward.
+
+        Args:
+            n_layers: The model's block count; the layer must be one of its blocks.
+            d_model: The model's residual width; the vector must have as many values.
+            model: The model's name, for the message.
+        """
+        vector = self.vector
+        if vector.ndim != 1 or vector.shape[0] != d_model:
+            raise SafeSteerError(f"the direction has shape {tuple(vector.shape)} but {model} has d_model {d_model}; "
+                                 "use a direction found on this model")
+        if not 0 <= self.layer < n_layers:
+            raise SafeSteerError(f"the direction steers layer {self.layer} but {model} has layers 0-{n_layers - 1}; "
+                                 "use a direction found on this model")
+        if not vector.is_floating_point() or not torch.isfinite(vector).all() or not vector.any():
+            raise SafeSteerError("the direction is not a finite, non-zero float vector; use another direction file")
+        if not math.isfinite(self.coeff):
+            raise SafeSteerError(f"the direction's coefficient is {self.coeff}; a teacher needs a finite one")
 
     @contextmanager
     def apply(self, model: ChatModel, coeff: float | None = None) -> Iterator[ChatModel]:
@@ -440,8 +464,9 @@ class Direction:
             raise artifact_error(json_path, f"has layer {meta['layer']} and coeff {meta['coeff']}; a layer is >= 0 and "
                                  "a coefficient finite", remake)
         vector = read_tensors(tensor_path, remake).get("direction")
-        if vector is None or vector.ndim != 1 or not torch.isfinite(vector).all() or not vector.any():
-            raise artifact_error(tensor_path, "holds no finite, non-zero 1-D tensor 'direction'", remake)
+        if (vector is None or vector.ndim != 1 or not vector.is_floating_point() or not torch.isfinite(vector).all()
+                or not vector.any()):
+            raise artifact_error(tensor_path, "holds no finite, non-zero 1-D float tensor 'direction'", remake)
         if "d_model" in meta and meta["d_model"] != vector.shape[0]:
             raise artifact_error(tensor_path, f"has {vector.shape[0]} values but {DIRECTION_JSON} says d_model "
                                  f"{meta['d_model']}", remake)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -36,12 +37,12 @@ from safesteer_lens.rundir import holds_lock
 from safesteer_lens.tracking import check_report_to, open_tracker
 from safesteer_lens.adapters import DEFAULT_TARGETS, LoraSpec, add_lora, merge_lora
 from safesteer_lens.checkpoints import (
-    CHECKPOINT, CHECKPOINT_FORMAT, METRICS, STUDENT_DIR, append_metrics, export_student, load_checkpoint, read_metrics,
-    save_checkpoint, write_metrics,
+    CHECKPOINT, CHECKPOINT_FORMAT, METRICS, STUDENT_DIR, append_metrics, check_student_dir, export_student, load_checkpoint,
+    read_metrics, save_checkpoint, write_metrics,
 )
-from safesteer_lens.data import first_prompts, load_builtin_prompts, prompt_texts
+from safesteer_lens.data import check_prompt_lengths, first_prompts, load_builtin_prompts, prompt_texts, prompts_from_texts
 from safesteer_lens.directions import Direction, load_direction
-from safesteer_lens.errors import SafeSteerError
+from safesteer_lens.errors import SafeSteerError, first_line
 from safesteer_lens.generation import Completions, generate
 from safesteer_lens.losses import LOSS_REGISTRY, distillation_loss, get_loss, safety_mass, sequence_mean
 from safesteer_lens.models import DTYPES, ChatModel, load_model, resolve_device
@@ -53,6 +54,8 @@ from safesteer_lens.scoring import teacher_forced_logits
 from safesteer_lens.sharding import check_sharding, full_state, is_sharded, load_full_state, load_sharded, local, to_float
 from safesteer_lens.tokens import SafetyTokens, load_safety_tokens
 from safesteer_lens.steering import hook_name
+
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 ROLLOUT_ENGINES = ("fast", "plain")
 TEACHER_LOGITS_BUDGET = 256 * 2**20  # bytes of float32 teacher logits held at once
@@ -204,6 +207,11 @@ class TrainConfig:
                                  f"{self.lora_rank}, {self.lora_alpha}, {self.lora_targets!r}")
         if self.anchor_loss not in LOSS_REGISTRY:
             raise SafeSteerError(f"unknown anchor_loss {self.anchor_loss!r}: use one of {', '.join(LOSS_REGISTRY)}")
+        # checked even with LoRA off: the value reaches file names (a sweep trial's directory) and model cards
+        bad = [t for t in self.lora_targets.split(",") if t.strip() and not _MODULE_NAME.fullmatch(t.strip())]
+        if bad:
+            raise SafeSteerError(f"lora_targets {self.lora_targets!r} holds {bad[0]!r}, not a layer name; give "
+                                 f"comma-separated names of linear layers such as {DEFAULT_TARGETS}")
 
 
 PRESETS: dict[str, TrainConfig] = {
@@ -458,13 +466,12 @@ def preflight(run_dir: str | Path, config: TrainConfig, resume: bool = False) ->
         load_direction(run_dir), load_safety_tokens(run_dir), _train_prompts("harmful", config.n_prompts, mix=config.mix_categories),
         _anchor_prompts(config), resume,
     )
+    check_student_dir(run_dir / STUDENT_DIR)  # the export at the end must not meet files it may not replace
     if resume:
-        inputs.metrics = read_metrics(run_dir / METRICS)
         if (run_dir / CHECKPOINT).exists():
+            inputs.metrics = read_metrics(run_dir / METRICS)
             inputs.checkpoint = load_checkpoint(run_dir)
-        elif inputs.metrics:
-            raise SafeSteerError(f"{run_dir} has steps in {METRICS} but no {CHECKPOINT} to resume from; "
-                                 "drop --resume to start over (this replaces the metrics)")
+        # killed before its first checkpoint: nothing to continue from, so resuming starts again at step 0
     return inputs
 
 
@@ -490,6 +497,7 @@ class Trainer:
         train_device = rank_device(device, world) or (teacher.device if teacher is not None else resolve_device(None))
         compute = compute_dtype(self.config.precision, torch.device(train_device))  # what sharded models are gathered in
         teacher = _training_teacher(teacher, direction.model, shard, world, train_device, compute)
+        check_prompt_lengths(teacher, prompts_from_texts(self.inputs.prompts, "the train split"), self.config.max_new_tokens)
         if max(self.tokens.ids) >= teacher.d_vocab:
             raise SafeSteerError(
                 f"safety token id {max(self.tokens.ids)} does not exist in {teacher.name}'s vocabulary of "
@@ -567,8 +575,12 @@ class Trainer:
         self.inputs.checkpoint = None  # loaded into the models below: no second copy is kept
         if state is not None:
             _check_resumable(state, self.config, model_dtype(self.config.precision, run.student))
-            load_full_state(run.student, state["student"], run.optimizer, state["optimizer"])
-            run.scheduler.load_state_dict(state["scheduler"])
+            try:
+                load_full_state(run.student, state["student"], run.optimizer, state["optimizer"])
+                run.scheduler.load_state_dict(state["scheduler"])
+            except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # torch's words for a state of another shape
+                raise SafeSteerError(f"checkpoint.pt does not fit this student ({first_line(exc, 100)}); train without "
+                                     "--resume to start over") from exc
             start = state["step"]
             metrics = [m for m in self.inputs.metrics if m.get("step", start) < start]
             self.last_saved = start
@@ -772,6 +784,9 @@ def _check_resumable(state: dict[str, Any], config: TrainConfig, dtype: torch.dt
     # and the defaults of the options added since (anchor off, no LoRA)
     defaults = asdict(TrainConfig())
     saved = {"precision": "float32", **{k: defaults[k] for k in PREDATED_SETTINGS}, **state["config"]}
+    if not 0 <= state["step"] <= config.total_steps:
+        raise SafeSteerError(f"checkpoint.pt is at step {state['step']} but this run has {config.total_steps} steps; "
+                             "resume with the settings it was written with, or train without --resume")
     changed = [key for key in asdict(config) if saved.get(key) != getattr(config, key)]
     if changed:
         what = ", ".join(f"{key} ({saved.get(key)!r} there, {getattr(config, key)!r} now)" for key in changed)

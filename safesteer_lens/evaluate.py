@@ -109,6 +109,27 @@ class EvalConfig:
 
 
 # The demo's evaluation (2 CPU cores, 135M model): 40 + 40 held-out prompts and 60 questions.
+def check_counts(config: EvalConfig) -> None:
+    """Fail in one line when ``config`` asks for more shipped prompts or questions than its split has.
+
+    A count above what exists would otherwise be cut silently, and the table would report a
+    smaller n than the command asked for.
+    """
+    from safesteer_lens.capability import load_builtin_mcq
+    from safesteer_lens.data import load_builtin_prompts
+
+    for label, asked in (("harmful", config.n_harmful), ("harmless", config.n_harmless)):
+        have = len(load_builtin_prompts(label, config.split))
+        if asked > have:
+            raise SafeSteerError(f"{asked} {label} prompts asked for but the {config.split} split has {have}; "
+                                 f"ask for {have} or fewer (--n)")
+    if config.n_mcq:
+        have = len(load_builtin_mcq(config.split))
+        if config.n_mcq > have:
+            raise SafeSteerError(f"{config.n_mcq} questions asked for but the {config.split} split has {have}; "
+                                 f"ask for {have} or fewer (--n-mcq)")
+
+
 # `safesteer run --preset demo` reports it on the test split; sweeps choose settings with it
 # on the validation split.
 DEMO_EVAL = EvalConfig(n_harmful=40, n_harmless=40, max_new_tokens=48, n_kl_prompts=16, n_general=12, n_mcq=60)

@@ -22,6 +22,7 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from safesteer_lens.errors import SafeSteerError
+from safesteer_lens.hf_loading import from_pretrained, refuse_custom_code, refuse_loaded_custom_code
 
 LLAMA_GUARD_3_CATEGORIES: dict[str, str] = {
     "S1": "Violent Crimes",
@@ -156,7 +157,9 @@ class LlamaGuard:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
         try:
-            model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype).to(device)
+            model = from_pretrained(AutoModelForCausalLM.from_pretrained, path_or_id, dtype=dtype).to(device)
+        except SafeSteerError:
+            raise
         except Exception as exc:
             raise SafeSteerError(f"cannot load the judge's weights from {path_or_id}: {str(exc).splitlines()[0]}") from exc
         return cls(model, tokenizer, variant, **kwargs)
@@ -201,8 +204,12 @@ def inspect_llama_guard(path_or_id: str, variant: str = "auto") -> tuple[Any, st
             f"{path_or_id} is not a Llama Guard model directory (no config.json); "
             "pass a directory saved with save_pretrained or a hub id such as meta-llama/Llama-Guard-3-1B"
         )
+    refuse_custom_code(local)
     try:
-        config = AutoConfig.from_pretrained(path_or_id)
+        config = from_pretrained(AutoConfig.from_pretrained, path_or_id)
+        refuse_loaded_custom_code(config, path_or_id)
+    except SafeSteerError:
+        raise
     except Exception as exc:  # offline, gated, malformed: one line for the user
         raise SafeSteerError(f"cannot read the judge's config from {path_or_id}: {str(exc).splitlines()[0]}") from exc
     architectures = getattr(config, "architectures", None) or []
@@ -212,7 +219,9 @@ def inspect_llama_guard(path_or_id: str, variant: str = "auto") -> tuple[Any, st
             "Llama Guard 3 is a LlamaForCausalLM: pass meta-llama/Llama-Guard-3-1B or -8B or a copy of one"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path_or_id)
+        tokenizer = from_pretrained(AutoTokenizer.from_pretrained, path_or_id)
+    except SafeSteerError:
+        raise
     except Exception as exc:
         raise SafeSteerError(f"cannot load the judge's tokenizer from {path_or_id}: {str(exc).splitlines()[0]}") from exc
     missing = [t for t in HEADER_TOKENS if t not in tokenizer.get_vocab()]

@@ -33,6 +33,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from safesteer_lens.errors import SafeSteerError, first_line
+from safesteer_lens.hf_loading import from_pretrained, refuse_custom_code, refuse_loaded_custom_code
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -132,6 +133,26 @@ class ChatModel:
         return int(self.hf_model.get_output_embeddings().weight.shape[0])
 
     @property
+    def context_length(self) -> int | None:
+        """The most positions the model was built for (``max_position_embeddings``); None when unknown."""
+        config = self.hf_model.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        value = getattr(config, "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) and value > 0 else None
+
+    def check_fits(self, n_tokens: int, what: str) -> None:
+        """Fail in one line when ``n_tokens`` positions exceed the model's context.
+
+        Args:
+            n_tokens: Positions the caller is about to run (prompt plus reply budget).
+            what: What asked for them, for the message (``"--max-new-tokens 100000"``).
+        """
+        limit = self.context_length
+        if limit is not None and n_tokens > limit:
+            raise SafeSteerError(f"{what} needs {n_tokens} positions but {self.name} has a context of {limit}; "
+                                 "ask for fewer tokens or shorten the prompt")
+
+    @property
     def device(self) -> torch.device:
         return next(self.hf_model.parameters()).device
 
@@ -174,14 +195,20 @@ class ChatModel:
         Returns:
             The formatted text, including any BOS the template writes itself.
         """
+        from jinja2.exceptions import SecurityError, TemplateError
+
         messages = [] if system is None else [{"role": "system", "content": system}]
         messages.append({"role": "user", "content": prompt})
-        if reply is None:
-            return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-        messages.append({"role": "assistant", "content": reply})
-        return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        if reply is not None:
+            messages.append({"role": "assistant", "content": reply})
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=reply is None)
+        except SecurityError as exc:
+            raise SafeSteerError(f"the chat template of {self.name!r} does something the Jinja sandbox blocks "
+                                 f"({first_line(exc, 100)}); fix chat_template in its tokenizer_config.json") from exc
+        except TemplateError as exc:
+            raise SafeSteerError(f"the chat template of {self.name!r} fails to render ({type(exc).__name__}: "
+                                 f"{first_line(exc, 100)}); fix chat_template in its tokenizer_config.json") from exc
 
     def tokenize(
         self,
@@ -412,8 +439,9 @@ def _load_hf(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {} if gguf_file is None else {"gguf_file": gguf_file}
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, source, **kwargs)
+    model = from_pretrained(AutoModelForCausalLM.from_pretrained, source, dtype=dtype, **kwargs)
+    refuse_loaded_custom_code(model.config, source)
     return model.to(device).eval(), tokenizer
 
 
@@ -432,6 +460,43 @@ def _boot_bridge(hf_model: Any, tokenizer: Any, device: torch.device, dtype: tor
     for parameter in bridge.parameters():
         parameter.requires_grad_(False)
     return bridge
+
+
+def model_shape(name: str) -> tuple[int, int]:
+    """``(n_layers, d_model)`` of a model from its config alone, without loading any weights.
+
+    What an imported direction is checked against before it replaces a run's own: the
+    embedded model and ``.gguf`` files are read for their metadata, a directory or hub id for
+    its ``config.json`` (no code from it runs).
+
+    Raises:
+        SafeSteerError: The model cannot be found or its config has no layer count or width.
+    """
+    key = name.lower()
+    path = Path(os.path.expanduser(name))
+    if key in EMBEDDED_MODELS or key.endswith(".gguf"):
+        import gguf
+
+        file = embedded_model_path(key) if key in EMBEDDED_MODELS else path
+        _check_gguf(file)
+        with _local_files(file, "pass a complete .gguf model file"):
+            reader = gguf.GGUFReader(str(file))
+            arch = reader.fields["general.architecture"].contents()
+            return int(reader.fields[f"{arch}.block_count"].contents()), int(reader.fields[f"{arch}.embedding_length"].contents())
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise SafeSteerError(f"{path} is not a Hugging Face model directory (no config.json); pass a model directory, "
+                             "a .gguf file or a hub id")
+    if not path.is_dir() and not _HUB_ID.match(name):
+        raise SafeSteerError(f"no such model {name!r}; pass --model with a model directory, a .gguf file or a hub id")
+    from transformers import AutoConfig
+
+    with _local_files(path, "pass a model directory with a readable config.json, or a hub id"):
+        config = from_pretrained(AutoConfig.from_pretrained, name)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        layers, width = getattr(text, "num_hidden_layers", None), getattr(text, "hidden_size", None)
+    if not isinstance(layers, int) or not isinstance(width, int):
+        raise SafeSteerError(f"the config of {name} has no num_hidden_layers and hidden_size; pass a causal language model")
+    return layers, width
 
 
 def load_model(
@@ -481,6 +546,7 @@ def load_model(
                 f"{path} is not a Hugging Face model directory (no config.json); "
                 "pass a directory saved with save_pretrained, a .gguf file or a hub id"
             )
+        refuse_custom_code(path)
         with _local_files(path, "save the model again with save_pretrained (weights, config.json and the tokenizer)"):
             hf_model, tokenizer = _load_hf(str(path), torch_device, torch_dtype)
         source = "directory"
@@ -491,7 +557,9 @@ def load_model(
     elif _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
         try:
             hf_model, tokenizer = _load_hf(name, torch_device, torch_dtype)
-        except OSError as exc:
+        except SafeSteerError:
+            raise
+        except (OSError, ValueError) as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise SafeSteerError(
                 f"could not load {name!r} from the Hugging Face hub ({first_line}); if offline, "

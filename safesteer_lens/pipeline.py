@@ -58,6 +58,7 @@ from safesteer_lens.tracking import check_report_to
 STAGES = ("direction", "tokens", "train", "ablation", "evaluate", "report")
 DIRECTION_FILES = (DIRECTION_JSON, DIRECTION_TENSOR)  # stage 1's artifact, which every later stage reads
 TRAIN_INPUTS = (*DIRECTION_FILES, TOKENS_JSON)  # what a training directory needs from the run
+EVALUATION_FILES = ("results.csv", "comparison.csv", "mcq.csv", "examples.json")  # what write_evaluation writes
 RECIPE_LABEL = "SafeSteer student"  # the row of the recipe's own student in the results table
 
 
@@ -162,7 +163,7 @@ def digests(paths: Sequence[Path], root: Path | None = None) -> dict[str, str]:
     return out
 
 
-def _stamp_ok(path: Path, key: str, inputs: dict[str, str] | None = None) -> bool:
+def _stamp_ok(path: Path, key: str, inputs: dict[str, str] | None = None, outputs: dict[str, str] | None = None) -> bool:
     """Whether a stage is current: same settings, and every input file as it was when the stage ran.
 
     ``inputs`` are the stage's input :func:`digests` now, taken once per stage (the stage does
@@ -173,7 +174,8 @@ def _stamp_ok(path: Path, key: str, inputs: dict[str, str] | None = None) -> boo
     if not path.is_file():
         return False
     stamp = read_json(path, "safesteer run --rerun <stage>")
-    return isinstance(stamp, dict) and stamp.get("key") == key and stamp.get("inputs", {}) == (inputs or {})
+    return (isinstance(stamp, dict) and stamp.get("key") == key and stamp.get("inputs", {}) == (inputs or {})
+            and (outputs is None or stamp.get("outputs", outputs) == outputs))  # stamps from before outputs were hashed pass
 
 
 def _write_stamp(path: Path, key: str, inputs: dict[str, str] | None = None, **extra: Any) -> None:
@@ -279,6 +281,9 @@ class Stage:
         run: Makes the outputs.
         stamp: Its stamp file; None runs it every time (the report, which is cheap).
         every_rank: Every process runs it (training); otherwise rank 0 alone.
+        stamp_outputs: The stamp also holds its outputs' content hashes, so an output replaced
+            by hand (a student retrained by ``safesteer train`` with other settings) makes the
+            stage stale instead of being described as the stage's own.
         extra: More fields for its stamp.
         label: Which of several rows of one name it is (the student), for the progress line.
     """
@@ -291,6 +296,7 @@ class Stage:
     run: Callable[[], None]
     stamp: Path | None
     every_rank: bool = False
+    stamp_outputs: bool = False
     extra: tuple[tuple[str, Any], ...] = ()
     label: str = ""
 
@@ -419,15 +425,17 @@ class _Job:
                 name=stage, message=f"training the {label} ({train_config.loss} loss)", label=label,
                 key=_hash([tokens_key, asdict(train_config), matmuls]), inputs=tuple(out / f for f in TRAIN_INPUTS),
                 outputs=(run_dir / STUDENT_DIR,), run=partial(self.train, label, train_config, run_dir),
-                stamp=run_dir / "train.json", every_rank=True, extra=(("loss", train_config.loss),),
+                stamp=run_dir / "train.json", every_rank=True, stamp_outputs=True, extra=(("loss", train_config.loss),),
             ))
         table += [
             Stage(name="evaluate", message="base, teacher and students on held-out prompts",
                   key=_hash([list(self.students), asdict(config.evaluate), self.judge, data]),
-                  inputs=(*direction_files, *self.students.values()), outputs=(out / "results.csv", out / REPRESENTATION),
+                  inputs=(*direction_files, *self.students.values()),
+                  outputs=tuple(out / name for name in (*EVALUATION_FILES, REPRESENTATION)),
                   run=self.evaluate, stamp=out / "evaluate.json"),
-            Stage(name="report", message="report.md, report.html and figures/", key="", inputs=(out / "results.csv",),
-                  outputs=(out / "report.html",), run=self.report, stamp=None),
+            Stage(name="report", message="report.md, report.html and figures/", key="",
+                  inputs=tuple(out / name for name in EVALUATION_FILES), outputs=(out / "report.md", out / "report.html"),
+                  run=self.report, stamp=None),
         ]
         return table
 
@@ -458,8 +466,9 @@ def _run_table(stages: Sequence[Stage], out: Path, rerun: Sequence[str], world: 
         if stage.every_rank:
             world.barrier()  # every rank waits for rank 0's stages before it
         inputs = digests(stage.inputs, out)
+        outputs = digests(stage.outputs, out) if stage.stamp_outputs else None
         stale = (stage.name in rerun or bool(made & set(stage.inputs)) or stage.stamp is None
-                 or not _stamp_ok(stage.stamp, stage.key, inputs) or not all(p.exists() for p in stage.outputs))
+                 or not _stamp_ok(stage.stamp, stage.key, inputs, outputs) or not all(p.exists() for p in stage.outputs))
         if stage.every_rank:
             stale = world.main_says(stale)
         if not stale:
@@ -468,7 +477,8 @@ def _run_table(stages: Sequence[Stage], out: Path, rerun: Sequence[str], world: 
         say(f"[{stage.number}/{len(STAGES)}] {stage.name}: {stage.message}")
         stage.run()
         if stage.stamp is not None and world.is_main:
-            _write_stamp(stage.stamp, stage.key, inputs, **dict(stage.extra))
+            made_outputs = {"outputs": digests(stage.outputs, out)} if stage.stamp_outputs else {}
+            _write_stamp(stage.stamp, stage.key, inputs, **dict(stage.extra), **made_outputs)
         made |= set(stage.outputs)
 
 

@@ -293,6 +293,16 @@ def target_check(table: Any, targets: Targets = Targets()) -> list[str]:
     return lines
 
 
+def md_text(text: Any, width: int | None = None) -> str:
+    """Prompt or reply text for a markdown cell: one line, ``|`` escaped, HTML shown as text, cut to ``width``.
+
+    Prompts come from benchmark files and replies from the model, so either may hold HTML;
+    a markdown viewer would render it, so it is escaped like every page of the report.
+    """
+    flat = " ".join(str(text).split())[:width]
+    return html.escape(flat).replace("|", "\\|")
+
+
 def comparison_markdown(comparison: Any, models: Sequence[str], width: int = 160) -> list[str]:
     """The per-prompt table as markdown: each model's reply with its flags (R refused, D degenerate, U unsafe)."""
     lines = ["| prompt | label | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
@@ -301,10 +311,8 @@ def comparison_markdown(comparison: Any, models: Sequence[str], width: int = 160
         for m in models:
             flags = "".join(flag for flag, col in (("R", "refused"), ("D", "degenerate"), ("U", "unsafe"))
                             if str(row.get(f"{m}: {col}")) == "True")  # bools, or their text once read from CSV
-            reply = str(row[f"{m}: reply"]).replace("|", "\\|").replace("\n", " ")[:width]
-            cells.append(f"{'**' + flags + '** ' if flags else ''}{reply}")
-        prompt = str(row["prompt"]).replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| {prompt} | {row['label']} | " + " | ".join(cells) + " |")
+            cells.append(f"{'**' + flags + '** ' if flags else ''}{md_text(row[f'{m}: reply'], width)}")
+        lines.append(f"| {md_text(row['prompt'])} | {md_text(row['label'])} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -443,8 +451,8 @@ def write_report(run_dir: str | Path, model_name: str, table: Any, config: Any) 
     md += ["", "## Sample completions", ""]
     for kind in ("harmful", "harmless"):
         for row in examples[kind][:3]:
-            md.append(f"**[{kind}] {row['prompt']}**")
-            md += [f"- *{s}*: {row[s][:200]!r}" for s in subjects]
+            md.append(f"**[{kind}] {md_text(row['prompt'])}**")
+            md += [f"- *{md_text(s)}*: {md_text(repr(row[s][:200]))}" for s in subjects]
             md.append("")
     if comparison is not None:
         models = [c[: -len(": reply")] for c in comparison.columns if c.endswith(": reply")]

@@ -100,6 +100,28 @@ def check_out_dir(path: str | Path) -> None:
         raise SafeSteerError(f"cannot write in {existing}; choose a writable run directory")
 
 
+def require_run_dir(path: str | Path) -> Path:
+    """A run directory that a stage reads must exist (and be writable, since the stage writes back)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise SafeSteerError(f"no run directory {path}; make one with `safesteer direction --out {path}` first")
+    check_out_dir(path)
+    return path
+
+
+def check_out_file(path: str | Path) -> Path:
+    """Fail in one line, before any work, when ``path`` cannot be written as a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise SafeSteerError(f"{path} is a directory; pass a file name to write, e.g. {path / 'refusal.gguf'}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise SafeSteerError(f"no directory {parent} to write {path.name} into; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise SafeSteerError(f"cannot write {path} (read-only); choose a writable place")
+    return path
+
+
 def holds_lock(command: str) -> Callable[[F], F]:
     """Decorate a writer whose first argument is the run directory: it runs under :func:`locked`.
 

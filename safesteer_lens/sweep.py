@@ -23,6 +23,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -34,7 +35,7 @@ from safesteer_lens.atomic import write_atomic, write_text_atomic
 from safesteer_lens.checkpoints import CHECKPOINT, STUDENT_DIR
 from safesteer_lens.data import builtin_data_digest
 from safesteer_lens.distill import TrainConfig, train
-from safesteer_lens.errors import SafeSteerError
+from safesteer_lens.errors import SafeSteerError, first_line
 from safesteer_lens.rundir import artifact_error, holds_lock, read_json
 from safesteer_lens.tracking import check_report_to
 from safesteer_lens.evaluate import DEMO_EVAL, EvalConfig, Subject, evaluate_models
@@ -46,6 +47,8 @@ SWEEP_DIR = "sweep"
 SWEEPABLE = {name: type(value) for name, value in asdict(TrainConfig()).items() if isinstance(value, (int, float, str))}
 
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
+_SWEEP_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -76,20 +79,40 @@ def parse_grid(specs: Sequence[str]) -> dict[str, list[Any]]:
         if key in grid or not values:
             raise SafeSteerError(f"--grid {spec!r}: give each setting once, as KEY=V1,V2,...")
         grid[key] = [parse_value(key, v.strip()) for v in values.split(",") if v.strip()]
+        if not grid[key]:
+            raise SafeSteerError(f"--grid {spec!r}: no values; give at least one, as KEY=V1,V2,...")
     if not grid:
         raise SafeSteerError("an empty grid: pass settings such as --grid lr=3e-5,1e-4 seed=0,1,2")
     return grid
 
 
 def load_grid_file(path: str | Path) -> dict[str, list[Any]]:
-    """A grid from a JSON file mapping each setting to a list of values (``{"lr": [3e-5, 1e-4]}``)."""
+    """A grid from a JSON file mapping each setting to a list of values (``{"lr": [3e-5, 1e-4]}``).
+
+    Each value is one grid point as written: a string is never split again at commas, so
+    ``"1e-4,5"`` is an error for ``lr``, not two learning rates.
+    """
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise SafeSteerError(f"the grid file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 JSON") from exc
     except (OSError, json.JSONDecodeError) as exc:
-        raise SafeSteerError(f"cannot read the grid file {path}: {exc}; it must be JSON like {{\"lr\": [3e-5, 1e-4]}}") from exc
-    if not isinstance(data, dict) or not all(isinstance(v, list) and v for v in data.values()):
+        raise SafeSteerError(f"cannot read the grid file {path} ({first_line(exc, 80)}); it must be JSON like "
+                             '{"lr": [3e-5, 1e-4]}') from exc
+    if not isinstance(data, dict) or not data or not all(isinstance(v, list) and v for v in data.values()):
         raise SafeSteerError(f"{path} must map each setting to a non-empty list of values, e.g. {{\"seed\": [0, 1, 2]}}")
-    return parse_grid([f"{k}={','.join(str(v) for v in values)}" for k, values in data.items()])
+    grid: dict[str, list[Any]] = {}
+    for key, values in data.items():
+        field = key.strip().replace("-", "_")
+        if field not in SWEEPABLE:
+            raise SafeSteerError(f"{path}: unknown setting {key!r}; use TrainConfig fields: {', '.join(SWEEPABLE)}")
+        if field in grid:
+            raise SafeSteerError(f"{path}: {field!r} is given twice; give each setting once")
+        for value in values:
+            if not isinstance(value, (str, int, float)) or (isinstance(value, bool) and SWEEPABLE[field] is not bool):
+                raise SafeSteerError(f"{path}: {field} = {value!r} is not a {SWEEPABLE[field].__name__}")
+        grid[field] = [parse_value(field, str(v)) for v in values]
+    return grid
 
 
 @dataclass(frozen=True)
@@ -99,13 +122,30 @@ class Trial:
     settings: tuple[tuple[str, Any], ...]
 
     @property
-    def name(self) -> str:
-        """A directory name that reads as the settings (``loss=safesteer-bounded_lr=0.0001_seed=1``)."""
-        return "_".join(f"{k}={v}" for k, v in self.settings)
+    def label(self) -> str:
+        """The settings as they read (``loss=safesteer-bounded_lr=0.0001_seed=1``): the trial's row in tables."""
+        return settings_label(dict(self.settings))
+
+    @property
+    def dir_name(self) -> str:
+        """The trial's directory: its label made safe for a path, plus a short hash of the exact settings.
+
+        Values come from grid files others write, so nothing in them may reach the file system
+        as a path: every character but letters, digits and ``._=+-`` becomes ``-``, the slug is
+        cut to 80 characters, and the hash keeps two trials whose slugs coincide apart.
+        """
+        slug = _UNSAFE.sub("-", self.label)[:80].strip(".-") or "trial"
+        digest = hashlib.sha256(json.dumps(self.settings, default=repr).encode()).hexdigest()[:8]
+        return f"{slug}-{digest}"
 
     def config(self, base: TrainConfig) -> TrainConfig:
         """The base settings with this trial's overrides (validated on construction)."""
         return replace(base, **dict(self.settings))
+
+
+def settings_label(settings: dict[str, Any]) -> str:
+    """``{"lr": 0.001, "seed": 0}`` -> ``lr=0.001_seed=0``."""
+    return "_".join(f"{k}={v}" for k, v in settings.items())
 
 
 def trials(grid: dict[str, list[Any]]) -> list[Trial]:
@@ -124,6 +164,13 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def _row(evaluation: Any, name: str) -> dict[str, Any]:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in evaluation.table.loc[name].items()}
+
+
+def check_sweep_name(name: str) -> None:
+    """A sweep's name becomes a directory under the run: one plain name of letters, digits and ``._-``."""
+    if not _SWEEP_NAME.fullmatch(name or "") or name in (".", ".."):
+        raise SafeSteerError(f"sweep name {name!r} must be one plain directory name of letters, digits, '.', '_' and "
+                             "'-', such as 'sweep' or 'lr-study'")
 
 
 @holds_lock("safesteer sweep")
@@ -160,8 +207,7 @@ def run_sweep(
     from safesteer_lens.distill import PRESETS
 
     run_dir = Path(run_dir)
-    if not name or Path(name).name != name or name in (".", ".."):
-        raise SafeSteerError(f"sweep name {name!r} must be one plain directory name, such as 'sweep' or 'lr-study'")
+    check_sweep_name(name)
     check_report_to(report_to)
     missing = [artifact for artifact in TRAIN_INPUTS if not (run_dir / artifact).is_file()]
     if missing:
@@ -186,12 +232,12 @@ def run_sweep(
     rows = [{"trial": "base", **cached["row"]}]
 
     for number, (trial, config) in enumerate(zip(points, configs), 1):
-        trial_dir = out / trial.name
+        trial_dir = out / trial.dir_name
         record_path = trial_dir / "trial.json"
         key = _key(asdict(config), eval_key)
         record = _record(record_path, remake) if record_path.is_file() else {}
         if record.get("key") != key:
-            say(f"sweep [{number}/{len(points)}] {trial.name}: training")
+            say(f"sweep [{number}/{len(points)}] {trial.label}: training")
             trial_dir.mkdir(exist_ok=True)
             for artifact in TRAIN_INPUTS:
                 shutil.copy2(run_dir / artifact, trial_dir / artifact)
@@ -200,16 +246,16 @@ def run_sweep(
                 for stale in ("metrics.jsonl", CHECKPOINT):
                     (trial_dir / stale).unlink(missing_ok=True)
             result = train(trial_dir, config, teacher=base, resume=(trial_dir / CHECKPOINT).exists(), progress=progress,
-                           report_to=report_to, tracker_name=f"{name}/{trial.name}")
-            evaluation = evaluate_models([Subject(trial.name, result.student)], base, eval_config)
-            record = {"key": key, "settings": dict(trial.settings), "row": _row(evaluation, trial.name)}
+                           report_to=report_to, tracker_name=f"{name}/{trial.dir_name}")
+            evaluation = evaluate_models([Subject(trial.label, result.student)], base, eval_config)
+            record = {"key": key, "settings": dict(trial.settings), "row": _row(evaluation, trial.label)}
             _write_json(record_path, record)
             if not keep_students:
                 shutil.rmtree(trial_dir / STUDENT_DIR, ignore_errors=True)
                 (trial_dir / CHECKPOINT).unlink(missing_ok=True)
         else:
-            say(f"sweep [{number}/{len(points)}] {trial.name}: done, skipped")
-        rows.append({"trial": trial.name, **record["settings"], **record["row"]})
+            say(f"sweep [{number}/{len(points)}] {trial.label}: done, skipped")
+        rows.append({"trial": trial.label, **record["settings"], **record["row"]})
 
     table = pandas.DataFrame(rows).set_index("trial")
     table["pareto"] = pareto_mask(table)
@@ -249,7 +295,9 @@ def load_trials(run_dir: str | Path, names: Sequence[str] = (SWEEP_DIR,)) -> Any
             base = {"trial": "base", **_record(out / "base.json", remake)["row"]}
         for record_path in sorted(out.glob("*/trial.json")):
             record = _record(record_path, remake)
-            rows.append({"trial": f"{name}/{record_path.parent.name}", "sweep": name, **record["settings"], **record["row"]})
+            settings = record.get("settings") if isinstance(record.get("settings"), dict) else {}
+            label = settings_label(settings) or record_path.parent.name
+            rows.append({"trial": f"{name}/{label}", "sweep": name, **settings, **record["row"]})
     if base is None and not rows:
         raise SafeSteerError(f"no sweep in {', '.join(names)} under {run_dir} has finished a trial or its base row yet; "
                              f"wait for `safesteer sweep` to get that far, or name a finished sweep")

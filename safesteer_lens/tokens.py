@@ -323,7 +323,13 @@ def safety_token_sets(
     validate_config(config, model)
     if not horizons or not all(1 <= h <= config.horizon for h in horizons):
         raise SafeSteerError(f"horizons must lie between 1 and the rollouts' horizon {config.horizon}, got {list(horizons)}")
-    prompts = list(prompts) if prompts is not None else prompt_texts(load_builtin_prompts("harmless", "train"))[: config.n_prompts]
+    if prompts is None:
+        builtin = prompt_texts(load_builtin_prompts("harmless", "train"))
+        if config.n_prompts > len(builtin):
+            raise SafeSteerError(f"n_prompts = {config.n_prompts} but the built-in harmless train split has {len(builtin)} "
+                                 f"prompts; ask for {len(builtin)} or fewer (tokens --n-prompts)")
+        prompts = builtin[: config.n_prompts]
+    prompts = list(prompts)
     if not prompts:
         raise SafeSteerError("no prompts to build safety tokens from; pass at least one harmless prompt")
     teacher_hooks = direction.hooks(model)

@@ -11,9 +11,7 @@ from safesteer_lens.cli import main
 
 
 def test_help_lists_the_commands(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--help"])
-    assert exit_info.value.code == 0
+    assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "info" in out and "chat" in out
 

@@ -18,8 +18,8 @@ def test_grid_values_are_typed_like_the_train_config():
     grid = parse_grid(["lr=3e-5,1e-4", "loss=safesteer,safesteer-bounded", "seed=0,1,2", "max-new-tokens=12"])
     assert grid == {"lr": [3e-5, 1e-4], "loss": ["safesteer", "safesteer-bounded"], "seed": [0, 1, 2], "max_new_tokens": [12]}
     points = trials(grid)
-    assert len(points) == 12 and points[0].name == "lr=3e-05_loss=safesteer_seed=0_max_new_tokens=12"
-    assert points[1].name.endswith("seed=1_max_new_tokens=12")  # the last setting but one varies before it
+    assert len(points) == 12 and points[0].label == "lr=3e-05_loss=safesteer_seed=0_max_new_tokens=12"
+    assert points[1].label.endswith("seed=1_max_new_tokens=12")  # the last setting but one varies before it
 
 
 def test_a_flag_is_read_by_name_not_by_bool():
@@ -68,7 +68,7 @@ def test_a_sweep_trains_evaluates_and_skips_what_is_done(tiny, run_dir):
     assert table.loc["base", "harmful_refusal_n"] == 2
     sweep = run_dir / "sweep"
     assert (sweep / "sweep.csv").is_file() and (sweep / "sweep.html").is_file()
-    trial = sweep / "lr=0.001_loss=safesteer-bounded"
+    (trial,) = sweep.glob("lr=0.001_loss=safesteer-bounded-*")  # the settings plus a hash of them
     assert (trial / "metrics.jsonl").is_file() and not (trial / "student").exists() and not (trial / "checkpoint.pt").exists()
     stamp = (trial / "trial.json").stat().st_mtime_ns
     again = run_sweep(run_dir, grid, TINY_TRAIN, TINY_EVAL, model=tiny, progress=False)
@@ -83,7 +83,7 @@ def test_re_split_shipped_prompts_make_a_finished_trial_run_again(tiny, run_dir,
 
     grid = parse_grid(["lr=1e-3"])
     run_sweep(run_dir, grid, TINY_TRAIN, TINY_EVAL, model=tiny, progress=False)
-    record = run_dir / "sweep" / "lr=0.001" / "trial.json"
+    (record,) = (run_dir / "sweep").glob("lr=0.001-*/trial.json")
     stamp = record.stat().st_mtime_ns
     monkeypatch.setattr(sweep_module, "builtin_data_digest", lambda: "re-split")
     run_sweep(run_dir, grid, TINY_TRAIN, TINY_EVAL, model=tiny, progress=False)
