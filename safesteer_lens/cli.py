@@ -120,8 +120,8 @@ def cmd_direction(args: argparse.Namespace) -> None:
     harmful = split_by_position(harmful_file) if harmful_file else None
     harmless = split_by_position(harmless_file) if harmless_file else None
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    for prompts in (harmful_file, harmless_file):
-        check_prompt_lengths(model, prompts or [], config.max_new_tokens)
+    for prompts, path in ((harmful_file, args.harmful), (harmless_file, args.harmless)):
+        check_prompt_lengths(model, prompts or [], config.max_new_tokens, path)
     with locked(args.out, "safesteer direction"):
         direction = find_direction(model, config, harmful=harmful, harmless=harmless)
         probes = probe_accuracy(model, train=(harmful["train"], harmless["train"]) if harmful and harmless else None,
@@ -289,6 +289,7 @@ class _EvaluateInputs:
     imported: Any  # the --direction to write into the run once the models load, or None
     students: list[tuple[str, str]]  # (table name, directory)
     extra: dict[str, Any]
+    extra_files: dict[str, str]  # each benchmark's file, for messages
     mcq_sets: dict[str, Any]
 
 
@@ -311,17 +312,17 @@ def _evaluate_inputs(args: argparse.Namespace, config: Any) -> _EvaluateInputs:
     if len(set(names)) != len(names):
         raise SafeSteerError(f"two students would share a name ({', '.join(names)}); pass directories whose "
                              "parent/name differ, e.g. copy one elsewhere")
-    extra = {}
+    extra, extra_files = {}, {}
     for spec in args.benchmark or []:
         name, _, path = spec.partition("=")
         if not path:
             raise SafeSteerError(f"--benchmark takes NAME=FILE (e.g. advbench=advbench.csv), got {spec!r}")
-        extra[name] = load_public_prompts(name, source=path)
+        extra[name], extra_files[name] = load_public_prompts(name, source=path), path
     mcq_sets = parse_mcq_specs(args.mcq or [], args.mcq_limit)
     if args.judge:
         check_judge(args.judge)
     check_counts(config)
-    return _EvaluateInputs(direction, imported, list(zip(names, students)), extra, mcq_sets)
+    return _EvaluateInputs(direction, imported, list(zip(names, students)), extra, extra_files, mcq_sets)
 
 
 def _evaluate_command(args: argparse.Namespace, config: Any, inputs: _EvaluateInputs) -> None:
@@ -337,8 +338,8 @@ def _evaluate_command(args: argparse.Namespace, config: Any, inputs: _EvaluateIn
 
     direction = inputs.direction
     base = load_model(args.model or direction.model, device=args.device, dtype=args.dtype)
-    for prompts in inputs.extra.values():
-        check_prompt_lengths(base, prompts, config.max_new_tokens)
+    for name, prompts in inputs.extra.items():
+        check_prompt_lengths(base, prompts, config.max_new_tokens, inputs.extra_files[name])
     teacher_hooks = direction.hooks(base, coeff=args.teacher_coeff or None)  # checks the direction fits the model
     if inputs.imported is not None:
         _save_import(args, inputs.imported)

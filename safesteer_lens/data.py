@@ -177,7 +177,8 @@ def prompts_from_texts(texts: Sequence[str], source: str) -> list[Prompt]:
     return [Prompt(f"{source}-{i}", text, "harmless", source=source) for i, text in enumerate(texts)]
 
 
-def check_prompt_lengths(model: "ChatModel", prompts: Sequence[Prompt], max_new_tokens: int) -> None:  # noqa: F821
+def check_prompt_lengths(model: "ChatModel", prompts: Sequence[Prompt], max_new_tokens: int,  # noqa: F821
+                         where: str | Path | None = None) -> None:
     """Fail in one line, naming the prompt's file and row, when a prompt and its reply exceed the model's context.
 
     One very long prompt in a benchmark file would otherwise be batched with the rest and
@@ -188,6 +189,7 @@ def check_prompt_lengths(model: "ChatModel", prompts: Sequence[Prompt], max_new_
         model: The model that will read the prompts.
         prompts: As loaded (their ``source`` and ``id`` name the file and row).
         max_new_tokens: The reply budget after each prompt.
+        where: The file the prompts were read from, for the message (default: their ``source``).
     """
     limit = model.context_length
     if max_new_tokens < 1:
@@ -203,7 +205,7 @@ def check_prompt_lengths(model: "ChatModel", prompts: Sequence[Prompt], max_new_
             continue
         n_tokens = len(model.tokenizer(model.format_chat(prompt.prompt), add_special_tokens=False)["input_ids"])
         if n_tokens > budget:
-            raise SafeSteerError(f"prompt {prompt.id} of {prompt.source} is {n_tokens} tokens with its "
+            raise SafeSteerError(f"prompt {prompt.id} of {where or prompt.source} is {n_tokens} tokens with its "
                                  f"chat template; with {max_new_tokens} reply tokens that exceeds {model.name}'s context of "
                                  f"{limit}; shorten or remove it")
 
