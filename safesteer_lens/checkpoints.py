@@ -45,6 +45,8 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
     for key in ("student", "optimizer", "scheduler", "config"):
         if not isinstance(state.get(key), dict):
             raise artifact_error(run_dir / CHECKPOINT, f"lacks its {key!r} table", remake)
+    if not all(isinstance(k, str) for k in state["config"]):
+        raise artifact_error(run_dir / CHECKPOINT, "has settings that are not named", remake)
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["student"].items()):
         raise artifact_error(run_dir / CHECKPOINT, "holds student weights that are not named tensors", remake)
     if "matmul_dtype" in state and not isinstance(state["matmul_dtype"], str):

@@ -101,7 +101,7 @@ def parse_layers(text: str | None) -> list[int] | None:
 
 def cmd_direction(args: argparse.Namespace) -> None:
     """Stage 1: find, score and save the refusal direction and the teacher's coefficient."""
-    from safesteer_lens.directions import DirectionConfig, find_direction
+    from safesteer_lens.directions import DirectionConfig, check_layers, find_direction
     from safesteer_lens.models import load_model
     from safesteer_lens.pages import write_direction_report
     from safesteer_lens.probes import probe_accuracy, save_probes
@@ -122,6 +122,7 @@ def cmd_direction(args: argparse.Namespace) -> None:
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     for prompts, path in ((harmful_file, args.harmful), (harmless_file, args.harmless)):
         check_prompt_lengths(model, prompts or [], config.max_new_tokens, path)
+    check_layers(model, config.layers)  # before the lock creates the run directory
     with locked(args.out, "safesteer direction"):
         direction = find_direction(model, config, harmful=harmful, harmless=harmless)
         probes = probe_accuracy(model, train=(harmful["train"], harmless["train"]) if harmful and harmless else None,

@@ -79,7 +79,8 @@ class Candidates:
     method: str
 
 
-def _check_layers(model: ChatModel, layers: Sequence[int] | None) -> list[int]:
+def check_layers(model: ChatModel, layers: Sequence[int] | None) -> list[int]:
+    """The layers to search (all when None), sorted; a layer the model lacks is a one-line error."""
     chosen = list(range(model.n_layers)) if layers is None else sorted(set(layers))
     for layer in chosen:
         if not 0 <= layer < model.n_layers:
@@ -131,7 +132,7 @@ def diff_in_means(
     batch_size: int = 16,
 ) -> Candidates:
     """Harmful-minus-harmless mean ``resid_pre`` at every post-instruction position."""
-    chosen = _check_layers(model, layers)
+    chosen = check_layers(model, layers)
     if not harmful or not harmless:
         raise SafeSteerError("diff-in-means needs at least one harmful and one harmless prompt")
     n = len(model.post_instruction_ids)
@@ -157,7 +158,7 @@ def contrastive_directions(
     Each prompt is paired with one refusal and one compliant reply (taken in turn from the
     lists), so the two means differ in the reply only.
     """
-    chosen = _check_layers(model, layers)
+    chosen = check_layers(model, layers)
     if not prompts:
         raise SafeSteerError("contrastive directions need at least one prompt")
     refuse = [refusal_replies[i % len(refusal_replies)] for i in range(len(prompts))]
@@ -557,7 +558,7 @@ def find_direction(
     train_h, train_s = harmful["train"][: config.n_train], harmless["train"][: config.n_train]
     val_h, val_s = harmful["val"][: config.n_val], harmless["val"][: config.n_val]
     test_h, test_s = harmful["test"][: config.n_test], harmless["test"][: config.n_test]
-    layers = _check_layers(model, config.layers)
+    layers = check_layers(model, config.layers)
     started = time.perf_counter()
 
     base_val_refusal = refusal_rate(generate(model, val_h, max_new_tokens=config.max_new_tokens).texts)

@@ -37,7 +37,7 @@ from safesteer_lens.atomic import write_atomic, write_text_atomic
 from safesteer_lens.data import builtin_data_digest
 from safesteer_lens.directions import DIRECTION_JSON, DIRECTION_TENSOR, DirectionConfig, find_direction, load_direction
 from safesteer_lens.distill import PRESETS as TRAIN_PRESETS
-from safesteer_lens.checkpoints import STUDENT_DIR
+from safesteer_lens.checkpoints import METRICS, STUDENT_DIR
 from safesteer_lens.distill import TrainConfig, train
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.evaluate import (
@@ -424,7 +424,7 @@ class _Job:
             table.append(Stage(
                 name=stage, message=f"training the {label} ({train_config.loss} loss)", label=label,
                 key=_hash([tokens_key, asdict(train_config), matmuls]), inputs=tuple(out / f for f in TRAIN_INPUTS),
-                outputs=(run_dir / STUDENT_DIR,), run=partial(self.train, label, train_config, run_dir),
+                outputs=(run_dir / STUDENT_DIR, run_dir / METRICS), run=partial(self.train, label, train_config, run_dir),
                 stamp=run_dir / "train.json", every_rank=True, stamp_outputs=True, extra=(("loss", train_config.loss),),
             ))
         table += [
