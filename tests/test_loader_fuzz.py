@@ -37,6 +37,22 @@ def field_dicts(fields: dict[str, st.SearchStrategy]) -> st.SearchStrategy[dict[
         lambda known: st.dictionaries(st.text(max_size=6), json_values, max_size=2).map(lambda extra: {**extra, **known}))
 
 
+@st.composite
+def mutated(draw: st.DrawFn, valid: dict[str, Any], fields: dict[str, st.SearchStrategy]) -> dict[str, Any]:
+    """A well-formed artifact with one to three fields dropped or replaced (well-formed, odd, or any value).
+
+    Random dicts rarely get past a loader's first check; a valid one with a few fields broken
+    reaches every later check, one at a time.
+    """
+    out = dict(valid)
+    for key in draw(st.lists(st.sampled_from(sorted(set(valid) | set(fields))), min_size=1, max_size=3, unique=True)):
+        if draw(st.booleans()):
+            out.pop(key, None)
+        else:
+            out[key] = draw(fields.get(key, json_values) | json_values)
+    return out
+
+
 def only_our_error(load: Callable[[], Any]) -> Any:
     """Call a loader: its result, or None when it raised SafeSteerError (anything else fails the test)."""
     try:
@@ -62,6 +78,7 @@ def _clear(folder: Path) -> Path:
 DIRECTION_FIELDS = {"model": st.text(max_size=10), "method": st.sampled_from(["diff-means", "contrastive"]),
                     "layer": st.integers(-3, 40), "position": st.integers(-5, 2), "coeff": st.floats(),
                     "d_model": st.integers(0, 80), "norm": st.floats(), "scores": json_values, "settings": json_values}
+VALID_DIRECTION = {"model": "tiny", "method": "diff-means", "layer": 2, "position": -1, "coeff": 1.0, "d_model": 64}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int64, torch.bool, torch.uint8]
 
 
@@ -76,7 +93,8 @@ def tensors(draw: st.DrawFn, max_dims: int = 3) -> torch.Tensor:
 
 
 @settings(FUZZ, max_examples=150)
-@given(meta=field_dicts(DIRECTION_FIELDS) | json_values, vector=tensors(), name=st.sampled_from(["direction", "other"]))
+@given(meta=mutated(VALID_DIRECTION, DIRECTION_FIELDS) | field_dicts(DIRECTION_FIELDS) | json_values,
+       vector=st.just(torch.ones(64)) | tensors(), name=st.sampled_from(["direction", "direction", "other"]))
 def test_fuzz_direction(folder: Path, meta: Any, vector: torch.Tensor, name: str) -> None:
     from safetensors.torch import save_file
 
@@ -106,8 +124,9 @@ TOKEN_FIELDS = {"id": st.integers(-5, 600), "text": st.text(max_size=5), "votes"
 
 
 @settings(FUZZ, max_examples=150)
-@given(data=st.fixed_dictionaries({}, optional={"tokens": st.lists(field_dicts(TOKEN_FIELDS) | json_values, max_size=5),
-                                               "settings": json_values}) | json_values)
+@given(data=st.fixed_dictionaries({}, optional={"tokens": st.lists(
+    mutated({"id": 3, "text": "a", "votes": 1, "mean_delta": 0.1}, TOKEN_FIELDS) | field_dicts(TOKEN_FIELDS) | json_values,
+    max_size=5), "settings": json_values}) | json_values)
 def test_fuzz_safety_tokens(folder: Path, data: Any) -> None:
     from safesteer_lens.tokens import load_safety_tokens
 
@@ -142,8 +161,13 @@ CHECKPOINT_FIELDS = {
 }
 
 
+VALID_CHECKPOINT = {"format": 2, "step": 1, "student": {"w": torch.zeros(2)}, "optimizer": {}, "scheduler": {},
+                    "config": {}, "matmul_dtype": "float32"}
+
+
 @settings(FUZZ, max_examples=120)
-@given(state=st.fixed_dictionaries({}, optional={k: v | plain for k, v in CHECKPOINT_FIELDS.items()}) | plain)
+@given(state=mutated(VALID_CHECKPOINT, CHECKPOINT_FIELDS) | st.fixed_dictionaries(
+    {}, optional={k: v | plain for k, v in CHECKPOINT_FIELDS.items()}) | plain)
 def test_fuzz_checkpoint(folder: Path, state: Any) -> None:
     from safesteer_lens.checkpoints import load_checkpoint
     from safesteer_lens.distill import TrainConfig, _check_resumable
