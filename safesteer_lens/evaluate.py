@@ -37,7 +37,7 @@ from torch import Tensor
 
 from safesteer_lens.capability import MCQScores, MCQuestion, interleave_subjects, load_builtin_mcq, score_mcq
 from safesteer_lens.coherence import coherence
-from safesteer_lens.data import Label, Prompt, first_prompts, load_builtin_prompts, prompt_texts
+from safesteer_lens.data import Label, Prompt, check_prompt_lengths, first_prompts, load_builtin_prompts, prompt_texts
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.generation import Completions, FwdHook, generate, last_token_logits
 from safesteer_lens.judges import Judge, Verdict
@@ -245,6 +245,7 @@ def evaluate_models(
     names = [s.name for s in subjects]
     if len(set(names)) != len(names):
         raise SafeSteerError(f"subjects need distinct names, got {names}")
+    check_prompt_lengths(base, [p for prompts in (extra_sets or {}).values() for p in prompts], config.max_new_tokens)
     if "mcq" in (mcq_sets or {}):
         raise SafeSteerError("'mcq' names the shipped question set; give the public set another name")
     held_out = {"harmful": held_out_prompts("harmful", config.n_harmful, config),

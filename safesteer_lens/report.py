@@ -300,7 +300,7 @@ def md_text(text: Any, width: int | None = None) -> str:
     a markdown viewer would render it, so it is escaped like every page of the report.
     """
     flat = " ".join(str(text).split())[:width]
-    return html.escape(flat).replace("|", "\\|")
+    return html.escape(flat, quote=False).replace("|", "\\|")
 
 
 def comparison_markdown(comparison: Any, models: Sequence[str], width: int = 160) -> list[str]:

@@ -223,6 +223,9 @@ CASES = [
      ["chat", "--model", "{tiny}", "--max-new-tokens", "100000", "hello"], "context of 512"),
     ("train --max-new-tokens past the context", None,
      ["train", "--run", "{run}", "--overwrite", *TRAIN, "--max-new-tokens", "100000"], "context of 512"),
+    ("tokens --horizon past the context", None, ["tokens", "--run", "{run}", "--horizon", "5000"], "context of 512"),
+    ("evaluate --max-new-tokens past the context", None,
+     ["evaluate", "--run", "{run}", "--n", "2", "--n-mcq", "0", "--max-new-tokens", "600"], "context of 512"),
     # 5. own only your own files
     ("a user's file inside student/", lambda w, r, t: _write(r / "student" / "my-notes.txt", "mine"),
      ["train", "--run", "{run}", "--overwrite", *TRAIN], "my-notes.txt"),
