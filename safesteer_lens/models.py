@@ -33,7 +33,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from safesteer_lens.errors import SafeSteerError, first_line
-from safesteer_lens.hf_loading import from_pretrained, refuse_custom_code, refuse_loaded_custom_code
+from safesteer_lens.hf_loading import NO_REMOTE_CODE, from_pretrained, refuse_custom_code, refuse_loaded_custom_code
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -454,7 +454,7 @@ def _boot_bridge(hf_model: Any, tokenizer: Any, device: torch.device, dtype: tor
         # any lookup it makes local.
         hf_model.config.save_pretrained(config_dir)
         bridge = TransformerBridge.boot_transformers(
-            config_dir, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+            config_dir, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype, **NO_REMOTE_CODE
         )
     bridge.eval()
     for parameter in bridge.parameters():

@@ -154,3 +154,24 @@ def test_bad_files_give_clear_errors(tmp_path):
         load_prompt_file(text_file)
     with pytest.raises(SafeSteerError, match="unknown benchmark"):
         load_public_prompts("nope")
+
+
+def test_a_prompt_past_the_context_names_its_file_and_id(tiny):
+    from safesteer_lens.data import Prompt, check_prompt_lengths
+
+    short = Prompt("mine-0", "How do I bake bread?", "harmless", source="mine.csv")
+    check_prompt_lengths(tiny, [short], 48)
+    long = Prompt("mine-7", "bread " * 2000, "harmless", source="mine.csv")
+    with pytest.raises(SafeSteerError, match=r"prompt mine-7 of mine.csv is \d+ tokens .* context of 512"):
+        check_prompt_lengths(tiny, [short, long], 48)
+    with pytest.raises(SafeSteerError, match="leaves no room"):
+        check_prompt_lengths(tiny, [], 512)
+
+
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path):
+    from safesteer_lens.data import load_prompt_file
+
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(b"prompt\ncaf\xe9\n")
+    with pytest.raises(SafeSteerError, match=r"not UTF-8 text \(byte 10\)"):
+        load_prompt_file(path)

@@ -186,3 +186,20 @@ def test_direction_methods_come_from_the_registry(tiny):
     assert get_method("contrastive").choose_by == "induce" and not get_method("contrastive").induce_filter
     with pytest.raises(SafeSteerError, match="unknown method 'pca'"):
         DirectionConfig(method="pca")
+
+
+def test_check_fits_names_what_does_not_fit(tiny, tiny_direction):
+    from dataclasses import replace
+
+    import torch
+
+    tiny_direction.check_fits(tiny.n_layers, tiny.d_model, "tiny")
+    for direction, words in ((replace(tiny_direction, vector=torch.ones(32)), "d_model 64"),
+                             (replace(tiny_direction, layer=9), "layers 0-3"),
+                             (replace(tiny_direction, vector=torch.zeros(64)), "non-zero"),
+                             (replace(tiny_direction, vector=torch.ones(64, dtype=torch.int64)), "float"),
+                             (replace(tiny_direction, coeff=float("nan")), "coefficient")):
+        with pytest.raises(SafeSteerError, match=words):
+            direction.check_fits(tiny.n_layers, tiny.d_model, "tiny")
+    with pytest.raises(SafeSteerError, match="layers 0-3"):
+        replace(tiny_direction, layer=4).hooks(tiny)  # a direction never reaches a forward it cannot steer

@@ -176,3 +176,27 @@ def test_tiny_tokenizer_is_padded_to_the_requested_vocabulary():
     tokenizer = build_tiny_tokenizer(5000)
     assert len(tokenizer) == 5000
     assert tokenizer.decode(tokenizer("How do I bake bread?")["input_ids"]) == "How do I bake bread?"
+
+
+def test_model_shape_reads_the_config_without_loading_weights(tiny_dir, tmp_path):
+    from safesteer_lens.models import model_shape
+
+    assert model_shape(str(tiny_dir)) == (4, 64)
+    with pytest.raises(SafeSteerError, match="no config.json"):
+        model_shape(str(tmp_path))
+    with pytest.raises(SafeSteerError, match="no such model"):
+        model_shape(str(tmp_path / "missing"))
+
+
+@pytest.mark.integration
+def test_model_shape_of_the_embedded_gguf_matches_the_loaded_model(embedded):
+    from safesteer_lens.models import model_shape
+
+    assert model_shape("smollm2-135m-instruct") == (embedded.n_layers, embedded.d_model)
+
+
+def test_context_length_and_check_fits(tiny):
+    assert tiny.context_length == 512
+    tiny.check_fits(512, "a reply")
+    with pytest.raises(SafeSteerError, match="needs 513 positions .* context of 512"):
+        tiny.check_fits(513, "a reply")
