@@ -271,7 +271,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from safesteer_lens.rundir import check_out_file, locked, require_run_dir
 
     config = EvalConfig(n_harmful=args.n, n_harmless=args.n, max_new_tokens=args.max_new_tokens,
-                        n_mcq=args.n_mcq, split=args.split)
+                        n_mcq=args.n_mcq, split=args.split, n_lookalike=args.n_lookalike, n_tasks=args.n_tasks)
     if not (math.isfinite(args.teacher_coeff) and args.teacher_coeff >= 0):
         raise SafeSteerError(f"--teacher-coeff must be 0 (the direction's own) or positive, got {args.teacher_coeff}")
     require_run_dir(args.run)
@@ -372,7 +372,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         raise SafeSteerError("give the grid either as --grid KEY=V1,V2 ... or as --grid-file FILE.json")
     grid = parse_grid(args.grid) if args.grid else load_grid_file(args.grid_file)
     eval_config = replace(DEMO_EVAL, n_harmful=args.n, n_harmless=args.n, max_new_tokens=args.max_new_tokens,
-                          n_mcq=args.n_mcq, split=args.split)
+                          n_mcq=args.n_mcq, split=args.split, n_lookalike=args.n_lookalike, n_tasks=args.n_tasks)
     train_config = PRESETS[args.preset]
     if args.precision:
         train_config = replace(train_config, precision=args.precision)
@@ -417,6 +417,15 @@ REPORT_TO_HELP = (
     "also log every training step's metrics and the settings to: none (default; metrics.jsonl only), tensorboard "
     "(RUN/tensorboard) or wandb (RUN/wandb; set WANDB_MODE=offline on machines without network)"
 )
+
+
+def _add_study_set_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n-lookalike", type=int, default=0,
+                        help="also read this many look-alike harmless prompts of the split (kinds of trap in turn; "
+                             "each split has 100; 0: none)")
+    parser.add_argument("--n-tasks", type=int, default=0,
+                        help="also read this many harmful prompts in public benchmarks' phrasing (categories in turn; "
+                             "each split has 52; 0: none)")
 
 
 def _add_direction_arg(parser: argparse.ArgumentParser) -> None:
@@ -620,6 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--benchmark", action="append", help="NAME=FILE, e.g. advbench=advbench.csv (repeatable)")
     evaluate.add_argument("--n", type=int, default=65, help="held-out prompts per class")
     evaluate.add_argument("--max-new-tokens", type=int, default=48, help="greedy reply length")
+    _add_study_set_args(evaluate)
     evaluate.add_argument("--n-mcq", type=int, default=60,
                           help="shipped multiple-choice questions, subjects in turn (0: none; the test split has 180)")
     evaluate.add_argument("--split", choices=["val", "test"], default="test",
@@ -648,6 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--split", choices=["val", "test"], default="val",
                        help="evaluation split: val (default) to choose settings; report the chosen ones on test")
     sweep.add_argument("--n", type=int, default=40, help="held-out prompts per class")
+    _add_study_set_args(sweep)
     sweep.add_argument("--n-mcq", type=int, default=60, help="shipped questions (the val split has 60)")
     sweep.add_argument("--max-new-tokens", type=int, default=48)
     sweep.add_argument("--keep-students", action="store_true", help="keep each trial's weights and checkpoint")

@@ -71,6 +71,35 @@ def load_builtin_prompts(label: Label | None = None, split: Split | None = None)
     return out
 
 
+# Sets the project wrote for the look-alike study, beside the harmful/harmless sets: each row
+# carries its own label, a category (the kind of trap, or the harm) and a split of its own.
+STUDY_SETS: dict[str, str] = {"lookalike": "lookalike.jsonl", "tasks": "harmful_tasks.jsonl"}
+
+
+def load_study_set(name: str, split: Split | None = None) -> list[Prompt]:
+    """A look-alike study set, optionally one split of it.
+
+    Args:
+        name: ``"lookalike"`` (300 harmless requests that borrow a harmful request's words, in
+            ten kinds of trap after XSTest's: homonyms, figurative language, safe targets, safe
+            contexts, definitions, history, public figures' public facts, fictional characters'
+            "private" facts, nonsense questions about groups, and twins of harmful requests) or
+            ``"tasks"`` (156 harmful requests phrased as public benchmarks phrase them:
+            imperative tasks, role-play, hypothetical and fictional framings; 12 per harm
+            category). Each kind or category is split in equal thirds, worded alike
+            (``studies/lookalike/build_sets.py``).
+        split: ``"train"``, ``"val"``, ``"test"`` or None for all.
+    """
+    if name not in STUDY_SETS:
+        raise SafeSteerError(f"unknown prompt set {name!r}: use one of {', '.join(STUDY_SETS)}")
+    if split not in (None, *SPLITS):
+        raise SafeSteerError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    text = resources.files("safesteer_lens").joinpath(f"prompts/{STUDY_SETS[name]}").read_text()
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [Prompt(r["id"], r["prompt"], r["label"], r["category"], r["split"], name)
+            for r in rows if split is None or r["split"] == split]
+
+
 def groups_in_turn(items: Sequence[T], key: Callable[[T], str], n: int | None = None) -> list[T]:
     """The first ``n`` items taking their groups in turn (first group's first item, second's, ...).
 
@@ -116,6 +145,7 @@ def prompts_hash(*groups: Sequence[str]) -> str:
 
 
 BUILTIN_DATA = ("harmful.jsonl", "harmless.jsonl", "mcq.jsonl", "general_text.txt")
+EVALUATION_DATA = (*BUILTIN_DATA, "lookalike.jsonl", "harmful_tasks.jsonl")  # what an evaluation may read
 
 
 def builtin_data_digest(names: Sequence[str] = BUILTIN_DATA) -> str:

@@ -5,7 +5,13 @@ rate comes with its n and a 95% Wilson interval (``<rate>_low``, ``<rate>_high``
 
 * **refusal**: ``harmful_refusal`` and ``harmless_refusal`` are the shares of greedy replies
   to held-out prompts that open as refusals (pinned markers, :mod:`safesteer_lens.refusal`);
-  extra prompt sets add ``<name>_refusal`` or ``<name>_over_refusal``;
+  extra prompt sets add ``<name>_refusal`` or ``<name>_over_refusal``; the look-alike study's
+  sets, when asked for (``n_lookalike``, ``n_tasks``), add ``lookalike_refusal`` (harmless
+  requests in a harmful request's words: an over-refusal rate) and ``tasks_refusal`` (harmful
+  requests in benchmark phrasing), each with ``_degenerate``;
+* **three classes** (:func:`~safesteer_lens.refusal.classify_reply`): for every set,
+  ``<set>_full_refusal``, ``<set>_partial_refusal`` and ``<set>_apology`` (replies that open
+  with an apology, helping or not), which the marker rule cannot tell apart;
 * **judge** (when one is given, e.g. Llama Guard 3): ``judge_harmful_unsafe`` is the attack
   success rate, harmful replies judged unsafe; ``judge_harmless_unsafe`` the same on harmless
   replies; ``judge_harmless_refused`` where the judge also reports refusals;
@@ -21,7 +27,9 @@ rate comes with its n and a 95% Wilson interval (``<rate>_low``, ``<rate>_high``
   own replies to harmless prompts) and ``perplexity`` on shipped general text.
 
 A second table, :attr:`Evaluation.comparison`, has one row per held-out prompt with every
-model's reply and its refusal, degeneracy and judge flags, so a rate can be traced to replies.
+model's reply and its refusal, class, apology, degeneracy and judge flags, so a rate can be
+traced to replies; a third, :attr:`Evaluation.by_category`, has every rate per category of
+every set (per kind of trap for the look-alikes).
 """
 
 from __future__ import annotations
@@ -37,13 +45,15 @@ from torch import Tensor
 
 from safesteer_lens.capability import MCQScores, MCQuestion, interleave_subjects, load_builtin_mcq, score_mcq
 from safesteer_lens.coherence import coherence
-from safesteer_lens.data import Label, Prompt, check_prompt_lengths, first_prompts, load_builtin_prompts, prompt_texts
+from safesteer_lens.data import (
+    Label, Prompt, check_prompt_lengths, first_prompts, load_builtin_prompts, load_study_set, prompt_texts,
+)
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.generation import Completions, FwdHook, generate, last_token_logits
 from safesteer_lens.judges import Judge, Verdict
 from safesteer_lens.losses import kl_terms
 from safesteer_lens.models import ChatModel
-from safesteer_lens.refusal import is_refusal, refusal_score, refusal_token_ids
+from safesteer_lens.refusal import ReplyLabel, classify_reply, is_refusal, refusal_score, refusal_token_ids
 from safesteer_lens.scoring import teacher_forced_log_probs
 from safesteer_lens.stats import Rate
 
@@ -83,6 +93,10 @@ class EvalConfig:
             through together, so the short last batch of each set is not paid twice; padding
             is masked, so the greedy replies do not depend on the batching
             (benchmarks/README.md has the measurement).
+        n_lookalike: Look-alike harmless prompts of ``split`` (kinds of trap in turn;
+            :func:`~safesteer_lens.data.load_study_set`); 0 leaves the set out.
+        n_tasks: Harmful prompts in public benchmarks' phrasing of ``split`` (categories in
+            turn); 0 leaves the set out.
     """
 
     n_harmful: int = 65
@@ -95,13 +109,16 @@ class EvalConfig:
     n_mcq: int | None = 60
     split: str = "test"
     batch_size: int = 80
+    n_lookalike: int = 0
+    n_tasks: int = 0
 
     def __post_init__(self) -> None:
         for name in ("n_harmful", "n_harmless", "max_new_tokens", "n_kl_prompts", "n_general", "batch_size"):
             if getattr(self, name) < 1:
                 raise SafeSteerError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.n_examples < 0:
-            raise SafeSteerError(f"n_examples must be 0 or more, got {self.n_examples}")
+        for name in ("n_examples", "n_lookalike", "n_tasks"):
+            if getattr(self, name) < 0:
+                raise SafeSteerError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.n_mcq is not None and self.n_mcq < 0:
             raise SafeSteerError(f"n_mcq must be 0 (no capability check) or more, got {self.n_mcq}")
         if self.split not in ("val", "test"):
@@ -123,6 +140,11 @@ def check_counts(config: EvalConfig) -> None:
         if asked > have:
             raise SafeSteerError(f"{asked} {label} prompts asked for but the {config.split} split has {have}; "
                                  f"ask for {have} or fewer (--n)")
+    for name, asked in (("lookalike", config.n_lookalike), ("tasks", config.n_tasks)):
+        have = len(load_study_set(name, config.split))
+        if asked > have:
+            raise SafeSteerError(f"{asked} {name} prompts asked for but the {config.split} split has {have}; "
+                                 f"ask for {have} or fewer (--n-{name})")
     if config.n_mcq:
         have = len(load_builtin_mcq(config.split))
         if config.n_mcq > have:
@@ -146,12 +168,15 @@ class Evaluation:
             ``": unsafe"``.
         examples: Per prompt set, the first prompts with every model's reply (for the report).
         mcq: Per model, per question set, the :class:`MCQScores` with per-question results.
+        by_category: One row per model, prompt set and category (a harm, a topic, a kind of
+            trap): the marker rule's refusal rate and the three classes, each with its interval.
     """
 
     table: Any
     comparison: Any
     examples: dict[str, list[dict[str, str]]]
     mcq: dict[str, dict[str, MCQScores]]
+    by_category: Any = None
 
 
 def general_text(n: int | None = None) -> list[str]:
@@ -215,6 +240,42 @@ def held_out_prompts(kind: Label, n: int, config: EvalConfig) -> list[Prompt]:
     return first_prompts(load_builtin_prompts(kind, config.split), n, config.mix_categories)
 
 
+def held_out_sets(config: EvalConfig) -> dict[str, list[Prompt]]:
+    """Every prompt set an evaluation reads, by set name: harmful, harmless, then the study sets asked for.
+
+    The study sets are always taken kinds (categories) in turn, so a short selection covers
+    every kind of trap.
+    """
+    sets = {"harmful": held_out_prompts("harmful", config.n_harmful, config),
+            "harmless": held_out_prompts("harmless", config.n_harmless, config)}
+    for name, n in (("lookalike", config.n_lookalike), ("tasks", config.n_tasks)):
+        if n:
+            sets[name] = first_prompts(load_study_set(name, config.split), n, True)
+    return sets
+
+
+def reply_class_columns(labels: Sequence[ReplyLabel], prefix: str) -> dict[str, float | int]:
+    """The three-class measure of one set's replies: full and partial refusals and apology openers, as rates."""
+    out: dict[str, float | int] = {}
+    out.update(Rate.of(label.kind == "full_refusal" for label in labels).columns(f"{prefix}_full_refusal"))
+    out.update(Rate.of(label.kind == "partial_refusal" for label in labels).columns(f"{prefix}_partial_refusal"))
+    out.update(Rate.of(label.apology_opener for label in labels).columns(f"{prefix}_apology"))
+    return out
+
+
+def by_category(prompts: Sequence[Prompt], refused: Sequence[bool], labels: Sequence[ReplyLabel],
+                model: str, set_name: str) -> list[dict[str, Any]]:
+    """One row per category of a set (a kind of trap, a harm): the marker rule and the three classes."""
+    rows = []
+    for category in dict.fromkeys(p.category for p in prompts):
+        picked = [i for i, p in enumerate(prompts) if p.category == category]
+        row: dict[str, Any] = {"model": model, "set": set_name, "category": category}
+        row.update(Rate.of(refused[i] for i in picked).columns("refusal"))
+        row.update(reply_class_columns([labels[i] for i in picked], "reply"))
+        rows.append(row)
+    return rows
+
+
 def evaluate_models(
     subjects: Sequence[Subject],
     base: ChatModel,
@@ -248,24 +309,26 @@ def evaluate_models(
     check_prompt_lengths(base, [p for prompts in (extra_sets or {}).values() for p in prompts], config.max_new_tokens)
     if "mcq" in (mcq_sets or {}):
         raise SafeSteerError("'mcq' names the shipped question set; give the public set another name")
-    held_out = {"harmful": held_out_prompts("harmful", config.n_harmful, config),
-                "harmless": held_out_prompts("harmless", config.n_harmless, config)}
-    texts = {kind: [p.prompt for p in prompts] for kind, prompts in held_out.items()}
+    sets = held_out_sets(config)
+    texts = {name: [p.prompt for p in prompts] for name, prompts in sets.items()}
     questions = {"mcq": interleave_subjects(load_builtin_mcq(config.split), config.n_mcq)} if config.n_mcq != 0 else {}
     questions.update(mcq_sets or {})
     general = general_text(config.n_general)
     base_replies = generate(base, texts["harmless"][: config.n_kl_prompts], max_new_tokens=config.max_new_tokens)
-    comparison = pandas.DataFrame([{"prompt_id": p.id, "label": p.label, "category": p.category, "prompt": p.prompt}
-                                   for kind in ("harmful", "harmless") for p in held_out[kind]])
-    examples: dict[str, list[dict[str, str]]] = {kind: [{"prompt": p} for p in texts[kind][: config.n_examples]]
-                                                 for kind in texts}
-    rows, mcq = [], {}
+    comparison = pandas.DataFrame([{"prompt_id": p.id, "label": p.label, "category": p.category, "prompt": p.prompt, "set": name}
+                                   for name, prompts in sets.items() for p in prompts])
+    examples: dict[str, list[dict[str, str]]] = {name: [{"prompt": p} for p in texts[name][: config.n_examples]]
+                                                 for name in texts}
+    rows, mcq, categories = [], {}, []
     for subject in subjects:
-        both = generate(subject.model, texts["harmful"] + texts["harmless"], max_new_tokens=config.max_new_tokens,
-                        fwd_hooks=subject.hooks, batch_size=config.batch_size)
-        replies = {"harmful": both[: len(texts["harmful"])], "harmless": both[len(texts["harmful"]) :]}
-        refused = {kind: [is_refusal(t) for t in out.texts] for kind, out in replies.items()}
-        coherent = {kind: coherence(out, subject.model.eot_token_ids) for kind, out in replies.items()}
+        every = generate(subject.model, [t for name in sets for t in texts[name]], max_new_tokens=config.max_new_tokens,
+                         fwd_hooks=subject.hooks, batch_size=config.batch_size)
+        replies, start = {}, 0
+        for name in sets:
+            replies[name], start = every[start : start + len(texts[name])], start + len(texts[name])
+        refused = {name: [is_refusal(t) for t in out.texts] for name, out in replies.items()}
+        labels = {name: [classify_reply(t) for t in out.texts] for name, out in replies.items()}
+        coherent = {name: coherence(out, subject.model.eot_token_ids) for name, out in replies.items()}
         row: dict[str, float | int | str] = {"model": subject.name}
         for kind in ("harmful", "harmless"):
             row.update(Rate.of(refused[kind]).columns(f"{kind}_refusal"))
@@ -287,10 +350,18 @@ def evaluate_models(
             harmful_share = sum(p.label == "harmful" for p in prompts) / max(len(prompts), 1)
             column = f"{set_name}_refusal" if harmful_share >= 0.5 else f"{set_name}_over_refusal"
             row.update(Rate.of(map(is_refusal, out.texts)).columns(column))
-        all_replies = replies["harmful"].texts + replies["harmless"].texts
-        comparison[f"{subject.name}: reply"] = [t.strip() for t in all_replies]
-        comparison[f"{subject.name}: refused"] = refused["harmful"] + refused["harmless"]
-        comparison[f"{subject.name}: degenerate"] = [*coherent["harmful"].degenerate_flags, *coherent["harmless"].degenerate_flags]
+        for name in sets:  # the study sets' marker-rule rates, then every set's three classes
+            if name not in ("harmful", "harmless"):
+                row.update(Rate.of(refused[name]).columns(f"{name}_refusal"))
+                row.update(coherent[name].degenerate.columns(f"{name}_degenerate"))
+        for name in sets:
+            row.update(reply_class_columns(labels[name], name))
+            categories += by_category(sets[name], refused[name], labels[name], subject.name, name)
+        comparison[f"{subject.name}: reply"] = [t.strip() for name in sets for t in replies[name].texts]
+        comparison[f"{subject.name}: refused"] = [r for name in sets for r in refused[name]]
+        comparison[f"{subject.name}: class"] = [label.kind for name in sets for label in labels[name]]
+        comparison[f"{subject.name}: apology"] = [label.apology_opener for name in sets for label in labels[name]]
+        comparison[f"{subject.name}: degenerate"] = [f for name in sets for f in coherent[name].degenerate_flags]
         if judge is not None:
             verdicts = {kind: _judge(judge, texts[kind], replies[kind].texts) for kind in ("harmful", "harmless")}
             for kind in ("harmful", "harmless"):  # over the answers the judge's reply could be read as
@@ -299,14 +370,15 @@ def evaluate_models(
             if all(v.refused is not None for v in verdicts["harmless"]):
                 row.update(Rate.of(v.refused for v in verdicts["harmless"]).columns("judge_harmless_refused"))
             row["judge_unparsed"] = sum(v.unsafe is None for vs in verdicts.values() for v in vs)
-            every = verdicts["harmful"] + verdicts["harmless"]
-            comparison[f"{subject.name}: unsafe"] = [v.unsafe for v in every]
-            comparison[f"{subject.name}: categories"] = [",".join(v.categories) for v in every]
+            unjudged = [None] * sum(len(texts[name]) for name in sets if name not in verdicts)  # the study sets
+            judged = verdicts["harmful"] + verdicts["harmless"]
+            comparison[f"{subject.name}: unsafe"] = [v.unsafe for v in judged] + unjudged
+            comparison[f"{subject.name}: categories"] = [",".join(v.categories) for v in judged] + unjudged
         rows.append(row)
-        for kind in texts:
-            for example, text in zip(examples[kind], replies[kind].texts):
+        for name in texts:
+            for example, text in zip(examples[name], replies[name].texts):
                 example[subject.name] = text.strip()
-    return Evaluation(pandas.DataFrame(rows).set_index("model"), comparison, examples, mcq)
+    return Evaluation(pandas.DataFrame(rows).set_index("model"), comparison, examples, mcq, pandas.DataFrame(categories))
 
 
 REPRESENTATION = "representation.safetensors"  # final-layer states of base, teacher and student (the report's PCA)

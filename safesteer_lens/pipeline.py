@@ -14,7 +14,7 @@ Run directory layout::
     safety_tokens.json     token_views.json  tokens_report.html        stage 2
     metrics.jsonl  checkpoint.pt  student/  train.json                 stage 3 (the recipe's student)
     ablation-<name>/{metrics.jsonl, student/, train.json}              stage 4, one per comparison student
-    results.csv  comparison.csv  mcq.csv  examples.json  representation.safetensors  evaluate.json  evaluation
+    results.csv  comparison.csv  mcq.csv  by_category.csv  examples.json  representation.safetensors  evaluate.json  evaluation
     report.md  report.html  figures/                                   report
 """
 
@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from safesteer_lens.atomic import write_atomic, write_text_atomic
-from safesteer_lens.data import builtin_data_digest
+from safesteer_lens.data import EVALUATION_DATA, builtin_data_digest
 from safesteer_lens.directions import DIRECTION_JSON, DIRECTION_TENSOR, DirectionConfig, find_direction, load_direction
 from safesteer_lens.distill import PRESETS as TRAIN_PRESETS
 from safesteer_lens.checkpoints import METRICS, STUDENT_DIR
@@ -58,7 +58,7 @@ from safesteer_lens.tracking import check_report_to
 STAGES = ("direction", "tokens", "train", "ablation", "evaluate", "report")
 DIRECTION_FILES = (DIRECTION_JSON, DIRECTION_TENSOR)  # stage 1's artifact, which every later stage reads
 TRAIN_INPUTS = (*DIRECTION_FILES, TOKENS_JSON)  # what a training directory needs from the run
-EVALUATION_FILES = ("results.csv", "comparison.csv", "mcq.csv", "examples.json")  # what write_evaluation writes
+EVALUATION_FILES = ("results.csv", "comparison.csv", "mcq.csv", "by_category.csv", "examples.json")  # what write_evaluation writes
 RECIPE_LABEL = "SafeSteer student"  # the row of the recipe's own student in the results table
 
 
@@ -183,7 +183,7 @@ def _write_stamp(path: Path, key: str, inputs: dict[str, str] | None = None, **e
 
 
 def write_evaluation(out: Path, evaluation: Evaluation) -> None:
-    """The evaluation stage's artifacts: ``results.csv``, ``comparison.csv``, ``mcq.csv``, ``examples.json``.
+    """The evaluation stage's artifacts: ``results.csv``, ``comparison.csv``, ``mcq.csv``, ``by_category.csv``, ``examples.json``.
 
     Each is written beside its final name and moved into place, so a crash never leaves a
     half-written table that a later stage would read.
@@ -193,7 +193,8 @@ def write_evaluation(out: Path, evaluation: Evaluation) -> None:
     import pandas
 
     tables = {"results.csv": evaluation.table, "comparison.csv": evaluation.comparison,
-              "mcq.csv": pandas.concat(mcq, ignore_index=True) if mcq else pandas.DataFrame()}
+              "mcq.csv": pandas.concat(mcq, ignore_index=True) if mcq else pandas.DataFrame(),
+              "by_category.csv": evaluation.by_category if evaluation.by_category is not None else pandas.DataFrame()}
     for name, table in tables.items():
         write_atomic(out / name, lambda tmp, table=table, name=name: table.to_csv(tmp, index=name == "results.csv"))
     write_text_atomic(out / "examples.json", json.dumps(evaluation.examples, indent=2))
@@ -429,7 +430,8 @@ class _Job:
             ))
         table += [
             Stage(name="evaluate", message="base, teacher and students on held-out prompts",
-                  key=_hash([list(self.students), asdict(config.evaluate), self.judge, data]),
+                  key=_hash([list(self.students), asdict(config.evaluate), self.judge, data,
+                             builtin_data_digest(EVALUATION_DATA)]),
                   inputs=(*direction_files, *self.students.values()),
                   outputs=tuple(out / name for name in (*EVALUATION_FILES, REPRESENTATION)),
                   run=self.evaluate, stamp=out / "evaluate.json"),

@@ -33,7 +33,7 @@ import plotly.graph_objects as go
 
 from safesteer_lens.atomic import write_atomic, write_text_atomic
 from safesteer_lens.checkpoints import CHECKPOINT, STUDENT_DIR
-from safesteer_lens.data import builtin_data_digest
+from safesteer_lens.data import EVALUATION_DATA, builtin_data_digest
 from safesteer_lens.distill import TrainConfig, train
 from safesteer_lens.errors import SafeSteerError, first_line
 from safesteer_lens.rundir import artifact_error, holds_lock, read_json
@@ -220,7 +220,7 @@ def run_sweep(
     base = model or load_model(load_direction(run_dir).model)
     out = run_dir / name
     out.mkdir(exist_ok=True)
-    eval_key = _key(asdict(eval_config), builtin_data_digest())  # re-split prompts make every trial stale
+    eval_key = _key(asdict(eval_config), builtin_data_digest(EVALUATION_DATA))  # re-split prompts make every trial stale
 
     base_path = out / "base.json"
     remake = f"safesteer sweep --run {run_dir} --name {name}"

@@ -175,3 +175,42 @@ def test_a_file_that_is_not_utf8_is_one_line(tmp_path):
     path.write_bytes(b"prompt\ncaf\xe9\n")
     with pytest.raises(SafeSteerError, match=r"not UTF-8 text \(byte 10\)"):
         load_prompt_file(path)
+
+
+def test_the_lookalike_sets_are_complete_split_in_thirds_and_new():
+    from safesteer_lens.data import load_builtin_prompts, load_study_set
+
+    looks, tasks = load_study_set("lookalike"), load_study_set("tasks")
+    assert len(looks) == 300 and len(tasks) == 156
+    assert {p.label for p in looks} == {"harmless"} and {p.label for p in tasks} == {"harmful"}
+    kinds = Counter(p.category for p in looks)
+    assert len(kinds) == 10 and set(kinds.values()) == {30}
+    for rows, per_group in ((looks, 10), (tasks, 4)):
+        assert set(Counter((p.category, p.split) for p in rows).values()) == {per_group}
+        assert len({p.id for p in rows}) == len(rows)
+    written = [p.prompt.lower() for p in looks + tasks]
+    builtin = {p.prompt.lower() for p in load_builtin_prompts()}
+    assert len(set(written)) == len(written) and not set(written) & builtin
+    assert [p.id for p in load_study_set("lookalike", "test")] == [p.id for p in looks if p.split == "test"]
+    with pytest.raises(SafeSteerError, match="unknown prompt set"):
+        load_study_set("xstest")
+
+
+def test_the_lookalike_files_are_what_the_build_tool_writes_and_the_splits_are_worded_alike(tmp_path):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).parents[1] / "studies" / "lookalike"
+    sys.path.insert(0, str(folder))
+    try:
+        spec = importlib.util.spec_from_file_location("build_sets", folder / "build_sets.py")
+        build = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(build)
+    finally:
+        sys.path.remove(str(folder))
+    for name, (source, prefix, label) in build.FILES.items():
+        rows = build.rows(source, prefix, label)
+        assert "".join(json.dumps(r) + "\n" for r in rows) == (build.PROMPTS / name).read_text(), name
+        for first, second in (("val", "test"), ("train", "test"), ("train", "val")):
+            assert build.imbalance(rows, first, second) <= 8, (name, first, second)

@@ -140,3 +140,37 @@ def test_the_validation_split_gives_other_prompts_and_questions(tiny):
     val = evaluate_models([Subject("base", tiny)], tiny, replace(SMALL, split="val"))
     assert set(val.comparison["prompt_id"]).isdisjoint(test.comparison["prompt_id"])
     assert set(val.mcq["base"]["mcq"].per_question["id"]).isdisjoint(test.mcq["base"]["mcq"].per_question["id"])
+
+
+def test_the_study_sets_add_their_rates_three_classes_and_a_row_per_kind_of_trap(tiny):
+    from safesteer_lens.refusal import classify_reply
+
+    def judge(prompts, replies):
+        return [Verdict(unsafe=False, refused=False) for _ in prompts]
+
+    config = replace(SMALL, n_lookalike=4, n_tasks=2, split="val", n_mcq=0)
+    result = evaluate_models([Subject("base", tiny)], tiny, config, judge=judge)
+    table, comparison, kinds = result.table, result.comparison, result.by_category
+    for column in ("lookalike_refusal", "lookalike_degenerate", "tasks_refusal", "harmful_full_refusal",
+                   "harmless_partial_refusal", "lookalike_apology", "tasks_full_refusal_low"):
+        assert column in table.columns, column
+    assert table.loc["base", "lookalike_refusal_n"] == 4 and table.loc["base", "tasks_apology_n"] == 2
+    assert list(comparison["set"]) == ["harmful"] * 3 + ["harmless"] * 3 + ["lookalike"] * 4 + ["tasks"] * 2
+    assert list(comparison["label"][-6:]) == ["harmless"] * 4 + ["harmful"] * 2
+    assert comparison["base: unsafe"].isna().sum() == 6  # the judge reads the held-out harmful and harmless sets only
+    for _, row in comparison.iterrows():
+        label = classify_reply(row["base: reply"])
+        assert (row["base: class"], row["base: apology"]) == (label.kind, label.apology_opener)
+    looks = kinds[kinds["set"] == "lookalike"]
+    assert len(looks) == 4 and looks["category"].nunique() == 4  # kinds of trap in turn: four prompts, four kinds
+    assert set(kinds["set"]) == {"harmful", "harmless", "lookalike", "tasks"} and (kinds["refusal_n"] >= 1).all()
+
+
+def test_study_set_counts_above_a_split_are_errors():
+    from safesteer_lens.evaluate import check_counts
+
+    check_counts(EvalConfig(n_lookalike=100, n_tasks=52))
+    with pytest.raises(SafeSteerError, match="101 lookalike prompts .* has 100"):
+        check_counts(EvalConfig(n_lookalike=101))
+    with pytest.raises(SafeSteerError, match="n_tasks must be 0 or more"):
+        EvalConfig(n_tasks=-1)
