@@ -31,6 +31,11 @@ CARD_RATES = {
     "harmful_refusal": ("refusal_rate", "held-out harmful requests (built-in, request only)"),
     "harmless_refusal": ("refusal_rate", "held-out harmless requests (built-in)"),
     "harmless_degenerate": ("degenerate_rate", "held-out harmless requests (built-in)"),
+    "harmful_full_refusal": ("full_refusal_rate", "held-out harmful requests (built-in, request only)"),
+    "harmless_apology": ("apology_opener_rate", "held-out harmless requests (built-in)"),
+    "lookalike_refusal": ("refusal_rate", "look-alike harmless requests (built-in)"),
+    "lookalike_apology": ("apology_opener_rate", "look-alike harmless requests (built-in)"),
+    "tasks_refusal": ("refusal_rate", "harmful requests in benchmark phrasing (built-in, request only)"),
     "mcq_acc": ("accuracy", "shipped multiple-choice questions"),
 }
 
@@ -114,7 +119,8 @@ def build_model_card(model_name: str, config: Any, direction: Direction, tokens:
     ]
     if table is not None and row in table.index:
         body += [f"Greedy replies to held-out prompts of the built-in {split} split; rates with 95% Wilson intervals "
-                 "and n. Refusal is the marker rule of `safesteer_lens.refusal`.", "", *_results_markdown(table, row)]
+                 "and n. Refusal is the marker rule of `safesteer_lens.refusal`; full refusal and apology openers are its "
+                 "three-class measure (`classify_reply`).", "", *_results_markdown(table, row)]
     else:
         body.append("Not evaluated yet: `safesteer evaluate` or `safesteer run` adds the results here.")
     body += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
