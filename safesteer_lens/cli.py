@@ -183,7 +183,8 @@ def cmd_train(args: argparse.Namespace) -> None:
             "max_new_tokens": args.max_new_tokens, "sequences_per_step": args.sequences_per_step,
             "lr": args.lr, "seed": args.seed, "epochs": args.epochs, "rollouts": args.rollouts,
             "precision": args.precision, "anchor_weight": args.anchor_weight, "anchor_loss": args.anchor_loss,
-            "anchor_prompts": args.anchor_prompts, "mix_categories": args.mix_categories,
+            "anchor_prompts": args.anchor_prompts, "anchor_lookalikes": args.anchor_lookalikes,
+            "mix_categories": args.mix_categories,
             "teacher_coeff": args.teacher_coeff,
             "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_targets": args.lora_targets,
         }.items()
@@ -584,6 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--anchor-prompts", type=int, default=None,
                        help="harmless train prompts the anchor cycles over (0: as many as --n-prompts); each step "
                             "anchors on as many prompts as it trains on, so more cost nothing per step")
+    train.add_argument("--anchor-lookalikes", type=int, default=None,
+                       help="also anchor on this many look-alike harmless train prompts (harmless requests in a harmful "
+                            "request's words; kinds of trap in turn; 0: none; the train split has 100)")
     train.add_argument("--mix-categories", action=argparse.BooleanOptionalAction, default=None,
                        help="take the training and anchor prompts categories in turn, so a short selection covers "
                             "every category (default: the preset's; the file's order otherwise)")

@@ -40,7 +40,9 @@ from safesteer_lens.checkpoints import (
     CHECKPOINT, CHECKPOINT_FORMAT, METRICS, STUDENT_DIR, append_metrics, check_student_dir, export_student, load_checkpoint,
     read_metrics, save_checkpoint, write_metrics,
 )
-from safesteer_lens.data import check_prompt_lengths, first_prompts, load_builtin_prompts, prompt_texts, prompts_from_texts
+from safesteer_lens.data import (
+    check_prompt_lengths, first_prompts, load_builtin_prompts, load_study_set, prompt_texts, prompts_from_texts,
+)
 from safesteer_lens.directions import Direction, load_direction
 from safesteer_lens.errors import SafeSteerError, first_line
 from safesteer_lens.generation import Completions, generate
@@ -61,7 +63,7 @@ ROLLOUT_ENGINES = ("fast", "plain")
 TEACHER_LOGITS_BUDGET = 256 * 2**20  # bytes of float32 teacher logits held at once
 # TrainConfig fields a checkpoint may lack: it was written before they existed, at their defaults
 PREDATED_SETTINGS = ("anchor_weight", "anchor_loss", "anchor_prompts", "lora_rank", "lora_alpha", "lora_targets",
-                     "mix_categories", "teacher_coeff")
+                     "mix_categories", "teacher_coeff", "anchor_lookalikes")
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,11 @@ class TrainConfig:
             ``n_prompts``). Each step still anchors on as many prompts as it trains on, so
             more prompts cost nothing per step; they cover more of the ways a harmless
             request is phrased.
+        anchor_lookalikes: Look-alike harmless train prompts (harmless requests in a harmful
+            request's words; :func:`~safesteer_lens.data.load_study_set`, kinds of trap in
+            turn) the anchor cycles over besides its harmless ones, so the student is held to
+            the base exactly where wording alone would make it refuse (0: none; the train split
+            has 100).
         mix_categories: Take the harmful training prompts and the anchor's harmless prompts
             categories in turn (:func:`~safesteer_lens.data.categories_in_turn`). The files
             keep each category together, so the first 64 train prompts of a kind cover 7 of
@@ -148,6 +155,7 @@ class TrainConfig:
     anchor_weight: float = 0.0
     anchor_loss: str = "safesteer-bounded"
     anchor_prompts: int = 0
+    anchor_lookalikes: int = 0
     mix_categories: bool = False
     teacher_coeff: float = 0.0
     lora_rank: int = 0
@@ -202,6 +210,8 @@ class TrainConfig:
             raise SafeSteerError(f"teacher_coeff must be 0 (the direction's own) or positive, got {self.teacher_coeff}")
         if self.anchor_prompts < 0:
             raise SafeSteerError(f"anchor_prompts must be 0 (as many as n_prompts) or a count, got {self.anchor_prompts}")
+        if self.anchor_lookalikes < 0:
+            raise SafeSteerError(f"anchor_lookalikes must be 0 (none) or a count, got {self.anchor_lookalikes}")
         if self.lora_rank < 0 or not self.lora_alpha > 0 or (self.lora_rank and not self.lora_targets.strip(",  ")):
             raise SafeSteerError(f"LoRA needs lora_rank >= 0 (0: off), lora_alpha > 0 and some lora_targets; got "
                                  f"{self.lora_rank}, {self.lora_alpha}, {self.lora_targets!r}")
@@ -329,8 +339,16 @@ def _anchor_prompts(config: TrainConfig) -> list[str]:
     if not config.anchor_weight:
         return []
     if config.anchor_prompts:
-        return _train_prompts("harmless", config.anchor_prompts, "anchor_prompts", mix=config.mix_categories)
-    return _train_prompts("harmless", config.n_prompts, mix=config.mix_categories)
+        harmless = _train_prompts("harmless", config.anchor_prompts, "anchor_prompts", mix=config.mix_categories)
+    else:
+        harmless = _train_prompts("harmless", config.n_prompts, mix=config.mix_categories)
+    if not config.anchor_lookalikes:
+        return harmless
+    lookalikes = prompt_texts(first_prompts(load_study_set("lookalike", "train"), config.anchor_lookalikes, True))
+    if len(lookalikes) < config.anchor_lookalikes:
+        raise SafeSteerError(f"anchor_lookalikes is {config.anchor_lookalikes} but the look-alike train split has "
+                             f"{len(lookalikes)}; use at most {len(lookalikes)}")
+    return harmless + lookalikes
 
 
 def _step_prompts(prompts: list[str], config: TrainConfig, step: int) -> list[str]:

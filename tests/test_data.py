@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
 import pandas as pd
@@ -191,6 +192,13 @@ def test_the_lookalike_sets_are_complete_split_in_thirds_and_new():
     written = [p.prompt.lower() for p in looks + tasks]
     builtin = {p.prompt.lower() for p in load_builtin_prompts()}
     assert len(set(written)) == len(written) and not set(written) & builtin
+
+    def words(text: str) -> set[str]:
+        return set(re.findall(r"[a-z]+", text.lower()))
+
+    near = [(a, b) for a in written for b in builtin  # a reworded copy would leak a train prompt into a test split
+            if len(words(a) & words(b)) / len(words(a) | words(b)) > 0.5]
+    assert not near, near[:3]
     assert [p.id for p in load_study_set("lookalike", "test")] == [p.id for p in looks if p.split == "test"]
     with pytest.raises(SafeSteerError, match="unknown prompt set"):
         load_study_set("xstest")

@@ -401,3 +401,16 @@ def test_the_teacher_coefficient_is_the_directions_unless_the_config_names_anoth
     assert load_direction(run_dir).coeff == own  # the artifact is untouched
     with pytest.raises(SafeSteerError, match="teacher_coeff must be 0"):
         replace(config, teacher_coeff=-1.0)
+
+
+def test_the_anchor_can_take_look_alike_prompts_kinds_in_turn():
+    from safesteer_lens.data import load_study_set
+    from safesteer_lens.distill import _anchor_prompts
+
+    plain = _anchor_prompts(TrainConfig(anchor_weight=1.0, n_prompts=4))
+    mixed = _anchor_prompts(TrainConfig(anchor_weight=1.0, n_prompts=4, anchor_lookalikes=3))
+    train = {p.prompt: p.category for p in load_study_set("lookalike", "train")}
+    assert mixed[:4] == plain and len({train[p] for p in mixed[4:]}) == 3  # three kinds of trap
+    assert _anchor_prompts(TrainConfig(anchor_weight=0.0, anchor_lookalikes=3)) == []
+    with pytest.raises(SafeSteerError, match="look-alike train split has 100"):
+        _anchor_prompts(TrainConfig(anchor_weight=1.0, anchor_lookalikes=101))
