@@ -385,7 +385,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         _import_direction(args)
         table = run_sweep(args.run, grid, train_config, eval_config, keep_students=args.keep_students, name=args.name,
                           report_to=args.report_to)
-    shown = [c for c in ("harmful_refusal", "harmless_refusal", "harmless_degenerate", "mcq_acc", "pareto") if c in table]
+    shown = [c for c in ("harmful_refusal", "tasks_refusal", "harmless_refusal", "lookalike_refusal", "lookalike_apology",
+                         "harmless_degenerate", "mcq_acc", "pareto") if c in table]
     _print_table(table[[*grid, *shown]])
     print(f"wrote {args.run}/{args.name}/sweep.csv and sweep.html ({len(table) - 1} trials, evaluated on the {args.split} split)")
 
