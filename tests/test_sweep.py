@@ -85,7 +85,7 @@ def test_re_split_shipped_prompts_make_a_finished_trial_run_again(tiny, run_dir,
     run_sweep(run_dir, grid, TINY_TRAIN, TINY_EVAL, model=tiny, progress=False)
     (record,) = (run_dir / "sweep").glob("lr=0.001-*/trial.json")
     stamp = record.stat().st_mtime_ns
-    monkeypatch.setattr(sweep_module, "builtin_data_digest", lambda: "re-split")
+    monkeypatch.setattr(sweep_module, "builtin_data_digest", lambda *names: "re-split")
     run_sweep(run_dir, grid, TINY_TRAIN, TINY_EVAL, model=tiny, progress=False)
     assert record.stat().st_mtime_ns != stamp  # its validation prompts changed, so its row would be stale
 
