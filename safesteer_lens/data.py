@@ -207,6 +207,16 @@ def prompts_from_texts(texts: Sequence[str], source: str) -> list[Prompt]:
     return [Prompt(f"{source}-{i}", text, "harmless", source=source) for i, text in enumerate(texts)]
 
 
+def check_reply_budget(model: "ChatModel", max_new_tokens: int) -> None:  # noqa: F821
+    """Fail in one line when a reply budget is not a count or leaves no room for a prompt in the model's context."""
+    if max_new_tokens < 1:
+        raise SafeSteerError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    limit = model.context_length
+    if limit is not None and max_new_tokens >= limit:
+        raise SafeSteerError(f"max_new_tokens = {max_new_tokens} leaves no room for a prompt in {model.name}'s context "
+                             f"of {limit} tokens; ask for fewer (--max-new-tokens)")
+
+
 def check_prompt_lengths(model: "ChatModel", prompts: Sequence[Prompt], max_new_tokens: int,  # noqa: F821
                          where: str | Path | None = None) -> None:
     """Fail in one line, naming the prompt's file and row, when a prompt and its reply exceed the model's context.
@@ -221,14 +231,10 @@ def check_prompt_lengths(model: "ChatModel", prompts: Sequence[Prompt], max_new_
         max_new_tokens: The reply budget after each prompt.
         where: The file the prompts were read from, for the message (default: their ``source``).
     """
+    check_reply_budget(model, max_new_tokens)
     limit = model.context_length
-    if max_new_tokens < 1:
-        raise SafeSteerError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if limit is None:
         return
-    if max_new_tokens >= limit:
-        raise SafeSteerError(f"max_new_tokens = {max_new_tokens} leaves no room for a prompt in {model.name}'s context "
-                             f"of {limit} tokens; ask for fewer (--max-new-tokens)")
     budget = limit - max_new_tokens
     for prompt in prompts:
         if len(prompt.prompt) <= budget:  # a token holds at least one character: short prompts need no tokenizer

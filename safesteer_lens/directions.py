@@ -31,7 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from safesteer_lens.atomic import write_atomic, write_text_atomic
-from safesteer_lens.data import check_prompt_lengths, load_builtin_prompts, prompt_texts, prompts_hash
+from safesteer_lens.data import check_reply_budget, load_builtin_prompts, prompt_texts, prompts_hash
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.generation import generate, last_token_logits
 from safesteer_lens.losses import kl_terms
@@ -559,7 +559,7 @@ def find_direction(
     val_h, val_s = harmful["val"][: config.n_val], harmless["val"][: config.n_val]
     test_h, test_s = harmful["test"][: config.n_test], harmless["test"][: config.n_test]
     layers = check_layers(model, config.layers)
-    check_prompt_lengths(model, [], config.max_new_tokens)
+    check_reply_budget(model, config.max_new_tokens)
     started = time.perf_counter()
 
     base_val_refusal = refusal_rate(generate(model, val_h, max_new_tokens=config.max_new_tokens).texts)

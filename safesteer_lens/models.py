@@ -140,18 +140,6 @@ class ChatModel:
         value = getattr(config, "max_position_embeddings", None)
         return int(value) if isinstance(value, int) and value > 0 else None
 
-    def check_fits(self, n_tokens: int, what: str) -> None:
-        """Fail in one line when ``n_tokens`` positions exceed the model's context.
-
-        Args:
-            n_tokens: Positions the caller is about to run (prompt plus reply budget).
-            what: What asked for them, for the message (``"--max-new-tokens 100000"``).
-        """
-        limit = self.context_length
-        if limit is not None and n_tokens > limit:
-            raise SafeSteerError(f"{what} needs {n_tokens} positions but {self.name} has a context of {limit}; "
-                                 "ask for fewer tokens or shorten the prompt")
-
     @property
     def device(self) -> torch.device:
         return next(self.hf_model.parameters()).device

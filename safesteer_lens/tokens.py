@@ -29,7 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from safesteer_lens.atomic import write_text_atomic
-from safesteer_lens.data import check_prompt_lengths, load_builtin_prompts, prompt_texts, prompts_hash
+from safesteer_lens.data import check_reply_budget, load_builtin_prompts, prompt_texts, prompts_hash
 from safesteer_lens.directions import Direction
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.generation import Completions, generate
@@ -435,5 +435,5 @@ def validate_config(config: TokenConfig, model: ChatModel) -> None:
     if isinstance(k, bool) or not ((isinstance(k, int) and 1 <= k <= model.d_vocab) or (isinstance(k, float) and 0 < k < 1)):
         raise SafeSteerError(f"top_k_votes must be a count between 1 and {model.d_vocab} or a share strictly between 0 and 1 "
                              f"of the eligible tokens, got {k!r}")
-    check_prompt_lengths(model, [], config.horizon)  # a horizon past the context is an error, not a run off the end
+    check_reply_budget(model, config.horizon)  # a horizon past the context is an error, not a run off the end
 

@@ -195,8 +195,5 @@ def test_model_shape_of_the_embedded_gguf_matches_the_loaded_model(embedded):
     assert model_shape("smollm2-135m-instruct") == (embedded.n_layers, embedded.d_model)
 
 
-def test_context_length_and_check_fits(tiny):
+def test_context_length_is_the_configs_max_positions(tiny):
     assert tiny.context_length == 512
-    tiny.check_fits(512, "a reply")
-    with pytest.raises(SafeSteerError, match="needs 513 positions .* context of 512"):
-        tiny.check_fits(513, "a reply")
