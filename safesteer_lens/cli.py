@@ -184,7 +184,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             "lr": args.lr, "seed": args.seed, "epochs": args.epochs, "rollouts": args.rollouts,
             "precision": args.precision, "anchor_weight": args.anchor_weight, "anchor_loss": args.anchor_loss,
             "anchor_prompts": args.anchor_prompts, "anchor_lookalikes": args.anchor_lookalikes,
-            "mix_categories": args.mix_categories,
+            "task_prompts": args.task_prompts, "mix_categories": args.mix_categories,
             "teacher_coeff": args.teacher_coeff,
             "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_targets": args.lora_targets,
         }.items()
@@ -589,6 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--anchor-lookalikes", type=int, default=None,
                        help="also anchor on this many look-alike harmless train prompts (harmless requests in a harmful "
                             "request's words; kinds of trap in turn; 0: none; the train split has 100)")
+    train.add_argument("--task-prompts", type=int, default=None,
+                       help="also train on this many harmful requests phrased as public benchmarks phrase them "
+                            "(imperative tasks, role-play; harm categories in turn; 0: none; the train split has 52)")
     train.add_argument("--mix-categories", action=argparse.BooleanOptionalAction, default=None,
                        help="take the training and anchor prompts categories in turn, so a short selection covers "
                             "every category (default: the preset's; the file's order otherwise)")

@@ -63,7 +63,7 @@ ROLLOUT_ENGINES = ("fast", "plain")
 TEACHER_LOGITS_BUDGET = 256 * 2**20  # bytes of float32 teacher logits held at once
 # TrainConfig fields a checkpoint may lack: it was written before they existed, at their defaults
 PREDATED_SETTINGS = ("anchor_weight", "anchor_loss", "anchor_prompts", "lora_rank", "lora_alpha", "lora_targets",
-                     "mix_categories", "teacher_coeff", "anchor_lookalikes")
+                     "mix_categories", "teacher_coeff", "anchor_lookalikes", "task_prompts")
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,12 @@ class TrainConfig:
         loss: ``safesteer`` (localized reverse KL over S), ``full-reverse``, ``forward``,
             ``jsd`` or ``renorm``; ``safesteer-bounded`` is the S-plus-rest reverse KL.
         n_prompts: Harmful training prompts (built-in train split).
+        task_prompts: Harmful requests phrased as public benchmarks phrase them (the ``tasks``
+            study set's train split, :func:`~safesteer_lens.data.load_study_set`, harm
+            categories in turn) trained on besides the ``n_prompts``: the built-in harmful
+            prompts are mostly questions, and a student trained on them alone refuses
+            imperative tasks, role-play and fictional framings far less often (0: none; the
+            train split has 52). Each adds to the steps like a harmful prompt.
         samples_per_prompt: Student rollouts per prompt (M).
         max_new_tokens: Rollout length cap.
         temperature: Rollout sampling temperature.
@@ -156,6 +162,7 @@ class TrainConfig:
     anchor_loss: str = "safesteer-bounded"
     anchor_prompts: int = 0
     anchor_lookalikes: int = 0
+    task_prompts: int = 0
     mix_categories: bool = False
     teacher_coeff: float = 0.0
     lora_rank: int = 0
@@ -167,8 +174,13 @@ class TrainConfig:
         return self.sequences_per_step // self.samples_per_prompt
 
     @property
+    def harmful_prompts(self) -> int:
+        """The harmful prompts of one epoch: the built-in ones and the benchmark-phrased ones."""
+        return self.n_prompts + self.task_prompts
+
+    @property
     def total_steps(self) -> int:
-        return math.ceil(self.n_prompts / self.prompts_per_step) * self.epochs  # each epoch ends on a short step
+        return math.ceil(self.harmful_prompts / self.prompts_per_step) * self.epochs  # each epoch ends on a short step
 
     def teacher_direction(self, direction: Direction) -> Direction:
         """The direction as the teacher these settings distil: ``teacher_coeff`` replaces its coefficient.
@@ -212,6 +224,8 @@ class TrainConfig:
             raise SafeSteerError(f"anchor_prompts must be 0 (as many as n_prompts) or a count, got {self.anchor_prompts}")
         if self.anchor_lookalikes < 0:
             raise SafeSteerError(f"anchor_lookalikes must be 0 (none) or a count, got {self.anchor_lookalikes}")
+        if self.task_prompts < 0:
+            raise SafeSteerError(f"task_prompts must be 0 (none) or a count, got {self.task_prompts}")
         if self.lora_rank < 0 or not self.lora_alpha > 0 or (self.lora_rank and not self.lora_targets.strip(",  ")):
             raise SafeSteerError(f"LoRA needs lora_rank >= 0 (0: off), lora_alpha > 0 and some lora_targets; got "
                                  f"{self.lora_rank}, {self.lora_alpha}, {self.lora_targets!r}")
@@ -332,6 +346,18 @@ def _train_prompts(label: str, n: int, setting: str = "n_prompts", mix: bool = F
         raise SafeSteerError(f"{setting} is {n} but the built-in {label} train split has {len(prompts)}; use at most "
                              f"{len(prompts)}")
     return prompts
+
+
+def _harmful_prompts(config: TrainConfig) -> list[str]:
+    """The harmful prompts the student trains on: built-in ones, then benchmark-phrased ones."""
+    harmful = _train_prompts("harmful", config.n_prompts, mix=config.mix_categories)
+    if not config.task_prompts:
+        return harmful
+    tasks = prompt_texts(first_prompts(load_study_set("tasks", "train"), config.task_prompts, True))
+    if len(tasks) < config.task_prompts:
+        raise SafeSteerError(f"task_prompts is {config.task_prompts} but the benchmark-phrased (tasks) train split has "
+                             f"{len(tasks)}; use at most {len(tasks)}")
+    return harmful + tasks
 
 
 def _anchor_prompts(config: TrainConfig) -> list[str]:
@@ -481,8 +507,7 @@ def preflight(run_dir: str | Path, config: TrainConfig, resume: bool = False) ->
     """
     run_dir = Path(run_dir)
     inputs = RunInputs(
-        load_direction(run_dir), load_safety_tokens(run_dir), _train_prompts("harmful", config.n_prompts, mix=config.mix_categories),
-        _anchor_prompts(config), resume,
+        load_direction(run_dir), load_safety_tokens(run_dir), _harmful_prompts(config), _anchor_prompts(config), resume,
     )
     check_student_dir(run_dir / STUDENT_DIR)  # the export at the end must not meet files it may not replace
     if resume:
@@ -542,7 +567,7 @@ class Trainer:
                                  "lora_rank=0 (--lora-rank 0; the demo preset has rank 8) to shard")
         _check_rollout_engine(self.config, world)
         world.shard(self.config.prompts_per_step, "prompts")
-        for count, what in ((self.config.n_prompts, "prompts"), (self.config.anchor_prompts, "anchor prompts")):
+        for count, what in ((self.config.harmful_prompts, "prompts"), (self.config.anchor_prompts, "anchor prompts")):
             if count % self.config.prompts_per_step:
                 world.shard(count % self.config.prompts_per_step, f"{what} in the last step of a pass over them")
 

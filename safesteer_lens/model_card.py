@@ -110,7 +110,7 @@ def build_model_card(model_name: str, config: Any, direction: Direction, tokens:
         "",
         f"- Base model: {model_name}" + (f" (`{base_id}`)" if base_id and base_id != model_name else ""),
         f"- Safety tokens (top of {len(tokens)}): " + ", ".join(f"`{t!r}`" for t in tokens.texts[:20]),
-        f"- Training: lr {config.lr:g}, {config.epochs} epoch(s) of {config.n_prompts} prompts x "
+        f"- Training: lr {config.lr:g}, {config.epochs} epoch(s) of {config.harmful_prompts} prompts x "
         f"{config.samples_per_prompt} rollouts of up to {config.max_new_tokens} tokens, "
         f"{config.sequences_per_step} rollouts per step, seed {config.seed}",
         "",

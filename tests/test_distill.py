@@ -414,3 +414,19 @@ def test_the_anchor_can_take_look_alike_prompts_kinds_in_turn():
     assert _anchor_prompts(TrainConfig(anchor_weight=0.0, anchor_lookalikes=3)) == []
     with pytest.raises(SafeSteerError, match="look-alike train split has 100"):
         _anchor_prompts(TrainConfig(anchor_weight=1.0, anchor_lookalikes=101))
+
+
+def test_benchmark_phrased_harmful_prompts_join_the_training_prompts_and_the_steps():
+    from safesteer_lens.data import load_study_set
+    from safesteer_lens.distill import _harmful_prompts
+
+    config = TrainConfig(n_prompts=4, samples_per_prompt=2, sequences_per_step=4, task_prompts=5)
+    prompts = _harmful_prompts(config)
+    tasks = {p.prompt: p.category for p in load_study_set("tasks", "train")}
+    assert prompts[:4] == _harmful_prompts(replace(config, task_prompts=0))
+    assert len({tasks[p] for p in prompts[4:]}) == 5  # five harm categories, in turn
+    assert config.harmful_prompts == 9 and config.total_steps == 5  # 9 prompts, 2 per step
+    with pytest.raises(SafeSteerError, match=r"tasks\) train split has 52"):
+        _harmful_prompts(replace(config, task_prompts=53))
+    with pytest.raises(SafeSteerError, match="task_prompts must be 0"):
+        replace(config, task_prompts=-1)
