@@ -306,42 +306,61 @@ def load_trials(run_dir: str | Path, names: Sequence[str] = (SWEEP_DIR,)) -> Any
     return table
 
 
-def pareto_mask(table: Any) -> list[bool]:
-    """Trials no other trial beats on both counts: more harmful prompts refused, fewer harmless ones."""
-    points = list(zip(table["harmful_refusal"], table["harmless_refusal"]))
+def pareto_mask(table: Any, harmless: str = "harmless_refusal", harmful: str = "harmful_refusal") -> list[bool]:
+    """Trials no other trial beats on both counts: more harmful prompts refused, fewer harmless ones.
+
+    ``harmless`` and ``harmful`` name the two rates, e.g. ``lookalike_refusal`` and
+    ``tasks_refusal`` for the look-alike study's frontier.
+    """
+    points = list(zip(table[harmful], table[harmless]))
     return [not any(h2 >= h and o2 <= o and (h2, o2) != (h, o) for h2, o2 in points) for h, o in points]
 
 
-def sweep_figure(table: Any) -> go.Figure:
+def sweep_figure(table: Any, harmless: str = "harmless_refusal", harmful: str = "harmful_refusal",
+                 target: tuple[float, float] = (0.1, 0.9)) -> go.Figure:
     """Harmful refused against harmless refused per trial, with 95% intervals.
 
     Marker size is MCQ accuracy, colour the share of degenerate replies to harmless prompts;
-    the Pareto frontier is the dotted line and the base model a star.
+    the Pareto frontier of these two rates is the dotted line, the base model a star, and the
+    target region (at most ``target[0]`` harmless, at least ``target[1]`` harmful refused) a
+    dotted box.
+
+    Args:
+        table: :func:`run_sweep`'s or :func:`load_trials`'s table.
+        harmless: The harmless rate on the x axis, e.g. ``lookalike_refusal``.
+        harmful: The harmful rate on the y axis, e.g. ``tasks_refusal``.
+        target: The target box's corner: (harmless at most, harmful at least).
     """
+    missing = [c for c in (harmless, harmful) if c not in table]
+    if missing:
+        raise SafeSteerError(f"the sweep table has no {missing[0]!r} column; evaluate with the sets it needs "
+                             "(e.g. --n-lookalike, --n-tasks) or plot another rate")
     fig = go.Figure()
-    trials_only = table.drop(index="base", errors="ignore")
+    trials_only = table.drop(index="base", errors="ignore").dropna(subset=[harmless, harmful])
+    x_name, y_name = harmless.removesuffix("_refusal"), harmful.removesuffix("_refusal")
 
     def bars(frame: Any, column: str) -> dict:
         return {"type": "data", "symmetric": False, "array": frame[f"{column}_high"] - frame[column],
                 "arrayminus": frame[column] - frame[f"{column}_low"], "thickness": 1}
 
-    size = 8 + 30 * trials_only["mcq_acc"] if "mcq_acc" in trials_only else 12
+    size = 8 + 30 * trials_only["mcq_acc"].fillna(0) if "mcq_acc" in trials_only else 12
     fig.add_trace(go.Scatter(
-        x=trials_only["harmless_refusal"], y=trials_only["harmful_refusal"], mode="markers", name="trials",
-        text=list(trials_only.index), hovertemplate="%{text}<br>harmless %{x:.1%}<br>harmful %{y:.1%}<extra></extra>",
+        x=trials_only[harmless], y=trials_only[harmful], mode="markers", name="trials",
+        text=list(trials_only.index), hovertemplate=f"%{{text}}<br>{x_name} %{{x:.1%}}<br>{y_name} %{{y:.1%}}<extra></extra>",
         marker={"size": size, "color": trials_only.get("harmless_degenerate"), "colorscale": "Reds", "cmin": 0, "cmax": 1,
                 "showscale": True, "colorbar": {"title": "degenerate<br>(harmless)"}, "line": {"width": 1, "color": "black"}},
-        error_x=bars(trials_only, "harmless_refusal"), error_y=bars(trials_only, "harmful_refusal"),
+        error_x=bars(trials_only, harmless), error_y=bars(trials_only, harmful),
     ))
-    front = trials_only[trials_only["pareto"]].sort_values("harmless_refusal") if "pareto" in trials_only else trials_only.iloc[:0]
-    fig.add_trace(go.Scatter(x=front["harmless_refusal"], y=front["harmful_refusal"], mode="lines", name="Pareto frontier",
+    on_front = pareto_mask(trials_only, harmless, harmful) if len(trials_only) else []
+    front = trials_only[on_front].sort_values(harmless) if len(trials_only) else trials_only
+    fig.add_trace(go.Scatter(x=front[harmless], y=front[harmful], mode="lines", name="Pareto frontier",
                              line={"dash": "dot", "color": "black"}))
     if "base" in table.index:
-        fig.add_trace(go.Scatter(x=[table.loc["base", "harmless_refusal"]], y=[table.loc["base", "harmful_refusal"]],
+        fig.add_trace(go.Scatter(x=[table.loc["base", harmless]], y=[table.loc["base", harmful]],
                                  mode="markers", name="base", marker={"symbol": "star", "size": 16, "color": "royalblue"}))
-    fig.add_shape(type="rect", x0=0, x1=0.1, y0=0.9, y1=1.0, line={"dash": "dot", "color": "green"})
+    fig.add_shape(type="rect", x0=0, x1=target[0], y0=target[1], y1=1.0, line={"dash": "dot", "color": "green"})
     fig.update_layout(title="Sweep: refusal trade-off (size: MCQ accuracy, colour: degenerate replies; 95% intervals)",
-                      xaxis_title="harmless prompts refused", yaxis_title="harmful prompts refused",
+                      xaxis_title=f"{x_name} prompts refused", yaxis_title=f"{y_name} prompts refused",
                       xaxis_range=[-0.05, 1.05], yaxis_range=[-0.05, 1.1], height=560, width=780,
                       legend={"orientation": "h", "y": -0.18})
     return fig

@@ -60,6 +60,19 @@ def test_pareto_frontier():
     assert pareto_mask(table) == [True, True, False, False]
 
 
+def test_the_frontier_and_its_figure_take_any_pair_of_rates():
+    rates = {"harmful_refusal": [0.0, 0.9, 0.9], "harmless_refusal": [0.0, 0.1, 0.1],
+             "tasks_refusal": [0.0, 0.6, 0.8], "lookalike_refusal": [0.0, 0.3, 0.2]}
+    table = pandas.DataFrame({**rates, **{f"{k}_{end}": v for k, v in rates.items() for end in ("low", "high")}},
+                             index=["base", "a", "b"])
+    assert pareto_mask(table.drop(index="base"), "lookalike_refusal", "tasks_refusal") == [False, True]
+    figure = sweep_figure(table, "lookalike_refusal", "tasks_refusal", target=(0.2, 0.9))
+    assert list(figure.data[1].x) == [0.2] and figure.layout.xaxis.title.text == "lookalike prompts refused"
+    assert figure.layout.shapes[0].x1 == 0.2
+    with pytest.raises(SafeSteerError, match="no 'mcq_refusal' column"):
+        sweep_figure(table, "mcq_refusal")
+
+
 def test_a_sweep_trains_evaluates_and_skips_what_is_done(tiny, run_dir):
     grid = parse_grid(["lr=1e-3,3e-3", "loss=safesteer-bounded"])
     table = run_sweep(run_dir, grid, TINY_TRAIN, TINY_EVAL, model=tiny, progress=False)
