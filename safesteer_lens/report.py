@@ -329,6 +329,48 @@ def results_view(table: Any) -> HtmlView:
     return HtmlView("Results (95% Wilson intervals)", body, prose=True)
 
 
+SET_TITLES = {"harmful": "harmful requests", "harmless": "generic harmless requests",
+              "lookalike": "look-alike harmless requests", "tasks": "harmful requests in benchmark phrasing"}
+
+
+def category_table(by_category: Any, prompt_set: str) -> Any:
+    """One prompt set's refusals per category (rows) and model (columns), as ``"3/10"`` cells.
+
+    Counts, not percentages: at 2-10 prompts per category a share's interval spans most of
+    the range, so the cell says exactly what was seen. Empty when the set was not evaluated.
+    """
+    rows = by_category[by_category["set"] == prompt_set]
+    if rows.empty:
+        return pandas.DataFrame()
+    cells = rows.assign(cell=[f"{round(r * n)}/{n}" for r, n in zip(rows["refusal"], rows["refusal_n"].astype(int))])
+    models = list(dict.fromkeys(rows["model"]))
+    table = cells.pivot(index="category", columns="model", values="cell")[models]
+    table.columns.name = None
+    return table.loc[list(dict.fromkeys(rows["category"]))]
+
+
+def category_views(by_category: Any) -> tuple[list[HtmlView], list[str]]:
+    """The report's per-category sections (HTML views and markdown lines), one per evaluated set."""
+    views, md = [], []
+    for prompt_set, title in SET_TITLES.items():
+        table = category_table(by_category, prompt_set)
+        if table.empty:
+            continue
+        caption = (f"Refused (marker rule) per category of the {title}, as refused/asked; "
+                   "`by_category.csv` has every rate with its interval.")
+        views.append(HtmlView(f"Per category: {title}", f"<p>{html.escape(caption)}</p><div class='scroll'>"
+                              + data_table(table, index=True) + "</div>", prose=True))
+        md += [f"### {title[0].upper()}{title[1:]}", "", caption, "", _cells_markdown(table), ""]
+    return views, md
+
+
+def _cells_markdown(table: Any) -> str:
+    header = "| category | " + " | ".join(md_text(c) for c in table.columns) + " |"
+    lines = [header, "|---|" + "---|" * len(table.columns)]
+    lines += ["| " + md_text(name) + " | " + " | ".join(str(v) for v in row) + " |" for name, row in table.iterrows()]
+    return "\n".join(lines)
+
+
 def _teacher_coeff(direction: Direction, train: Any) -> str:
     """The distilled teacher's coefficient, and the direction's own when training replaced it (S was chosen with that)."""
     coeff = train.teacher_direction(direction).coeff
@@ -413,13 +455,16 @@ def write_report(run_dir: str | Path, model_name: str, table: Any, config: Any) 
                   f"Greedy replies of every model to the first {len(examples[kind])} held-out {kind} prompts.")
         for kind in ("harmful", "harmless")
     ]
+    category_path = run_dir / "by_category.csv"
+    by_category = pandas.read_csv(category_path) if category_path.is_file() else pandas.DataFrame()
+    categories, category_md = category_views(by_category) if "set" in by_category else ([], [])
     comparison_path = run_dir / "comparison.csv"
     # keep_default_na=False: an empty reply stays "" rather than NaN (empty replies are what damage looks like)
     comparison = pandas.read_csv(comparison_path, keep_default_na=False) if comparison_path.is_file() else None
     opening = summary(table, direction, len(tokens), config.train, model_name)
     intro = "<div class='summary'><ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in opening) + "</ul></div>"
     views = [results_view(table),
-             *(Captioned(fig, FIGURE_CAPTIONS.get(name, "")) for name, fig in figures.items()), *tables]
+             *(Captioned(fig, FIGURE_CAPTIONS.get(name, "")) for name, fig in figures.items()), *tables, *categories]
     if comparison is not None:
         views.append(HtmlView("Every held-out prompt (comparison.csv)",
                               f"<details><summary>{len(comparison)} prompts, one row each: every model's reply and flags "
@@ -448,6 +493,8 @@ def write_report(run_dir: str | Path, model_name: str, table: Any, config: Any) 
     for name, written in files.items():
         png = next((f for f in written if f.endswith(".png")), None)
         md.append(f"![{name}](figures/{png})" if png else f"- [{name}](figures/{name}.html)")
+    if category_md:
+        md += ["", "## Per category", "", *category_md]
     md += ["", "## Sample completions", ""]
     for kind in ("harmful", "harmless"):
         for row in examples[kind][:3]:

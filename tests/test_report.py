@@ -3,8 +3,8 @@ import shutil
 import pandas
 import pytest
 
-from safesteer_lens.report import (Targets, closeness, comparison_markdown, damage, rate_text, report_columns, summary,
-                                   target_check)
+from safesteer_lens.report import (Targets, category_table, category_views, closeness, comparison_markdown, damage,
+                                   rate_text, report_columns, summary, target_check)
 from safesteer_lens.stats import Rate
 
 
@@ -69,6 +69,21 @@ def test_the_per_prompt_markdown_flags_each_reply(tmp_path):
         comparison_markdown(back, ["teacher"])
 
 
+def test_per_category_tables_count_refusals_per_model_in_the_file_order():
+    rows = [("base", "lookalike", "homonyms", 0, 10), ("base", "lookalike", "figurative", 1, 10),
+            ("student", "lookalike", "homonyms", 3, 10), ("student", "lookalike", "figurative", 7, 10),
+            ("base", "harmful", "weapons", 0, 4), ("student", "harmful", "weapons", 4, 4)]
+    frame = pandas.DataFrame([{"model": m, "set": s, "category": c, **Rate(k, n).columns("refusal")}
+                              for m, s, c, k, n in rows])
+    table = category_table(frame, "lookalike")
+    assert list(table.index) == ["homonyms", "figurative"] and list(table.columns) == ["base", "student"]
+    assert table.loc["figurative", "student"] == "7/10" and table.loc["homonyms", "base"] == "0/10"
+    assert category_table(frame, "tasks").empty
+    views, md = category_views(frame)
+    assert [v.title for v in views] == ["Per category: harmful requests", "Per category: look-alike harmless requests"]
+    assert "| homonyms | 0/10 | 3/10 |" in "\n".join(md)
+
+
 def test_the_summary_names_the_teacher_the_student_distilled():
     import torch
 
@@ -89,6 +104,7 @@ def test_the_report_opens_with_a_summary_and_captions_every_figure(finished_run)
     assert "Trained:" in summary and "Result on held-out prompts" in summary and "Target check:" in summary
     assert html.count("<figcaption>") >= 6
     assert "class=\"dataframe data sortable\"" in html and "<details>" in html
+    assert "Per category: harmful requests" in html and "## Per category" in (finished_run / "report.md").read_text()
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

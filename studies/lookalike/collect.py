@@ -1,0 +1,59 @@
+"""Join the look-alike study's validation rounds into one table: ``studies/lookalike/val_trials.csv``.
+
+Each round is a named sweep of the demo run (``safesteer sweep --run runs/demo --name ROUND``);
+the demo preset's own student (seed 0) is the baseline evaluation's ``demo/student`` row
+(``baseline_val.csv``). A setting a round did not vary is the demo preset's value, filled in
+here so that every row names its whole recipe.
+
+Usage (from the repository root, after the rounds ran)::
+
+    python studies/lookalike/collect.py --run runs/demo round1 round2 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas
+
+from safesteer_lens.distill import PRESETS
+from safesteer_lens.sweep import load_trials
+
+HERE = Path(__file__).parent
+# the settings the study varies, in the order the table shows them
+LEVERS = ("anchor_lookalikes", "task_prompts", "anchor_weight", "teacher_coeff", "n_prompts", "epochs", "seed")
+
+
+def collect(run_dir: Path, rounds: list[str]) -> pandas.DataFrame:
+    """The baseline's base and demo-student rows, then every trial of ``rounds``, settings filled in."""
+    preset = asdict(PRESETS["demo"])
+    baseline = pandas.read_csv(HERE / "baseline_val.csv", index_col="model")
+    demo = baseline.loc[["demo/student"]].rename(index={"demo/student": "demo preset/seed=0"})
+    demo["sweep"] = "demo preset"
+    trials = load_trials(run_dir, rounds)
+    base = trials.loc[["base"]].assign(sweep="base")
+    table = pandas.concat([base, demo, trials.drop(index="base")])
+    for lever in LEVERS:
+        table[lever] = table[lever].fillna(preset[lever]) if lever in table else preset[lever]
+    table.loc["base", list(LEVERS)] = None
+    table.index.name = "trial"
+    front = ["sweep", *LEVERS]
+    return table[front + [c for c in table.columns if c not in front and c != "pareto"]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--out", type=Path, default=HERE / "val_trials.csv")
+    parser.add_argument("rounds", nargs="+", help="the sweeps' names, in the order they ran")
+    args = parser.parse_args()
+    table = collect(args.run, args.rounds)
+    table.to_csv(args.out)
+    print(table[["sweep", *LEVERS, "harmful_refusal", "tasks_refusal", "harmless_refusal", "lookalike_refusal"]]
+          .to_string(float_format=lambda v: f"{v:.3g}"))
+
+
+if __name__ == "__main__":
+    main()
