@@ -17,6 +17,7 @@ from typing import Any, Callable, NoReturn, Sequence
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.directions import DIRECTION_METHODS
 from safesteer_lens.distill import PRESETS, RunInputs, TrainConfig, TrainResult
+from safesteer_lens.evaluate import DEMO_EVAL
 from safesteer_lens.losses import LOSS_REGISTRY
 from safesteer_lens.pipeline import STAGES
 from safesteer_lens.models import DEFAULT_MODEL
@@ -422,12 +423,12 @@ REPORT_TO_HELP = (
 
 
 def _add_study_set_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n-lookalike", type=int, default=0,
+    parser.add_argument("--n-lookalike", type=int, default=DEMO_EVAL.n_lookalike,
                         help="also read this many look-alike harmless prompts of the split (kinds of trap in turn; "
-                             "each split has 100; 0: none)")
-    parser.add_argument("--n-tasks", type=int, default=0,
+                             f"each split has 100; default {DEMO_EVAL.n_lookalike}, 4 per kind; 0: none)")
+    parser.add_argument("--n-tasks", type=int, default=DEMO_EVAL.n_tasks,
                         help="also read this many harmful prompts in public benchmarks' phrasing (categories in turn; "
-                             "each split has 52; 0: none)")
+                             f"each split has 52; default {DEMO_EVAL.n_tasks}, 2 per category; 0: none)")
 
 
 def _add_direction_arg(parser: argparse.ArgumentParser) -> None:

@@ -125,7 +125,6 @@ class EvalConfig:
             raise SafeSteerError(f"split must be 'val' (choosing settings) or 'test' (reporting), got {self.split!r}")
 
 
-# The demo's evaluation (2 CPU cores, 135M model): 40 + 40 held-out prompts and 60 questions.
 def check_counts(config: EvalConfig) -> None:
     """Fail in one line when ``config`` asks for more shipped prompts or questions than its split has.
 
@@ -152,9 +151,12 @@ def check_counts(config: EvalConfig) -> None:
                                  f"ask for {have} or fewer (--n-mcq)")
 
 
-# `safesteer run --preset demo` reports it on the test split; sweeps choose settings with it
-# on the validation split.
-DEMO_EVAL = EvalConfig(n_harmful=40, n_harmless=40, max_new_tokens=48, n_kl_prompts=16, n_general=12, n_mcq=60)
+# The demo's evaluation (2 CPU cores, 135M model): 40 + 40 held-out prompts, a kind-balanced
+# subset of the look-alike and benchmark-phrased sets (4 per kind of trap, 2 per harm category)
+# and 60 questions. `safesteer run --preset demo` reports it on the test split; sweeps choose
+# settings with it on the validation split. The look-alike study reads the whole splits.
+DEMO_EVAL = EvalConfig(n_harmful=40, n_harmless=40, max_new_tokens=48, n_kl_prompts=16, n_general=12, n_mcq=60,
+                       n_lookalike=40, n_tasks=26)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from safesteer_lens import load_model
+from safesteer_lens.models import DEFAULT_MODEL
 from safesteer_lens.data import load_builtin_prompts, load_study_set, prompt_texts
 from safesteer_lens.probes import last_token_states
 from safesteer_lens.stats import Rate
@@ -45,7 +46,7 @@ def midpoint_gate(
     return direction, float(((harmful @ direction).mean() + (harmless @ direction).mean()) / 2)
 
 
-def gate_rates(model_name: str | None = None) -> pandas.DataFrame:
+def gate_rates(model_name: str = DEFAULT_MODEL) -> pandas.DataFrame:
     """Per layer and gate, how often the gate opens on each validation set (95% Wilson intervals)."""
     model = load_model(model_name)
     train_harmful = last_token_states(model, prompt_texts(load_builtin_prompts("harmful", "train")))
@@ -71,7 +72,7 @@ def gate_rates(model_name: str | None = None) -> pandas.DataFrame:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="model to probe (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model to probe (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--out", type=Path, default=Path("studies/lookalike/gate_probes_val.csv"))
     args = parser.parse_args()
     table = gate_rates(args.model)
