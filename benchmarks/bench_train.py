@@ -44,7 +44,7 @@ def _setup(args: argparse.Namespace):
 
     torch.manual_seed(0)
     # one harmful step with the paper's loss, as the reference loop runs it (no harmless anchor)
-    config = preset("demo", loss="safesteer", anchor_weight=0.0, epochs=1, precision=args.precision)
+    config = preset("demo", loss="safesteer", anchor_weight=0.0, epochs=1, precision=args.precision, task_prompts=0)
     direction = load_direction(args.run)
     tokens = load_safety_tokens(args.run)
     prompts = prompt_texts(load_builtin_prompts("harmful", "train"))[: config.n_prompts]

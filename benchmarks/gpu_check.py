@@ -106,7 +106,7 @@ def measure(shape: dict, args: argparse.Namespace, device: torch.device, dtype: 
     row["train_student_dtype"] = "float32"
     config = preset("demo", samples_per_prompt=m, sequences_per_step=len(expanded), micro_batch=len(expanded),
                     max_new_tokens=args.new_tokens, n_prompts=len(distinct), precision=args.precision,
-                    loss="safesteer", anchor_weight=0.0)  # the harmful step alone
+                    loss="safesteer", anchor_weight=0.0, task_prompts=0)  # the harmful step alone
     # the sampler in the trainer's precision (bfloat16 autocast on a bf16 card), as `train` builds it
     train_dtype = compute_dtype(config.precision, device)
     sampler = RolloutSampler(student, compile=args.compile, dtype=train_dtype)

@@ -75,7 +75,7 @@ def main() -> None:
     script = shutil.which("safesteer") or str(Path(sys.executable).with_name("safesteer"))
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.processes}",
-        script, "train", "--run-dir", str(run_dir), "--n-prompts", str(prompts_per_step * args.steps),
+        script, "train", "--run-dir", str(run_dir), "--n-prompts", str(prompts_per_step * args.steps), "--task-prompts", "0",
         "--samples", str(args.samples), "--sequences-per-step", str(prompts_per_step * args.samples),
         "--max-new-tokens", str(args.max_new_tokens), "--shard", args.shard, "--precision", args.precision,
     ]

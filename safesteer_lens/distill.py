@@ -239,20 +239,19 @@ class TrainConfig:
 
 
 PRESETS: dict[str, TrainConfig] = {
-    # The recipe the study in studies/recipe/ chose on the validation split for the embedded
-    # 135M model on 2 CPU cores: the bounded loss (the paper's barely pulls on a model whose S
-    # holds ~1% of its mass), the harmless anchor (without it the student refuses everything),
-    # rank-8 LoRA adapters (full fine-tuning met the refusal targets but made replies loop), and
-    # every harmful train prompt once rather than half of them twice: the same 32 steps, and the
-    # wider set makes the student more selective (fewer harmless refusals per harmful one),
-    # which leaves room for a stronger teacher. The teacher is fixed at 1.5, milder than the
-    # direction stage's choice: the smallest coefficient whose teacher refuses 90% of harmful
-    # and harmless prompts alike (2.0 on the built-in prompts).
-    # Short rollouts put the budget on the opening tokens, where a refusal starts. It expects
-    # S with the refusal's opener (the pipeline's demo TokenConfig has openers=1).
+    # The recipe chosen on the validation splits for the embedded 135M model on 2 CPU cores
+    # (studies/recipe/, then studies/lookalike/): the bounded loss (the paper's barely pulls on a
+    # model whose S holds ~1% of its mass); the harmless anchor at weight 2 over the harmless
+    # train prompts and the 100 look-alike ones (without it the student refuses everything, and
+    # without the look-alikes it refuses a third of them); the 52 benchmark-phrased harmful train
+    # prompts beside the 128 built-in ones (without them it refuses a third of such requests);
+    # rank-8 LoRA adapters (full fine-tuning made replies loop); one pass over the prompts, and a
+    # teacher at coefficient 1.5, milder than the direction stage's choice. Short rollouts put
+    # the budget on the opening tokens, where a refusal starts. It expects S with the refusal's
+    # opener (the pipeline's demo TokenConfig has openers=1).
     "demo": TrainConfig(
-        loss="safesteer-bounded", anchor_weight=1.0, epochs=1, lora_rank=8, teacher_coeff=1.5,
-        n_prompts=128, samples_per_prompt=4, max_new_tokens=12, lr=1e-3,
+        loss="safesteer-bounded", anchor_weight=2.0, anchor_lookalikes=100, task_prompts=52, epochs=1, lora_rank=8,
+        teacher_coeff=1.5, n_prompts=128, samples_per_prompt=4, max_new_tokens=12, lr=1e-3,
         sequences_per_step=16, micro_batch=8, checkpoint_every=8,
     ),
     # The paper's setting (docs/ARCHITECTURE.md, "The method"), for GPUs and hub models.

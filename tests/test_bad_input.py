@@ -21,7 +21,7 @@ from safesteer_lens.cli import main
 from safesteer_lens.distill import TrainConfig, train
 
 TRAIN = ["--n-prompts", "2", "--samples", "2", "--max-new-tokens", "3", "--sequences-per-step", "4", "--epochs", "1",
-         "--lora-rank", "0", "--anchor-weight", "0"]
+         "--lora-rank", "0", "--anchor-weight", "0", "--task-prompts", "0"]
 
 
 @pytest.fixture(scope="module")

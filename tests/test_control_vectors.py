@@ -95,7 +95,7 @@ def test_cli_exports_and_train_reads_a_gguf_direction(tiny, tiny_dir, run_dir, t
     shutil.copy(run_dir / "safety_tokens.json", other)
     code = main(["train", "--run", str(other), "--direction", str(path), "--model", str(tiny_dir), "--loss", "safesteer",
                  "--n-prompts", "2", "--samples", "2", "--max-new-tokens", "3", "--sequences-per-step", "4",
-                 "--lora-rank", "0", "--anchor-weight", "0"])
+                 "--lora-rank", "0", "--anchor-weight", "0", "--task-prompts", "0"])
     assert code == 0
     original, imported = load_direction(run_dir), load_direction(other)
     assert (imported.layer, imported.coeff) == (original.layer, original.coeff)

@@ -135,18 +135,18 @@ def test_bad_settings_are_rejected():
 def test_cli_train_on_tiny(run_dir, tiny_dir, capsys):
     code = main(["train", "--run", str(run_dir), "--preset", "demo", "--loss", "full-reverse",
                  "--n-prompts", "2", "--samples", "2", "--max-new-tokens", "4", "--sequences-per-step", "4",
-                 "--precision", "bfloat16"])
+                 "--precision", "bfloat16", "--task-prompts", "0"])
     assert code == 0
     assert (run_dir / "student" / "config.json").exists()
     rows = (run_dir / "metrics.jsonl").read_text().splitlines()
-    demo = replace(PRESETS["demo"], n_prompts=2, samples_per_prompt=2, sequences_per_step=4)
+    demo = replace(PRESETS["demo"], n_prompts=2, samples_per_prompt=2, sequences_per_step=4, task_prompts=0)
     assert len(rows) == demo.total_steps  # the demo preset's epochs, of one step each
     assert json.loads(rows[0])["precision"] == "bfloat16" and "anchor_loss" in json.loads(rows[0])
 
 
 def test_cli_train_takes_the_anchor_and_lora(run_dir):
     code = main(["train", "--run", str(run_dir), "--n-prompts", "2", "--samples", "2", "--max-new-tokens", "4",
-                 "--sequences-per-step", "4", "--anchor-weight", "0.5", "--anchor-loss", "full-reverse",
+                 "--sequences-per-step", "4", "--task-prompts", "0", "--anchor-weight", "0.5", "--anchor-loss", "full-reverse",
                  "--lora-rank", "2", "--lora-targets", "v_proj", "--lr", "1e-3"])
     assert code == 0
     row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])

@@ -11,9 +11,10 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 
-def test_the_four_notebooks_exist():
+def test_the_five_notebooks_exist():
     assert [p.name for p in NOTEBOOKS] == [
         "01_steering_directions.ipynb", "02_safety_tokens.ipynb", "03_train_end_to_end.ipynb", "04_recipe_study.ipynb",
+        "05_lookalike_study.ipynb",
     ]
 
 

@@ -53,10 +53,10 @@ def test_two_process_training_writes_once_and_resumes_in_one_process(run_dir, tm
 def test_the_safesteer_command_trains_under_torchrun(run_dir):
     # the console script pip installed; --run-dir, because torchrun reads --run as its --run-path
     script = Path(sys.executable).with_name("safesteer")
-    done = torchrun(str(script), "train", "--run-dir", str(run_dir), "--n-prompts", "4", "--samples", "2",
+    done = torchrun(str(script), "train", "--run-dir", str(run_dir), "--n-prompts", "4", "--task-prompts", "0", "--samples", "2",
                     "--max-new-tokens", "4", "--sequences-per-step", "4")
     assert done.stdout.count("on 2 processes") == 1  # only rank 0 reports
-    demo = replace(PRESETS["demo"], n_prompts=4, samples_per_prompt=2, sequences_per_step=4)
+    demo = replace(PRESETS["demo"], n_prompts=4, samples_per_prompt=2, sequences_per_step=4, task_prompts=0)
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == demo.total_steps  # 2 prompts a step, the demo's epochs
     assert (run_dir / "student" / "config.json").exists()
 

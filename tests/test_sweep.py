@@ -113,10 +113,10 @@ def test_the_cli_sweep_needs_exactly_one_grid(run_dir, capsys):
 def test_the_cli_sweep_trains_and_prints_the_grid(run_dir, capsys):
     from safesteer_lens.cli import main
 
-    assert main(["sweep", "--run", str(run_dir), "--grid", "n_prompts=4", "max_new_tokens=3", "--n", "2", "--n-mcq", "6",
-                 "--max-new-tokens", "4"]) == 0
+    assert main(["sweep", "--run", str(run_dir), "--grid", "n_prompts=4", "max_new_tokens=3", "task_prompts=0", "--n", "2",
+                 "--n-mcq", "6", "--max-new-tokens", "4", "--n-lookalike", "10", "--n-tasks", "13"]) == 0
     out = capsys.readouterr().out
-    assert "n_prompts=4_max_new_tokens=3" in out and "1 trials, evaluated on the val split" in out
+    assert "n_prompts=4_max_new_tokens=3_task_prompts=0" in out and "1 trials, evaluated on the val split" in out
     assert (run_dir / "sweep" / "sweep.csv").is_file()
 
 

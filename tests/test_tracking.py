@@ -79,6 +79,6 @@ def test_only_rank_zero_tracks_and_unknown_trackers_are_refused(tmp_path):
 def test_cli_train_takes_report_to(run_dir):
     code = main(["train", "--run", str(run_dir), "--n-prompts", "2", "--samples", "2", "--max-new-tokens", "3",
                  "--sequences-per-step", "4", "--lora-rank", "0", "--anchor-weight", "0", "--epochs", "1",
-                 "--report-to", "tensorboard"])
+                 "--task-prompts", "0", "--report-to", "tensorboard"])
     assert code == 0
     assert glob.glob(str(run_dir / "tensorboard" / "train" / "events.out.tfevents.*"))

@@ -2,8 +2,8 @@
 
 Each round is a named sweep of the demo run (``safesteer sweep --run runs/demo --name ROUND``);
 the demo preset's own student (seed 0) is the baseline evaluation's ``demo/student`` row
-(``baseline_val.csv``). A setting a round did not vary is the demo preset's value, filled in
-here so that every row names its whole recipe.
+(``baseline_val.csv``). A setting a round did not vary is the value of the demo preset the rounds
+started from (``ROUND_DEFAULTS``), filled in here so that every row names its whole recipe.
 
 Usage (from the repository root, after the rounds ran)::
 
@@ -13,22 +13,22 @@ Usage (from the repository root, after the rounds ran)::
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
 from pathlib import Path
 
 import pandas
 
-from safesteer_lens.distill import PRESETS
 from safesteer_lens.sweep import load_trials
 
 HERE = Path(__file__).parent
 # the settings the study varies, in the order the table shows them
 LEVERS = ("anchor_lookalikes", "task_prompts", "anchor_weight", "teacher_coeff", "n_prompts", "epochs", "seed")
+# the demo preset's values when the study started (sweeps record only the settings they vary)
+ROUND_DEFAULTS = {"anchor_lookalikes": 0, "task_prompts": 0, "anchor_weight": 1.0, "teacher_coeff": 1.5,
+                  "n_prompts": 128, "epochs": 1, "seed": 0}
 
 
 def collect(run_dir: Path, rounds: list[str]) -> pandas.DataFrame:
     """The baseline's base and demo-student rows, then every trial of ``rounds``, settings filled in."""
-    preset = asdict(PRESETS["demo"])
     baseline = pandas.read_csv(HERE / "baseline_val.csv", index_col="model")
     demo = baseline.loc[["demo/student"]].rename(index={"demo/student": "demo preset/seed=0"})
     demo["sweep"] = "demo preset"
@@ -36,7 +36,7 @@ def collect(run_dir: Path, rounds: list[str]) -> pandas.DataFrame:
     base = trials.loc[["base"]].assign(sweep="base")
     table = pandas.concat([base, demo, trials.drop(index="base")])
     for lever in LEVERS:
-        table[lever] = table[lever].fillna(preset[lever]) if lever in table else preset[lever]
+        table[lever] = table[lever].fillna(ROUND_DEFAULTS[lever]) if lever in table else ROUND_DEFAULTS[lever]
     table.loc["base", list(LEVERS)] = None
     table.index.name = "trial"
     front = ["sweep", *LEVERS]

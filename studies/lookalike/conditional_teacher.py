@@ -93,6 +93,12 @@ def main() -> None:
     comparison = pandas.read_csv(args.comparison, keep_default_na=False)
     table = conditional_rates(model, comparison, layer, gates[layer], teacher=args.teacher)
     table.insert(0, "gate_layer", layer)
+    direction, threshold = gates[layer]
+    for name, prompts in (("built-in harmful", load_builtin_prompts("harmful", "train")),
+                          ("benchmark-phrased harmful", load_study_set("tasks", "train"))):
+        states = last_token_states(model, prompt_texts(prompts))[layer]
+        print(f"on the {name} train prompts (what a student trains on) the gate opens on "
+              f"{Rate.of((states @ direction > threshold).tolist())}")
     print(f"gate layer {layer}")
     print(table[["opened", "refused", "full_refusal", "apology", "refused_n"]].to_string(float_format=lambda v: f"{v:.3f}"))
     if args.out:
