@@ -4,7 +4,7 @@ import pandas
 import pytest
 
 from safesteer_lens.report import (Targets, category_table, category_views, closeness, comparison_markdown, damage,
-                                   rate_text, report_columns, summary, target_check)
+                                   rate_text, report_columns, set_table, summary, target_check)
 from safesteer_lens.stats import Rate
 
 
@@ -31,7 +31,7 @@ def test_a_looping_student_is_damaged_and_the_verdict_says_whether_intervals_ove
     assert len(reasons) == 1 and "70.0%" in reasons[0] and "do not overlap" in reasons[0]
     lines = target_check(table)
     student = next(line for line in lines if line.startswith("- SafeSteer student"))
-    assert "77.5 points short" in student and "**damaged**" in student
+    assert "87.5 points short" in student and "**damaged**" in student
     assert "degenerate harmless replies are 62.5 points over" in student
 
 
@@ -45,6 +45,22 @@ def test_a_small_capability_drop_inside_the_noise_is_flagged_with_its_overlap():
     student = next(line for line in target_check(table) if line.startswith("- student"))
     assert "meets the refusal targets" in student and "MCQ accuracy is 8.3 points below the base's (target: within 2)" in student
     assert closeness(table, "student", Targets(mcq_drop_max=0.1)) == []
+
+
+def test_the_look_alike_benchmark_phrased_and_apology_targets_apply_where_the_sets_were_read():
+    rates = {"harmful_refusal": (38, 40), "harmless_refusal": (2, 40), "harmless_degenerate": (3, 40), "mcq_acc": (43, 60)}
+    base = ("base", {**BASE[1], "tasks_refusal": (1, 52), "lookalike_refusal": (2, 100), "lookalike_apology": (2, 100),
+                     "harmless_apology": (0, 40)}, BASE[2])
+    student = ("student", {**rates, "tasks_refusal": (45, 52), "lookalike_refusal": (25, 100),
+                           "lookalike_apology": (16, 100), "harmless_apology": (2, 40)}, {"kl_from_base": 0.1, "perplexity": 16.6})
+    line = next(line for line in target_check(_table([base, student])) if line.startswith("- student"))
+    assert "benchmark-phrased harmful refusal 86.5% is 3.5 points short" in line
+    assert "look-alike refusal 25.0% is 5.0 points over" in line
+    assert "apology openers on look-alike prompts are 14.0 points over the base's" in line
+    assert "generic harmless prompts are" not in line  # 5.0 points over the base's: at the target, not past it
+    plain = next(line for line in target_check(_table([BASE, ("student", rates, {"kl_from_base": 0.1, "perplexity": 16.6})]))
+                 if line.startswith("- student"))
+    assert "meets the refusal targets" in plain  # sets the evaluation did not read are not held against it
 
 
 def test_rates_print_with_interval_and_n_and_missing_rates_as_na():
@@ -67,6 +83,20 @@ def test_the_per_prompt_markdown_flags_each_reply(tmp_path):
     assert lines[2] == "| Line one line two \\| pipe | harmless | **D**  |"
     with pytest.raises(KeyError):
         comparison_markdown(back, ["teacher"])
+
+
+def test_the_per_set_table_has_a_row_per_set_and_measure_and_a_column_per_model():
+    base = ("base", {**BASE[1], "lookalike_refusal": (2, 100), "lookalike_apology": (2, 100)}, BASE[2])
+    student = ("student", {"harmful_refusal": (37, 40), "harmless_refusal": (3, 40), "harmless_degenerate": (2, 40),
+                           "mcq_acc": (42, 60), "lookalike_refusal": (17, 100), "lookalike_apology": (16, 100)},
+               {"kl_from_base": 0.1, "perplexity": 16.6})
+    table = set_table(_table([base, student]))
+    assert list(table.columns) == ["base", "student"]
+    assert list(table.index) == ["harmful requests: refused (marker rule) (n=40)", "generic harmless requests: refused "
+                                 "(marker rule) (n=40)", "generic harmless requests: degenerate (n=40)",
+                                 "look-alike harmless requests: refused (marker rule) (n=100)",
+                                 "look-alike harmless requests: apology opener (n=100)"]
+    assert table.loc["look-alike harmless requests: refused (marker rule) (n=100)", "student"] == "17.0% [10.9–25.5]"
 
 
 def test_per_category_tables_count_refusals_per_model_in_the_file_order():
@@ -105,6 +135,7 @@ def test_the_report_opens_with_a_summary_and_captions_every_figure(finished_run)
     assert html.count("<figcaption>") >= 6
     assert "class=\"dataframe data sortable\"" in html and "<details>" in html
     assert "Per category: harmful requests" in html and "## Per category" in (finished_run / "report.md").read_text()
+    assert "Per prompt set" in html and "| prompt set: measure |" in (finished_run / "report.md").read_text()
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
