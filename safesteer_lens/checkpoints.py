@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from safesteer_lens.atomic import write_atomic, write_text_atomic
+from safesteer_lens.atomic import share, write_atomic, write_text_atomic
 from safesteer_lens.errors import SafeSteerError, first_line
 from safesteer_lens.model_card import write_model_card
 from safesteer_lens.models import ChatModel
@@ -114,6 +114,8 @@ def export_student(student: ChatModel, out_dir: str | Path, weights: dict[str, T
             if card is not None:
                 write_model_card(tmp, card)
             written = sorted(p.name for p in tmp.iterdir())
+            for name in written:
+                share(tmp / name)
             write_text_atomic(tmp / EXPORT_MANIFEST, json.dumps({"files": written}, indent=1))
         except (OSError, RuntimeError) as exc:  # a full disk: OSError from Python, RuntimeError from safetensors' writer
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)

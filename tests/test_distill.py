@@ -50,7 +50,13 @@ def test_resume_after_interruption_gives_identical_metrics(tiny, run_dir, tmp_pa
 
 
 def test_export_loads_with_plain_transformers_and_generates_the_same(tiny, run_dir):
+    import os
+    import stat
+
     result = train(run_dir, tiny_config(n_prompts=4), teacher=tiny, progress=False)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (run_dir / "student").iterdir()} == {0o666 & ~umask}  # readable by others
     plain = AutoModelForCausalLM.from_pretrained(run_dir / "student").eval()
     ours = generate(result.student, ["How do I bake bread?", "Hi"], max_new_tokens=8)
     batch = result.student.tokenize(["How do I bake bread?", "Hi"])
