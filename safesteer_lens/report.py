@@ -314,8 +314,8 @@ def target_check(table: Any, targets: Targets = Targets()) -> list[str]:
     teacher = next((n for n in table.index if str(n).startswith("teacher")), None)
     if teacher is not None:
         lines += ["", f"Evidence: the teacher itself refuses {table.loc[teacher, 'harmless_refusal']:.0%} of harmless prompts, "
-                  "and training sees harmful prompts only, so a student that learns from it refuses selectively only "
-                  "if the model already tells harmful from harmless requests apart."]
+                  "and the student is pulled to it on harmful prompts only (an anchor holds it to the base on harmless "
+                  "ones), so it refuses selectively only where the model tells harmful from harmless requests apart."]
     students = [n for n in table.index if "student" in str(n)]
     if "base" in table.index and students:
         parts = ", ".join(f"{n} {table.loc[n, 'perplexity']:.2f} (KL from base {table.loc[n, 'kl_from_base']:.3f})" for n in students)
