@@ -337,7 +337,8 @@ def sweep_figure(table: Any, harmless: str = "harmless_refusal", harmful: str = 
                              "(e.g. --n-lookalike, --n-tasks) or plot another rate")
     fig = go.Figure()
     trials_only = table.drop(index="base", errors="ignore").dropna(subset=[harmless, harmful])
-    x_name, y_name = harmless.removesuffix("_refusal"), harmful.removesuffix("_refusal")
+    readable = {"lookalike": "look-alike harmless", "tasks": "benchmark-phrased harmful"}
+    x_name, y_name = (readable.get(c.removesuffix("_refusal"), c.removesuffix("_refusal")) for c in (harmless, harmful))
 
     def bars(frame: Any, column: str) -> dict:
         return {"type": "data", "symmetric": False, "array": frame[f"{column}_high"] - frame[column],

@@ -67,7 +67,7 @@ def test_the_frontier_and_its_figure_take_any_pair_of_rates():
                              index=["base", "a", "b"])
     assert pareto_mask(table.drop(index="base"), "lookalike_refusal", "tasks_refusal") == [False, True]
     figure = sweep_figure(table, "lookalike_refusal", "tasks_refusal", target=(0.2, 0.9))
-    assert list(figure.data[1].x) == [0.2] and figure.layout.xaxis.title.text == "lookalike prompts refused"
+    assert list(figure.data[1].x) == [0.2] and figure.layout.xaxis.title.text == "look-alike harmless prompts refused"
     assert figure.layout.shapes[0].x1 == 0.2
     with pytest.raises(SafeSteerError, match="no 'mcq_refusal' column"):
         sweep_figure(table, "mcq_refusal")

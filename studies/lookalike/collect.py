@@ -7,7 +7,10 @@ started from (``ROUND_DEFAULTS``), filled in here so that every row names its wh
 
 Usage (from the repository root, after the rounds ran)::
 
-    python studies/lookalike/collect.py --run runs/demo round1 round2 ...
+    python studies/lookalike/collect.py --run runs/demo round1 round2 ... [--figure figures/lookalike_frontier.png]
+
+``--figure`` draws the frontier (look-alikes against benchmark-phrased harmful requests refused,
+with 95% intervals) as a PNG; it needs kaleido and a Chromium (``pip install -e '.[figures]'``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import pandas
 
-from safesteer_lens.sweep import load_trials
+from safesteer_lens.sweep import load_trials, sweep_figure
 
 HERE = Path(__file__).parent
 # the settings the study varies, in the order the table shows them
@@ -47,10 +50,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=Path("runs/demo"))
     parser.add_argument("--out", type=Path, default=HERE / "val_trials.csv")
+    parser.add_argument("--figure", type=Path, default=None, help="also draw the frontier as this PNG")
     parser.add_argument("rounds", nargs="+", help="the sweeps' names, in the order they ran")
     args = parser.parse_args()
     table = collect(args.run, args.rounds)
     table.to_csv(args.out)
+    if args.figure:
+        figure = sweep_figure(table, "lookalike_refusal", "tasks_refusal", target=(0.2, 0.9)).update_layout(
+            title="Look-alike study, validation splits: every trial (95% intervals; box: the targets)")
+        figure.write_image(args.figure, format="png", scale=1)
     print(table[["sweep", *LEVERS, "harmful_refusal", "tasks_refusal", "harmless_refusal", "lookalike_refusal"]]
           .to_string(float_format=lambda v: f"{v:.3g}"))
 
