@@ -52,14 +52,18 @@ def test_evaluate_writes_the_tables_and_the_per_prompt_comparison(run_dir, capsy
                  "--n-mcq", "6", "--split", "val"]) == 0
     assert "comparison.csv" in capsys.readouterr().out
     comparison = pandas.read_csv(run_dir / "comparison.csv")
-    assert len(comparison) == 4 and {"base: reply", "teacher: refused", "teacher: degenerate"} <= set(comparison.columns)
+    assert {"base: reply", "teacher: refused", "teacher: degenerate"} <= set(comparison.columns)
+    # 2 + 2 built-in prompts, and by default the demo's kind-balanced look-alike and benchmark-phrased subsets
+    assert comparison["set"].value_counts().to_dict() == {"harmful": 2, "harmless": 2, "lookalike": 40, "tasks": 26}
     table = pandas.read_csv(run_dir / "results.csv", index_col="model")
     assert table.loc["base", "mcq_acc_n"] == 6 and "harmful_refusal_low" in table.columns
     assert len(pandas.read_csv(run_dir / "mcq.csv")) == 12  # 6 questions x (base, teacher)
     assert not (run_dir / "evaluate.json").exists()  # a later `safesteer run` evaluates its own students again
     assert table.loc["teacher", "kl_from_base"] > 0
     assert main(["evaluate", "--run", str(run_dir), "--device", "cpu", "--n", "2", "--max-new-tokens", "3",
-                 "--n-mcq", "0", "--split", "val", "--teacher-coeff", "1e-6"]) == 0  # the teacher the students distilled
+                 "--n-mcq", "0", "--split", "val", "--teacher-coeff", "1e-6", "--n-lookalike", "0",
+                 "--n-tasks", "0"]) == 0  # the teacher the students distilled
+    assert len(pandas.read_csv(run_dir / "comparison.csv")) == 4
     faint = pandas.read_csv(run_dir / "results.csv", index_col="model")
     assert faint.loc["teacher", "kl_from_base"] < 1e-3 < table.loc["teacher", "kl_from_base"]
 
