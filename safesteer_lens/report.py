@@ -412,7 +412,8 @@ def category_views(by_category: Any) -> tuple[list[HtmlView], list[str]]:
             continue
         caption = (f"Refused (marker rule) per category of the {title}, as refused/asked; "
                    "`by_category.csv` has every rate with its interval.")
-        views.append(HtmlView(f"Per category: {title}", f"<p>{html.escape(caption)}</p><div class='scroll'>"
+        shown = html.escape(caption).replace("`by_category.csv`", "<code>by_category.csv</code>")
+        views.append(HtmlView(f"Per category: {title}", f"<p>{shown}</p><div class='scroll'>"
                               + data_table(table, index=True) + "</div>", prose=True))
         md += [f"### {title[0].upper()}{title[1:]}", "", caption, "", _cells_markdown(table), ""]
     return views, md
