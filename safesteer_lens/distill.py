@@ -347,16 +347,20 @@ def _train_prompts(label: str, n: int, setting: str = "n_prompts", mix: bool = F
     return prompts
 
 
+def _study_train_prompts(name: str, n: int, setting: str, what: str) -> list[str]:
+    """The first ``n`` train prompts of a look-alike study set, kinds in turn (``what`` names the set in errors)."""
+    if not n:
+        return []
+    prompts = prompt_texts(first_prompts(load_study_set(name, "train"), n, True))
+    if len(prompts) < n:
+        raise SafeSteerError(f"{setting} is {n} but the {what} train split has {len(prompts)}; use at most {len(prompts)}")
+    return prompts
+
+
 def _harmful_prompts(config: TrainConfig) -> list[str]:
     """The harmful prompts the student trains on: built-in ones, then benchmark-phrased ones."""
     harmful = _train_prompts("harmful", config.n_prompts, mix=config.mix_categories)
-    if not config.task_prompts:
-        return harmful
-    tasks = prompt_texts(first_prompts(load_study_set("tasks", "train"), config.task_prompts, True))
-    if len(tasks) < config.task_prompts:
-        raise SafeSteerError(f"task_prompts is {config.task_prompts} but the benchmark-phrased (tasks) train split has "
-                             f"{len(tasks)}; use at most {len(tasks)}")
-    return harmful + tasks
+    return harmful + _study_train_prompts("tasks", config.task_prompts, "task_prompts", "benchmark-phrased (tasks)")
 
 
 def _anchor_prompts(config: TrainConfig) -> list[str]:
@@ -367,13 +371,7 @@ def _anchor_prompts(config: TrainConfig) -> list[str]:
         harmless = _train_prompts("harmless", config.anchor_prompts, "anchor_prompts", mix=config.mix_categories)
     else:
         harmless = _train_prompts("harmless", config.n_prompts, mix=config.mix_categories)
-    if not config.anchor_lookalikes:
-        return harmless
-    lookalikes = prompt_texts(first_prompts(load_study_set("lookalike", "train"), config.anchor_lookalikes, True))
-    if len(lookalikes) < config.anchor_lookalikes:
-        raise SafeSteerError(f"anchor_lookalikes is {config.anchor_lookalikes} but the look-alike train split has "
-                             f"{len(lookalikes)}; use at most {len(lookalikes)}")
-    return harmless + lookalikes
+    return harmless + _study_train_prompts("lookalike", config.anchor_lookalikes, "anchor_lookalikes", "look-alike")
 
 
 def _step_prompts(prompts: list[str], config: TrainConfig, step: int) -> list[str]:

@@ -352,8 +352,7 @@ def sweep_figure(table: Any, harmless: str = "harmless_refusal", harmful: str = 
                 "showscale": True, "colorbar": {"title": "degenerate<br>(harmless)"}, "line": {"width": 1, "color": "black"}},
         error_x=bars(trials_only, harmless), error_y=bars(trials_only, harmful),
     ))
-    on_front = pareto_mask(trials_only, harmless, harmful) if len(trials_only) else []
-    front = trials_only[on_front].sort_values(harmless) if len(trials_only) else trials_only
+    front = trials_only.loc[pareto_mask(trials_only, harmless, harmful)].sort_values(harmless)
     fig.add_trace(go.Scatter(x=front[harmless], y=front[harmful], mode="lines", name="Pareto frontier",
                              line={"dash": "dot", "color": "black"}))
     if "base" in table.index:
