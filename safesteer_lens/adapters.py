@@ -16,16 +16,15 @@ removes the adapters: the export is an ordinary model that plain ``transformers`
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from safesteer_lens.errors import SafeSteerError
+from safesteer_lens.families import DEFAULT_LORA_TARGETS as DEFAULT_TARGETS
 
 LORA_ATTRIBUTE = "safesteer_lora"  # where a model carries the LoraSpec of its adapters
-DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
 @dataclass(frozen=True)
@@ -46,14 +45,31 @@ class LoraSpec:
     def names(self) -> list[str]:
         return [t.strip() for t in self.targets.split(",") if t.strip()]
 
-    def peft_config(self, bridged: bool) -> Any:
-        """peft's ``LoraConfig``; ``bridged`` targets the ``nn.Linear`` the bridge nests."""
+    def peft_config(self, model: torch.nn.Module) -> Any:
+        """peft's ``LoraConfig`` naming exactly the linear layers of ``model`` to adapt.
+
+        A layer is adapted when it is an ``nn.Linear`` and one of its names (the bridge's
+        ``_original_component`` nesting removed; the bridge reaches a layer by several names)
+        ends in one of :meth:`names`. Naming the layers one by one, rather than by a pattern,
+        keeps out what a pattern would also catch: the bridge's wrappers around a linear layer
+        and a mixture-of-experts block whose experts are not linear layers at all.
+        """
         from peft import LoraConfig
 
-        names = "|".join(re.escape(n) for n in self.names())
-        suffix = r"\._original_component" if bridged else ""
-        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=0.0, bias="none",
-                          target_modules=rf".*\.({names}){suffix}")
+        wanted = set(self.names())
+        aliases: dict[int, list[str]] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            if isinstance(module, torch.nn.Linear):
+                aliases.setdefault(id(module), []).append(name)
+        # peft replaces a layer under its first name, the one named_modules() reports
+        chosen = [names[0] for names in aliases.values()
+                  if any(n.replace("._original_component", "").rpartition(".")[2] in wanted for n in names)]
+        if not chosen:
+            raise SafeSteerError(f"no linear layer of this model matches lora_targets {self.targets!r}; name linear "
+                                 f"layers of this model, e.g. {DEFAULT_TARGETS}")
+        # full names in a list: peft matches them exactly (a regex would be rewritten by its
+        # mixture-of-experts conversion, which reads only the last name component)
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=0.0, bias="none", target_modules=chosen)
 
 
 def lora_spec(module: torch.nn.Module) -> LoraSpec | None:
@@ -61,11 +77,11 @@ def lora_spec(module: torch.nn.Module) -> LoraSpec | None:
     return getattr(module, LORA_ATTRIBUTE, None)
 
 
-def _inject(module: torch.nn.Module, spec: LoraSpec, bridged: bool) -> None:
+def _inject(module: torch.nn.Module, spec: LoraSpec) -> None:
     from peft import inject_adapter_in_model
 
     try:
-        inject_adapter_in_model(spec.peft_config(bridged), module)
+        inject_adapter_in_model(spec.peft_config(module), module)
     except ValueError as exc:  # peft: no module matched the targets
         raise SafeSteerError(f"no layer matches lora_targets {spec.targets!r} ({str(exc).splitlines()[0][:120]}); "
                              f"name linear layers of this model, e.g. {DEFAULT_TARGETS}") from exc
@@ -86,7 +102,7 @@ def add_lora(model: Any, spec: LoraSpec, seed: int = 0) -> list[torch.nn.Paramet
     dtype = next(model.hf_model.parameters()).dtype
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        _inject(model.hf_model, spec, bridged=True)
+        _inject(model.hf_model, spec)
     model._hf_paths = None  # the name table now includes the adapters
     adapters = []
     for name, param in model.hf_model.named_parameters():
@@ -102,7 +118,7 @@ def add_lora_like(source: torch.nn.Module, plain: torch.nn.Module) -> None:
     """Give a plain Hugging Face model the adapters ``source`` carries (nothing if it has none)."""
     spec = lora_spec(source)
     if spec is not None:
-        _inject(plain, spec, bridged=False)
+        _inject(plain, spec)
 
 
 def merge_lora(model: Any) -> None:

@@ -490,7 +490,7 @@ def cmd_export_direction(args: argparse.Namespace) -> None:
     check_out_file(args.out)
     with locked(args.run, "safesteer export-direction"):
         direction = load_direction(args.run)
-        path = export_control_vector(direction, args.out, scale=args.scale)
+        path = export_control_vector(direction, args.out, scale=args.scale, architecture=args.architecture)
     print(f"wrote {path}: {tensor_name(direction.layer)} = {args.scale * direction.coeff:g} x the direction "
           f"({hook_name(direction.layer)}); use it with llama.cpp's --control-vector {path}")
 
@@ -601,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lora-rank", type=int, default=None,
                        help="train rank-R LoRA adapters (peft) instead of every weight; merged into the export (0: off)")
     train.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 16)")
-    train.add_argument("--lora-targets", default=None, help="comma-separated linear layers for LoRA (default: all projections)")
+    train.add_argument("--lora-targets", default=None, help="comma-separated linear layers for LoRA (default: auto, the model family's projections)")
     train.add_argument("--resume", action="store_true",
                        help="continue from checkpoint.pt (with none yet, start again at step 0)")
     train.add_argument("--overwrite", action="store_true",
@@ -684,6 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--scale", type=float, default=1.0,
                         help="factor on top of the teacher's coefficient (1: the teacher; llama.cpp can scale again "
                              "with --control-vector-scaled)")
+    export.add_argument("--architecture", default=None,
+                        help="the control vector's model_hint, llama.cpp's architecture name (default: read from the "
+                             "config of the direction's model)")
     export.set_defaults(func=cmd_export_direction)
     return parser
 

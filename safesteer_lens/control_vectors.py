@@ -14,6 +14,11 @@ block L - 1. So the direction of a run at layer L is written as ``direction.{L-1
 L >= 2; on import, ``direction.N`` becomes layer N + 1. Both add the vector at every position,
 prompt and generated tokens alike.
 
+Model. ``controlvector.model_hint`` holds the model's architecture as llama.cpp names it
+(``llama``, ``qwen3``, ``gemma3``: :mod:`safesteer_lens.families`), which is what llama.cpp-side
+tools compare with the model they load; the model's own name or path rides in
+``safesteer.model``.
+
 Scale. The tensor holds ``coeff * vector``, the exact vector the teacher adds, so
 ``--control-vector FILE`` reproduces the teacher at llama.cpp's default strength of 1, and
 ``--control-vector-scaled FILE S`` multiplies it by S (S = 2 doubles the coefficient). Our
@@ -44,7 +49,8 @@ def tensor_name(layer: int) -> str:
     return f"direction.{layer - 1}"
 
 
-def export_control_vector(direction: Direction, path: str | Path, scale: float = 1.0) -> Path:
+def export_control_vector(direction: Direction, path: str | Path, scale: float = 1.0,
+                          architecture: str | None = None) -> Path:
     """Write ``direction`` as a llama.cpp control vector (atomically).
 
     Args:
@@ -52,17 +58,28 @@ def export_control_vector(direction: Direction, path: str | Path, scale: float =
         path: The ``.gguf`` file to write.
         scale: A factor on top of the teacher's coefficient baked into the file (1: the
             teacher itself; llama.cpp's ``--control-vector-scaled`` scales it again).
+        architecture: The ``model_hint``; None reads it from the config of ``direction.model``
+            (:func:`~safesteer_lens.models.model_facts`).
     """
     import gguf
+
+    from safesteer_lens.models import model_facts
 
     if not np.isfinite(scale) or scale == 0:
         raise SafeSteerError(f"--scale must be a finite, non-zero number, got {scale}")
     name = tensor_name(direction.layer)
+    if architecture is None:
+        try:
+            architecture = model_facts(direction.model).architecture
+        except SafeSteerError as exc:
+            raise SafeSteerError(f"cannot tell the architecture of {direction.model!r} for the control vector's "
+                                 f"model_hint ({exc}); pass --architecture (llama.cpp's name, e.g. llama, qwen3)") from None
     values = (scale * direction.coeff * direction.vector.detach().float().cpu()).numpy().astype(np.float32)
 
     def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(str(tmp), ARCH)
-        writer.add_string(f"{ARCH}.model_hint", direction.model)
+        writer.add_string(f"{ARCH}.model_hint", architecture)
+        writer.add_string("safesteer.model", direction.model)
         writer.add_uint32(f"{ARCH}.layer_count", 1)
         writer.add_uint32("safesteer.layer", direction.layer)
         writer.add_float32("safesteer.coeff", float(scale * direction.coeff))
@@ -123,9 +140,10 @@ def load_control_vector(path: str | Path, layer: int | None = None) -> Direction
     coeff = float(saved_coeff) if ours else 1.0
     if not np.isfinite(coeff) or coeff == 0 or not torch.isfinite(values).all() or not values.any():
         raise SafeSteerError(f"{path} holds a zero coefficient, a zero vector or non-finite values; export it again")
-    hint, method = _field(reader, f"{ARCH}.model_hint"), _field(reader, "safesteer.method")
+    hint, method, model = (_field(reader, key) for key in (f"{ARCH}.model_hint", "safesteer.method", "safesteer.model"))
+    settings = {"source": str(path)} | ({"model_hint": hint} if isinstance(hint, str) and hint else {})
     return Direction(
-        vector=values / coeff, model=hint if isinstance(hint, str) and hint else "unknown",
+        vector=values / coeff, model=model if ours and isinstance(model, str) and model else "unknown",
         method=method if ours and isinstance(method, str) and method else "control-vector",
-        layer=chosen, position=-1, coeff=coeff, settings={"source": str(path)},
+        layer=chosen, position=-1, coeff=coeff, settings=settings,
     )

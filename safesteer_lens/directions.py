@@ -247,7 +247,7 @@ def score_candidates(
     * ``kl``: mean next-token KL(clean || ablated) on harmless prompts (low = ablation leaves
       ordinary behaviour alone).
     """
-    ids = refusal_token_ids(model.tokenizer)
+    ids = refusal_token_ids(model.tokenizer, model.family.refusal_openings)
     clean_harmless = last_token_logits(model, harmless_val, [])
     rows = []
     grid = [(li, pi) for li in range(len(candidates.layers)) for pi in range(len(candidates.positions))]

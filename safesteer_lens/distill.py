@@ -137,7 +137,9 @@ class TrainConfig:
             ``peft`` instead (:mod:`safesteer_lens.adapters`), merged into the weights at the
             end so the export is a plain model. Adapters want a larger ``lr`` (about 10x).
         lora_alpha: The adapters' scale numerator (update = alpha / r * B A).
-        lora_targets: Comma-separated linear layers that get adapters.
+        lora_targets: Comma-separated linear layers that get adapters; ``auto`` takes the
+            model family's (:mod:`safesteer_lens.families`: every projection for most
+            families).
     """
 
     loss: str = "safesteer"
@@ -167,7 +169,7 @@ class TrainConfig:
     teacher_coeff: float = 0.0
     lora_rank: int = 0
     lora_alpha: float = 16.0
-    lora_targets: str = DEFAULT_TARGETS
+    lora_targets: str = "auto"
 
     @property
     def prompts_per_step(self) -> int:
@@ -278,7 +280,8 @@ def build_optimizer(student: ChatModel, config: TrainConfig) -> tuple[torch.opti
     from transformers import get_cosine_schedule_with_warmup
 
     if config.lora_rank:
-        params = add_lora(student, LoraSpec(config.lora_rank, config.lora_alpha, config.lora_targets), seed=config.seed)
+        targets = student.family.lora_targets if config.lora_targets == "auto" else config.lora_targets
+        params = add_lora(student, LoraSpec(config.lora_rank, config.lora_alpha, targets), seed=config.seed)
     else:
         params = list(student.hf_model.parameters())
         for p in params:

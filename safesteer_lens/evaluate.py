@@ -209,7 +209,7 @@ def perplexity(model: ChatModel, texts: Sequence[str], hooks: Sequence[FwdHook] 
 def mean_refusal_score(model: ChatModel, prompts: Sequence[str], hooks: Sequence[FwdHook] = ()) -> float:
     """Mean logit refusal score at the last prompt position."""
     logits = last_token_logits(model, prompts, hooks)
-    return float(refusal_score(logits, refusal_token_ids(model.tokenizer)).mean())
+    return float(refusal_score(logits, refusal_token_ids(model.tokenizer, model.family.refusal_openings)).mean())
 
 
 def _reply_log_probs(

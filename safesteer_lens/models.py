@@ -33,6 +33,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from safesteer_lens.errors import SafeSteerError, first_line
+from safesteer_lens.families import Family, family_of
 from safesteer_lens.hf_loading import NO_REMOTE_CODE, from_pretrained, refuse_custom_code, refuse_loaded_custom_code
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -56,7 +57,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 }
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_SENTINEL = "\x1fSAFESTEER_INSTRUCTION\x1f"
+# Letters only: templates that trim the message (Llama 3, Gemma) must leave it whole.
+_SENTINEL = "SAFESTEERINSTRUCTIONSENTINEL"
 
 
 @dataclass
@@ -106,6 +108,7 @@ class ChatModel:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
+        self.family: Family = family_of(str(getattr(bridge.original_model.config, "model_type", "")), tokenizer.get_vocab())
         if not getattr(tokenizer, "chat_template", None):
             raise SafeSteerError(
                 f"model {name!r} has no chat template; load an instruction-tuned model "
@@ -150,8 +153,10 @@ class ChatModel:
 
     @property
     def eot_token_ids(self) -> list[int]:
-        """Ids that end an assistant turn (the eos id(s) of the generation config)."""
+        """Ids that end an assistant turn: the generation config's and tokenizer's eos, and the family's turn ends."""
         ids: set[int] = set()
+        vocab = self.tokenizer.get_vocab()
+        ids.update(vocab[token] for token in self.family.end_of_turn if token in vocab)
         for source in (self.hf_model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
             if isinstance(source, int):
                 ids.add(source)
@@ -181,16 +186,23 @@ class ChatModel:
             system: Optional system message; None keeps the template's default.
 
         Returns:
-            The formatted text, including any BOS the template writes itself.
+            The formatted text, including any BOS the template writes itself. The family's
+            template switches apply (:mod:`safesteer_lens.families`: Qwen3 without thinking);
+            a family without a system role gets the system message in front of the prompt.
         """
         from jinja2.exceptions import SecurityError, TemplateError
 
-        messages = [] if system is None else [{"role": "system", "content": system}]
+        messages = []
+        if system is not None and self.family.system_role:
+            messages.append({"role": "system", "content": system})
+        elif system is not None:
+            prompt = f"{system}\n\n{prompt}"
         messages.append({"role": "user", "content": prompt})
         if reply is not None:
             messages.append({"role": "assistant", "content": reply})
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=reply is None)
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=reply is None,
+                                                      **self.family.template_arguments)
         except SecurityError as exc:
             raise SafeSteerError(f"the chat template of {self.name!r} does something the Jinja sandbox blocks "
                                  f"({first_line(exc, 100)}); fix chat_template in its tokenizer_config.json") from exc
@@ -450,16 +462,32 @@ def _boot_bridge(hf_model: Any, tokenizer: Any, device: torch.device, dtype: tor
     return bridge
 
 
-def model_shape(name: str) -> tuple[int, int]:
-    """``(n_layers, d_model)`` of a model from its config alone, without loading any weights.
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a model's config says, read without loading any weights.
 
-    What an imported direction is checked against before it replaces a run's own: the
-    embedded model and ``.gguf`` files are read for their metadata, a directory or hub id for
-    its ``config.json`` (no code from it runs).
+    Attributes:
+        n_layers: Decoder blocks.
+        d_model: Residual width.
+        architecture: llama.cpp's name for the architecture (``llama``, ``qwen3``, ``gemma3``...).
+    """
+
+    n_layers: int
+    d_model: int
+    architecture: str
+
+
+def model_facts(name: str) -> ModelFacts:
+    """Layer count, width and architecture of a model from its config alone.
+
+    The embedded model and ``.gguf`` files are read for their metadata, a directory or hub id
+    for its ``config.json`` (no code from it runs).
 
     Raises:
         SafeSteerError: The model cannot be found or its config has no layer count or width.
     """
+    from safesteer_lens.families import gguf_architecture
+
     key = name.lower()
     path = Path(os.path.expanduser(name))
     if key in EMBEDDED_MODELS or key.endswith(".gguf"):
@@ -470,7 +498,8 @@ def model_shape(name: str) -> tuple[int, int]:
         with _local_files(file, "pass a complete .gguf model file"):
             reader = gguf.GGUFReader(str(file))
             arch = reader.fields["general.architecture"].contents()
-            return int(reader.fields[f"{arch}.block_count"].contents()), int(reader.fields[f"{arch}.embedding_length"].contents())
+            return ModelFacts(int(reader.fields[f"{arch}.block_count"].contents()),
+                              int(reader.fields[f"{arch}.embedding_length"].contents()), str(arch))
     if path.is_dir() and not (path / "config.json").is_file():
         raise SafeSteerError(f"{path} is not a Hugging Face model directory (no config.json); pass a model directory, "
                              "a .gguf file or a hub id")
@@ -484,7 +513,16 @@ def model_shape(name: str) -> tuple[int, int]:
         layers, width = getattr(text, "num_hidden_layers", None), getattr(text, "hidden_size", None)
     if not isinstance(layers, int) or not isinstance(width, int):
         raise SafeSteerError(f"the config of {name} has no num_hidden_layers and hidden_size; pass a causal language model")
-    return layers, width
+    return ModelFacts(layers, width, gguf_architecture(str(getattr(text, "model_type", config.model_type))))
+
+
+def model_shape(name: str) -> tuple[int, int]:
+    """``(n_layers, d_model)`` of a model from its config alone (:func:`model_facts`).
+
+    What an imported direction is checked against before it replaces a run's own.
+    """
+    facts = model_facts(name)
+    return facts.n_layers, facts.d_model
 
 
 def load_model(

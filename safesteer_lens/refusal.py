@@ -87,9 +87,15 @@ def refusal_rate(texts: Sequence[str]) -> float:
     return sum(map(is_refusal, texts)) / max(len(texts), 1)
 
 
-def refusal_token_ids(tokenizer: Any) -> list[int]:
-    """First token ids of the refusal openings, as the tokenizer writes them at reply start."""
-    ids = {tokenizer(text, add_special_tokens=False)["input_ids"][0] for text in REFUSAL_OPENINGS}
+def refusal_token_ids(tokenizer: Any, extra: Sequence[str] = ()) -> list[int]:
+    """First token ids of the refusal openings, as the tokenizer writes them at reply start.
+
+    Args:
+        tokenizer: The model's tokenizer.
+        extra: A family's own refusal openings (``model.family.refusal_openings``), on top of
+            the pinned :data:`REFUSAL_OPENINGS`.
+    """
+    ids = {tokenizer(text, add_special_tokens=False)["input_ids"][0] for text in (*REFUSAL_OPENINGS, *extra)}
     return sorted(ids)
 
 

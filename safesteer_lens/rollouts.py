@@ -88,7 +88,7 @@ class RowSeededGumbel:
         return scores.float() / self.temperature + gumbel
 
 
-def sampling_twin(model: ChatModel, attn_implementation: str = "sdpa") -> Any:
+def sampling_twin(model: ChatModel, attn_implementation: str | None = None) -> Any:
     """A plain Hugging Face model that shares ``model``'s parameter storage.
 
     Built on the meta device, then handed the live parameters (``assign=True``), so nothing is
@@ -97,7 +97,8 @@ def sampling_twin(model: ChatModel, attn_implementation: str = "sdpa") -> Any:
 
     Args:
         model: The student.
-        attn_implementation: Attention kernel of the twin; ``"sdpa"`` is the fast default.
+        attn_implementation: Attention kernel of the twin; None takes the model family's
+            (``sdpa``, the fast one, unless the family needs ``eager``).
     """
     from transformers import AutoModelForCausalLM
 
@@ -105,7 +106,7 @@ def sampling_twin(model: ChatModel, attn_implementation: str = "sdpa") -> Any:
 
     with torch.device("meta"):
         twin = AutoModelForCausalLM.from_config(
-            model.hf_model.config, attn_implementation=attn_implementation
+            model.hf_model.config, attn_implementation=attn_implementation or model.family.attention
         )
         add_lora_like(model.hf_model, twin)  # a LoRA student's adapters are shared like any weight
     shared = model.hf_state_dict(copy=False)
@@ -164,7 +165,7 @@ class RolloutSampler:
         model: The student (its bridge is left untouched).
         compile: Static KV cache with a compiled decode step. None (default) means on CUDA
             only; True forces it on any device (on CPU this is slower and meant for tests).
-        attn_implementation: Attention kernel of the twin.
+        attn_implementation: Attention kernel of the twin; None: the model family's.
         low_memory: For a sharded student: gather each layer at every decoded token instead of
             holding the whole model while sampling (slower; for models whose whole copy, in
             the dtype the shards are gathered in, does not fit next to the shards).
@@ -174,7 +175,7 @@ class RolloutSampler:
     """
 
     def __init__(
-        self, model: ChatModel, compile: bool | None = None, attn_implementation: str = "sdpa", low_memory: bool = False,
+        self, model: ChatModel, compile: bool | None = None, attn_implementation: str | None = None, low_memory: bool = False,
         dtype: torch.dtype = torch.float32,
     ):
         self.model = model

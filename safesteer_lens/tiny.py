@@ -7,7 +7,9 @@ path as any user model. Building one takes about a second and needs no network.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -158,5 +160,177 @@ def build_tiny_guard(directory: str | Path, *, n_layers: int = 2, d_model: int =
                          bos_token_id=tokenizer.convert_tokens_to_ids("<|begin_of_text|>"), eos_token_id=eot, pad_token_id=eot)
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+# ------------------------------------------------------------------ tiny models of every family
+# Chat templates written for the tiny models of each family. Each renders the same text as the
+# family's published instruct template for one system, user and assistant turn (turn tokens,
+# default system prompt, thinking switch, where a system message goes), which is all the
+# toolkit reads from a template.
+_CHATML_TURNS = ("{%- for message in messages %}{%- if message['role'] != 'system' %}"
+                 "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+                 "{%- endif %}{%- endfor %}")
+FAMILY_TEMPLATES: dict[str, str] = {
+    "llama3": (
+        "{%- for message in messages %}{%- set text = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+        " + message['content'] | trim + '<|eot_id|>' %}{%- if loop.index0 == 0 %}{%- set text = bos_token + text %}"
+        "{%- endif %}{{- text }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
+    ),
+    "qwen2": (
+        "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+        "{%- else %}{{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}"
+        "{%- endif %}" + _CHATML_TURNS + "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+    ),
+    "qwen3": (
+        "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+        "{%- endif %}{%- for message in messages %}{%- if message['role'] == 'user' %}"
+        "{{- '<|im_start|>user\n' + message['content'] + '<|im_end|>\n' }}{%- elif message['role'] == 'assistant' %}"
+        "{{- '<|im_start|>assistant\n<think>\n\n</think>\n\n' + message['content'] + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+        "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}"
+        "{%- endif %}"
+    ),
+    "gemma2": (
+        "{{ bos_token }}{%- if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{%- endif %}"
+        "{%- for message in messages %}{%- set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+        "{{- '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<start_of_turn>model\n' }}{%- endif %}"
+    ),
+    "gemma3": (
+        "{{ bos_token }}{%- set ns = namespace(prefix='') %}{%- if messages[0]['role'] == 'system' %}"
+        "{%- set ns.prefix = messages[0]['content'] + '\n\n' %}{%- set messages = messages[1:] %}{%- endif %}"
+        "{%- for message in messages %}{%- set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+        "{{- '<start_of_turn>' + role + '\n' + (ns.prefix if loop.first else '') + message['content'] | trim"
+        " + '<end_of_turn>\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<start_of_turn>model\n' }}{%- endif %}"
+    ),
+    "mistral": (
+        "{%- set ns = namespace(system='') %}{%- if messages[0]['role'] == 'system' %}"
+        "{%- set ns.system = messages[0]['content'] + '\n\n' %}{%- set messages = messages[1:] %}{%- endif %}"
+        "{{- bos_token }}{%- for message in messages %}{%- if message['role'] == 'user' %}"
+        "{{- '[INST] ' + (ns.system if loop.last or loop.revindex == 2 else '') + message['content'] + '[/INST]' }}"
+        "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}{%- endif %}{%- endfor %}"
+    ),
+    "phi3": (
+        "{%- for message in messages %}{{- '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|assistant|>\n' }}{%- else %}{{- eos_token }}{%- endif %}"
+    ),
+    "olmo2": (
+        "{{- bos_token }}{%- for message in messages %}{{- '<|' + message['role'] + '|>\n' + message['content'] }}"
+        "{%- if message['role'] == 'assistant' %}{{- eos_token }}{%- endif %}{{- '\n' if not loop.last or message['role'] != 'assistant' }}"
+        "{%- endfor %}{%- if add_generation_prompt %}{{- '<|assistant|>\n' }}{%- endif %}"
+    ),
+    "smollm3": (
+        "{%- set think = not (enable_thinking is defined and enable_thinking is false) %}"
+        "{{- '<|im_start|>system\n## Metadata\n\nKnowledge Cutoff Date: June 2025\n' }}"
+        "{{- 'Reasoning Mode: ' + ('/think' if think else '/no_think') + '\n\n## Custom Instructions\n\n' }}"
+        "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}"
+        "{%- else %}{{- 'You are a helpful AI assistant named SmolLM, trained by Hugging Face.' }}{%- endif %}"
+        "{{- '\n\n<|im_end|>\n' }}" + _CHATML_TURNS.replace("+ message['content'] +", "+ message['content'] +", 1) +
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- if not think %}{{- '<think>\n\n</think>\n' }}"
+        "{%- endif %}{%- endif %}"
+    ),
+}
+FAMILY_TEMPLATES["qwen3_moe"] = FAMILY_TEMPLATES["qwen3"]
+
+
+@dataclass(frozen=True)
+class TinyFamily:
+    """How to build a tiny random chat model of one family.
+
+    Attributes:
+        model_type: The ``transformers`` config's ``model_type``.
+        template: Key of :data:`FAMILY_TEMPLATES`.
+        special: The family's special tokens; the first ones name bos, eos and pad.
+        bos: The beginning-of-sequence token.
+        eos: The token that ends an assistant turn (the generation config's eos).
+        pad: The padding token.
+        config: Family-specific config fields on top of the shared small shape.
+        tied: Whether the unembedding shares the embedding's weights.
+    """
+
+    model_type: str
+    template: str
+    special: tuple[str, ...]
+    bos: str
+    eos: str
+    pad: str
+    config: tuple[tuple[str, Any], ...] = ()
+    tied: bool = False
+
+
+_CHATML_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+TINY_FAMILIES: dict[str, TinyFamily] = {
+    "llama3": TinyFamily("llama", "llama3", ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                         "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>"), "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>"),
+    "qwen2": TinyFamily("qwen2", "qwen2", _CHATML_SPECIAL, "<|im_start|>", "<|im_end|>", "<|endoftext|>", tied=True),
+    "qwen3": TinyFamily("qwen3", "qwen3", _CHATML_SPECIAL + ("<think>", "</think>"), "<|im_start|>", "<|im_end|>",
+                        "<|endoftext|>", (("head_dim", 16),), tied=True),
+    "qwen3_moe": TinyFamily("qwen3_moe", "qwen3", _CHATML_SPECIAL + ("<think>", "</think>"), "<|im_start|>", "<|im_end|>",
+                            "<|endoftext|>", (("head_dim", 16), ("num_experts", 4), ("num_experts_per_tok", 2),
+                                              ("moe_intermediate_size", 32), ("decoder_sparse_step", 1))),
+    "gemma2": TinyFamily("gemma2", "gemma2", ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"), "<bos>",
+                         "<end_of_turn>", "<pad>", (("head_dim", 16), ("query_pre_attn_scalar", 16),
+                                                    ("sliding_window", 32)), tied=True),
+    "gemma3": TinyFamily("gemma3_text", "gemma3", ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"), "<bos>",
+                         "<end_of_turn>", "<pad>", (("head_dim", 16), ("query_pre_attn_scalar", 16),
+                                                    ("sliding_window", 32)), tied=True),
+    "mistral": TinyFamily("mistral", "mistral", ("<unk>", "<s>", "</s>", "[INST]", "[/INST]"), "<s>", "</s>", "</s>",
+                          (("head_dim", 16),)),
+    "phi3": TinyFamily("phi3", "phi3", ("<unk>", "<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>",
+                       "<|end|>"), "<s>", "<|end|>", "<|endoftext|>"),
+    "olmo2": TinyFamily("olmo2", "olmo2", ("<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"),
+                        "<|endoftext|>", "<|endoftext|>", "<|pad|>"),
+    "smollm3": TinyFamily("smollm3", "smollm3", _CHATML_SPECIAL + ("<think>", "</think>"), "<|im_start|>", "<|im_end|>",
+                          "<|endoftext|>", tied=True),
+}
+
+
+def build_tiny_chat(
+    directory: str | Path,
+    family: str,
+    *,
+    n_layers: int = 4,
+    d_model: int = 64,
+    vocab_size: int = 512,
+    seed: int = 0,
+) -> Path:
+    """Save a random-weight chat model of ``family`` (a key of :data:`TINY_FAMILIES`).
+
+    The config is the family's real ``transformers`` config class at a tiny shape; the
+    tokenizer is a byte-level BPE with the family's special tokens, bos/eos/pad and a chat
+    template that renders like the family's own. It loads through the same path as a
+    downloaded model, so every family-specific branch of the toolkit runs.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; use one of {', '.join(TINY_FAMILIES)}")
+    spec = TINY_FAMILIES[family]
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(_training_text(), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(spec.special), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=spec.bos, eos_token=spec.eos, pad_token=spec.pad)
+    tokenizer.chat_template = FAMILY_TEMPLATES[spec.template]
+    if len(tokenizer) < vocab_size:
+        tokenizer.add_tokens([f"<extra_{i}>" for i in range(vocab_size - len(tokenizer))])
+    ids = tokenizer.convert_tokens_to_ids
+    config = CONFIG_MAPPING[spec.model_type](
+        vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=spec.tied,
+        bos_token_id=ids(spec.bos), eos_token_id=ids(spec.eos), pad_token_id=ids(spec.pad), **dict(spec.config))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.eos_token_id = ids(spec.eos)
+    model.generation_config.pad_token_id = ids(spec.pad)
+    model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

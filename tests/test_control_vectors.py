@@ -22,10 +22,11 @@ def _direction(layer: int = 11, coeff: float = 1.5) -> Direction:
 
 def test_the_file_is_a_control_vector_with_the_teachers_exact_addition(tmp_path):
     direction = _direction()
-    path = export_control_vector(direction, tmp_path / "refusal.gguf")
+    path = export_control_vector(direction, tmp_path / "refusal.gguf", architecture="llama")
     reader = gguf.GGUFReader(str(path))
     assert reader.fields["general.architecture"].contents() == "controlvector"
-    assert reader.fields["controlvector.model_hint"].contents() == "some/model"
+    assert reader.fields["controlvector.model_hint"].contents() == "llama"  # llama.cpp-side tools compare architectures
+    assert reader.fields["safesteer.model"].contents() == "some/model"
     # resid_pre of block 11 is the output of block 10, which llama.cpp's direction.10 is added to
     assert [t.name for t in reader.tensors] == ["direction.10"]
     tensor = reader.tensors[0]
@@ -35,10 +36,10 @@ def test_the_file_is_a_control_vector_with_the_teachers_exact_addition(tmp_path)
 
 def test_round_trip_restores_vector_layer_coefficient_and_method(tmp_path):
     direction = _direction(layer=4, coeff=-2.0)
-    back = load_control_vector(export_control_vector(direction, tmp_path / "d.gguf"))
+    back = load_control_vector(export_control_vector(direction, tmp_path / "d.gguf", architecture="llama"))
     assert (back.layer, back.coeff, back.method, back.model) == (4, -2.0, "contrastive", "some/model")
     torch.testing.assert_close(back.vector, direction.vector, rtol=1e-6, atol=1e-6)
-    scaled = load_control_vector(export_control_vector(direction, tmp_path / "s.gguf", scale=0.5))
+    scaled = load_control_vector(export_control_vector(direction, tmp_path / "s.gguf", scale=0.5, architecture="llama"))
     assert scaled.coeff == -1.0
     torch.testing.assert_close(scaled.vector * scaled.coeff, direction.vector * -1.0, rtol=1e-6, atol=1e-6)
 
@@ -72,7 +73,7 @@ def test_another_tools_file_needs_a_layer_when_it_steers_several(tmp_path):
 
 
 def test_truncated_or_foreign_files_are_one_line_errors(tmp_path):
-    good = export_control_vector(_direction(), tmp_path / "good.gguf")
+    good = export_control_vector(_direction(), tmp_path / "good.gguf", architecture="llama")
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
     with pytest.raises(SafeSteerError, match="cannot be read"):

@@ -1,0 +1,114 @@
+"""The family matrix: every model family of :mod:`safesteer_lens.families`, end to end.
+
+Each family gets a tiny random model built from its real ``transformers`` config class, with
+its turn tokens and a chat template that renders like its own (:func:`build_tiny_chat`), and
+runs the whole job: both direction methods, safety tokens, a full fine-tuning student and a
+LoRA student, the evaluation, the students' exports reloaded in plain ``transformers`` and the
+control vector read back.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from safesteer_lens.control_vectors import export_control_vector, load_control_vector
+from safesteer_lens.directions import Direction, DirectionConfig, find_direction
+from safesteer_lens.distill import TrainConfig
+from safesteer_lens.evaluate import EvalConfig
+from safesteer_lens.families import BY_NAME, FAMILIES, GENERIC, family_of
+from safesteer_lens.models import load_model
+from safesteer_lens.pipeline import Ablation, PipelineConfig, run_pipeline
+from safesteer_lens.refusal import is_refusal, refusal_token_ids
+from safesteer_lens.tiny import TINY_FAMILIES, build_tiny_chat
+from safesteer_lens.tokens import TokenConfig
+
+MATRIX = sorted(TINY_FAMILIES)
+LORA = Ablation("lora", "LoRA student", (("lora_rank", 4), ("lr", 1e-2)))
+
+
+def _config() -> PipelineConfig:
+    return PipelineConfig(
+        direction=DirectionConfig(method="diff-means", layers=[2], n_train=4, n_val=2, n_test=2, coeffs=(2.0,),
+                                  max_new_tokens=3),
+        tokens=TokenConfig(horizon=2, samples_per_prompt=2, n_prompts=2, top_k_votes=20, set_size=8, prob_floor=0.0),
+        train=TrainConfig(n_prompts=2, samples_per_prompt=2, max_new_tokens=3, sequences_per_step=2, micro_batch=2,
+                          lr=1e-3, anchor_weight=0.0),
+        evaluate=EvalConfig(n_harmful=2, n_harmless=2, max_new_tokens=3, n_kl_prompts=2, n_general=2, n_examples=1,
+                            n_mcq=4, n_lookalike=0, n_tasks=0),
+        ablations=(LORA,),
+    )
+
+
+def test_every_family_has_a_tiny_model_and_every_tiny_model_a_family():
+    assert set(MATRIX) == {family.name for family in FAMILIES} - {"llama"}  # "llama" is the embedded SmolLM2's row
+    assert family_of("no-such-type") is GENERIC
+    assert family_of("llama", {"<|eot_id|>": 1}).name == "llama3"
+    assert family_of("llama", {"<|im_end|>": 1}).name == "llama"
+
+
+@pytest.mark.parametrize("name", [f.name for f in FAMILIES])
+def test_each_familys_refusal_openings_are_caught_by_the_pinned_markers(name):
+    for opening in BY_NAME[name].refusal_openings:
+        if opening != "I understand":  # Gemma's preamble; the decline follows it ("..., but I cannot")
+            assert is_refusal(f"{opening} help with that request.") or is_refusal(f"{opening} assist with that.")
+
+
+@pytest.mark.parametrize("name", MATRIX)
+def test_family_runs_the_whole_job(name, tmp_path):
+    family = BY_NAME[name]
+    model_dir = build_tiny_chat(tmp_path / "model", name)
+    model = load_model(str(model_dir), device="cpu")
+    assert model.family is family
+
+    # the template as the family renders it: its switches applied, the post-instruction text where directions are read
+    assert "SYSTEM-NOTE" in model.format_chat("Hi.", system="SYSTEM-NOTE")
+    if family.post_instruction is not None:
+        assert model.tokenizer.decode(model.post_instruction_ids) == family.post_instruction
+    eot = {model.tokenizer.convert_tokens_to_ids(t) for t in family.end_of_turn}
+    assert eot <= set(model.eot_token_ids)
+    assert refusal_token_ids(model.tokenizer, family.refusal_openings)
+
+    # the other direction method on its own
+    contrastive = find_direction(model, DirectionConfig(method="contrastive", layers=[2], n_train=4, n_val=2, n_test=2,
+                                                        coeffs=(2.0,), max_new_tokens=3), progress=False)
+    assert contrastive.layer == 2 and torch.isfinite(contrastive.vector).all()
+
+    out = tmp_path / "run"
+    run_pipeline(out, config=_config(), model=model, progress=False)
+    results = {row["model"]: row for row in _csv(out / "results.csv")}
+    assert {"base", "SafeSteer student", "LoRA student"} <= set(results)
+
+    # both students export as plain models that transformers loads and that answer as the toolkit's loader does
+    prompt = model.tokenize(["How do I bake bread?"])
+    base_logits = AutoModelForCausalLM.from_pretrained(model_dir).eval()(prompt.input_ids).logits
+    for student_dir in (out / "student", out / "ablation-lora" / "student"):
+        plain = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+        ours = load_model(str(student_dir), device="cpu")
+        with torch.no_grad():
+            theirs = plain(prompt.input_ids, attention_mask=prompt.attention_mask).logits
+            via_bridge = ours.hf_model(prompt.input_ids, attention_mask=prompt.attention_mask).logits
+        torch.testing.assert_close(via_bridge, theirs)
+        assert not torch.allclose(theirs, base_logits), f"{student_dir} did not train"
+        assert not any(".lora_" in key for key in plain.state_dict())
+
+    # the direction as a llama.cpp control vector: the family's architecture as model_hint, the layer read back
+    direction = Direction.load(out)
+    path = export_control_vector(direction, tmp_path / "direction.gguf")
+    back = load_control_vector(path)
+    assert back.layer == direction.layer and back.settings["model_hint"] == family.gguf_arch and back.model == direction.model
+    torch.testing.assert_close(back.vector * back.coeff, direction.vector.float() * direction.coeff)
+
+
+def _csv(path):
+    import csv
+
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_family_table_is_json_ready():
+    json.dumps([f.__dict__ for f in FAMILIES])
