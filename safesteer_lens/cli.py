@@ -625,7 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shard", choices=SHARDING, default="none", help=SHARD_HELP)
     run.add_argument("--low-memory-rollouts", action="store_true", help=LOW_MEMORY_HELP)
     run.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
-    run.add_argument("--judge", default=None, help="judge for the evaluation stage: NAME=PATH_OR_ID, e.g. llama-guard=DIR")
+    run.add_argument("--judge", default=None, help="judge for the evaluation stage: NAME=PATH_OR_ID, e.g. llama-guard=DIR or qwen3guard=DIR")
     run.add_argument("--report-to", choices=list(TRACKERS), default="none", help=REPORT_TO_HELP)
     run.set_defaults(func=cmd_run)
 
@@ -649,7 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--mcq-limit", type=int, default=1000,
                           help="questions per public set, subjects in turn (MMLU has 14,042; default 1000)")
     evaluate.add_argument("--judge", default=None,
-                          help="NAME=PATH_OR_ID, e.g. llama-guard=meta-llama/Llama-Guard-3-1B (also llama-guard-1b=, llama-guard-8b=)")
+                          help="NAME=PATH_OR_ID, e.g. llama-guard=meta-llama/Llama-Guard-3-1B (also llama-guard-1b=, "
+                               "llama-guard-8b=) or qwen3guard=Qwen/Qwen3Guard-Gen-0.6B (runs on a CPU; also judges "
+                               "refusals; qwen3guard-loose= counts Controversial as safe)")
     evaluate.add_argument("--teacher-coeff", type=float, default=0.0,
                           help="the teacher row's coefficient: the one the students distilled (train --teacher-coeff; "
                                f"the demo preset's is {PRESETS['demo'].teacher_coeff:g}); 0: the direction's own")

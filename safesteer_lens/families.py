@@ -140,3 +140,75 @@ def gguf_architecture(model_type: str) -> str:
     """llama.cpp's architecture name for a ``model_type`` (the control vector's ``model_hint``)."""
     family = family_of(model_type)
     return family.gguf_arch if family is not GENERIC else model_type
+
+
+# Each family's turn format as a chat template, written for this project: for one system, user
+# and assistant turn it renders the text the family's published instruct template renders (turn
+# tokens, default system prompt, thinking switch, where a system message goes), which is all
+# the toolkit reads from a template. The tiny test models carry them, and a base model that
+# ships no template can borrow its family's (``load_model(..., chat_template=...)``).
+_CHATML_TURNS = ("{%- for message in messages %}{%- if message['role'] != 'system' %}"
+                 "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+                 "{%- endif %}{%- endfor %}")
+TEMPLATES: dict[str, str] = {
+    "llama3": (
+        "{%- for message in messages %}{%- set text = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+        " + message['content'] | trim + '<|eot_id|>' %}{%- if loop.index0 == 0 %}{%- set text = bos_token + text %}"
+        "{%- endif %}{{- text }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
+    ),
+    "qwen2": (
+        "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+        "{%- else %}{{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}"
+        "{%- endif %}" + _CHATML_TURNS + "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+    ),
+    "qwen3": (
+        "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+        "{%- endif %}{%- for message in messages %}{%- if message['role'] == 'user' %}"
+        "{{- '<|im_start|>user\n' + message['content'] + '<|im_end|>\n' }}{%- elif message['role'] == 'assistant' %}"
+        "{{- '<|im_start|>assistant\n<think>\n\n</think>\n\n' + message['content'] + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+        "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}"
+        "{%- endif %}"
+    ),
+    "gemma2": (
+        "{{ bos_token }}{%- if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{%- endif %}"
+        "{%- for message in messages %}{%- set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+        "{{- '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<start_of_turn>model\n' }}{%- endif %}"
+    ),
+    "gemma3": (
+        "{{ bos_token }}{%- set ns = namespace(prefix='') %}{%- if messages[0]['role'] == 'system' %}"
+        "{%- set ns.prefix = messages[0]['content'] + '\n\n' %}{%- set messages = messages[1:] %}{%- endif %}"
+        "{%- for message in messages %}{%- set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+        "{{- '<start_of_turn>' + role + '\n' + (ns.prefix if loop.first else '') + message['content'] | trim"
+        " + '<end_of_turn>\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<start_of_turn>model\n' }}{%- endif %}"
+    ),
+    "mistral": (
+        "{%- set ns = namespace(system='') %}{%- if messages[0]['role'] == 'system' %}"
+        "{%- set ns.system = messages[0]['content'] + '\n\n' %}{%- set messages = messages[1:] %}{%- endif %}"
+        "{{- bos_token }}{%- for message in messages %}{%- if message['role'] == 'user' %}"
+        "{{- '[INST] ' + (ns.system if loop.last or loop.revindex == 2 else '') + message['content'] + '[/INST]' }}"
+        "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}{%- endif %}{%- endfor %}"
+    ),
+    "phi3": (
+        "{%- for message in messages %}{{- '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|assistant|>\n' }}{%- else %}{{- eos_token }}{%- endif %}"
+    ),
+    "olmo2": (
+        "{{- bos_token }}{%- for message in messages %}{{- '<|' + message['role'] + '|>\n' + message['content'] }}"
+        "{%- if message['role'] == 'assistant' %}{{- eos_token }}{%- endif %}{{- '\n' if not loop.last or message['role'] != 'assistant' }}"
+        "{%- endfor %}{%- if add_generation_prompt %}{{- '<|assistant|>\n' }}{%- endif %}"
+    ),
+    "smollm3": (
+        "{%- set think = not (enable_thinking is defined and enable_thinking is false) %}"
+        "{{- '<|im_start|>system\n## Metadata\n\nKnowledge Cutoff Date: June 2025\n' }}"
+        "{{- 'Reasoning Mode: ' + ('/think' if think else '/no_think') + '\n\n## Custom Instructions\n\n' }}"
+        "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}"
+        "{%- else %}{{- 'You are a helpful AI assistant named SmolLM, trained by Hugging Face.' }}{%- endif %}"
+        "{{- '\n\n<|im_end|>\n' }}" + _CHATML_TURNS.replace("+ message['content'] +", "+ message['content'] +", 1) +
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- if not think %}{{- '<think>\n\n</think>\n' }}"
+        "{%- endif %}{%- endif %}"
+    ),
+}
+TEMPLATES["qwen3_moe"] = TEMPLATES["qwen3"]

