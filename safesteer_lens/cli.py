@@ -188,6 +188,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             "task_prompts": args.task_prompts, "mix_categories": args.mix_categories,
             "teacher_coeff": args.teacher_coeff,
             "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_targets": args.lora_targets,
+            "unembed_chunk": args.unembed_chunk,
         }.items()
         if value is not None
     }
@@ -602,6 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train rank-R LoRA adapters (peft) instead of every weight; merged into the export (0: off)")
     train.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 16)")
     train.add_argument("--lora-targets", default=None, help="comma-separated linear layers for LoRA (default: auto, the model family's projections)")
+    train.add_argument("--unembed-chunk", type=int, default=None,
+                       help="score student and teacher from hidden states, N positions' logits at a time (loss memory "
+                            "that does not grow with the vocabulary; for 150k+ vocabularies); 0: whole logits (default)")
     train.add_argument("--resume", action="store_true",
                        help="continue from checkpoint.pt (with none yet, start again at step 0)")
     train.add_argument("--overwrite", action="store_true",

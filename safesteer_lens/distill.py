@@ -46,6 +46,7 @@ from safesteer_lens.data import (
 from safesteer_lens.directions import Direction, load_direction
 from safesteer_lens.errors import SafeSteerError, first_line
 from safesteer_lens.generation import Completions, generate
+from safesteer_lens.fused_loss import fused_distillation_loss, fused_monitors, unembedding
 from safesteer_lens.losses import LOSS_REGISTRY, distillation_loss, get_loss, safety_mass, sequence_mean
 from safesteer_lens.models import DTYPES, ChatModel, load_model, resolve_device
 from safesteer_lens.parallel import World, current_world, rank_device
@@ -63,7 +64,7 @@ ROLLOUT_ENGINES = ("fast", "plain")
 TEACHER_LOGITS_BUDGET = 256 * 2**20  # bytes of float32 teacher logits held at once
 # TrainConfig fields a checkpoint may lack: it was written before they existed, at their defaults
 PREDATED_SETTINGS = ("anchor_weight", "anchor_loss", "anchor_prompts", "lora_rank", "lora_alpha", "lora_targets",
-                     "mix_categories", "teacher_coeff", "anchor_lookalikes", "task_prompts")
+                     "mix_categories", "teacher_coeff", "anchor_lookalikes", "task_prompts", "unembed_chunk")
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,11 @@ class TrainConfig:
         micro_batch: Rollouts per forward/backward (gradient accumulation in between).
         epochs: Passes over the prompts.
         jsd_beta: Teacher weight of the generalised JSD.
+        unembed_chunk: 0 scores the student and the teacher as whole logits; N >= 1 scores
+            them from their final hidden states, N positions' logits at a time, recomputed in
+            the backward pass (:mod:`safesteer_lens.fused_loss`): the loss's memory then no
+            longer grows with the vocabulary (152k-262k tokens in Qwen and Gemma), for some
+            extra unembedding work.
         checkpoint_every: Steps between checkpoints.
         seed: Seeds prompt order and rollouts.
         student_dtype: The student's weights, gradients and AdamW states. float32 by default
@@ -155,6 +161,7 @@ class TrainConfig:
     micro_batch: int = 8
     epochs: int = 1
     jsd_beta: float = 0.5
+    unembed_chunk: int = 0
     checkpoint_every: int = 5
     seed: int = 0
     student_dtype: str = "float32"
@@ -224,6 +231,8 @@ class TrainConfig:
             raise SafeSteerError(f"teacher_coeff must be 0 (the direction's own) or positive, got {self.teacher_coeff}")
         if self.anchor_prompts < 0:
             raise SafeSteerError(f"anchor_prompts must be 0 (as many as n_prompts) or a count, got {self.anchor_prompts}")
+        if self.unembed_chunk < 0:
+            raise SafeSteerError(f"unembed_chunk must be 0 (whole logits) or a number of positions, got {self.unembed_chunk}")
         if self.anchor_lookalikes < 0:
             raise SafeSteerError(f"anchor_lookalikes must be 0 (none) or a count, got {self.anchor_lookalikes}")
         if self.task_prompts < 0:
@@ -300,6 +309,9 @@ def teacher_micro_batches(
 ) -> Iterator[tuple[int, int, Float[Tensor, "micro time vocab"]]]:
     """The teacher's float32 logits for each micro-batch, as ``(start, stop, logits)``.
 
+    With ``config.unembed_chunk`` it yields the teacher's final hidden states instead
+    (``[micro, time, d_model]``), which the chunked loss unembeds a few positions at a time.
+
     The teacher needs no gradients, so it keeps no activations and can score several
     micro-batches in one forward: as many as keep the chunk's logits under
     ``TEACHER_LOGITS_BUDGET``. One wide forward is cheaper than several narrow ones
@@ -313,14 +325,16 @@ def teacher_micro_batches(
     # sized by the widest rank's rollouts, so every rank runs as many teacher forwards (each is
     # a collective when the teacher is sharded)
     width = int(world.max([rollouts.completion_ids.shape[1]])[0])
-    per_micro_batch = config.micro_batch * width * teacher.d_vocab * 4
+    hidden = config.unembed_chunk > 0
+    per_micro_batch = config.micro_batch * width * (teacher.d_model if hidden else teacher.d_vocab) * 4
     chunk = config.micro_batch * max(1, TEACHER_LOGITS_BUDGET // per_micro_batch)
     dtype = model_dtype(config.precision, teacher)
     hooks = [*hooks, *finite_score_hooks(teacher, dtype)]
     for chunk_start in range(0, n, chunk):
         chunk_stop = min(chunk_start + chunk, n)
         with torch.no_grad(), autocast(dtype, teacher.device):
-            logits = teacher_forced_logits(teacher, rollouts, hooks, chunk_start, chunk_stop, config.samples_per_prompt)
+            logits = teacher_forced_logits(teacher, rollouts, hooks, chunk_start, chunk_stop, config.samples_per_prompt,
+                                           hidden=hidden)
         logits = logits.to(device, torch.float32)
         for start in range(chunk_start, chunk_stop, config.micro_batch):
             stop = min(start + config.micro_batch, chunk_stop)
@@ -565,6 +579,9 @@ class Trainer:
         if self.config.lora_rank and self.shard != "none":
             raise SafeSteerError("LoRA students train whole on every process: use shard='none' (data parallel), or "
                                  "lora_rank=0 (--lora-rank 0; the demo preset has rank 8) to shard")
+        if self.config.unembed_chunk and self.shard != "none":
+            raise SafeSteerError("unembed_chunk reads the whole unembedding, which a sharded model splits over processes: "
+                                 "use unembed_chunk=0 (--unembed-chunk 0) to shard")
         _check_rollout_engine(self.config, world)
         world.shard(self.config.prompts_per_step, "prompts")
         for count, what in ((self.config.harmful_prompts, "prompts"), (self.config.anchor_prompts, "anchor prompts")):
@@ -901,9 +918,17 @@ def accumulate_gradients(
         captured: list[Tensor] = []
         with autocast(dtype, student.device):  # the forward only: backward follows the forward's dtypes
             s_logits = teacher_forced_logits(
-                student, rollouts, [_projection_hook(run.direction, captured), *guards], start, stop, config.samples_per_prompt
+                student, rollouts, [_projection_hook(run.direction, captured), *guards], start, stop, config.samples_per_prompt,
+                hidden=config.unembed_chunk > 0,
             )
-        value = distillation_loss(loss or config.loss, s_logits, t_logits, mask, safety_ids, beta=config.jsd_beta)
+        kind = loss or config.loss
+        if config.unembed_chunk:
+            heads = unembedding(student), unembedding(run.teacher).to(student.device)
+            with autocast(dtype, student.device):
+                value = fused_distillation_loss(kind, s_logits, t_logits, *heads, mask, safety_ids, beta=config.jsd_beta,
+                                                chunk=config.unembed_chunk)
+        else:
+            value = distillation_loss(kind, s_logits, t_logits, mask, safety_ids, beta=config.jsd_beta)
         if world.sum([float(not torch.isfinite(value))])[0]:
             bad_loss = value.item()
             break
@@ -913,10 +938,18 @@ def accumulate_gradients(
         (value * (weight * scale)).backward()
         with torch.no_grad():
             sums.loss += value.item() * weight
-            sums.kl_s += distillation_loss("safesteer", s_logits, t_logits, mask, safety_ids).item() * weight
-            sums.kl_full += distillation_loss("full-reverse", s_logits, t_logits, mask).item() * weight
-            sums.s_mass_student += sequence_mean(safety_mass(s_logits, safety_ids), mask).item() * weight
-            sums.s_mass_teacher += sequence_mean(safety_mass(t_logits, safety_ids), mask).item() * weight
+            if config.unembed_chunk:
+                with autocast(dtype, student.device):
+                    monitors = fused_monitors(s_logits, t_logits, *heads, mask, safety_ids, chunk=config.unembed_chunk)
+            else:
+                monitors = {
+                    "kl_s": distillation_loss("safesteer", s_logits, t_logits, mask, safety_ids).item(),
+                    "kl_full": distillation_loss("full-reverse", s_logits, t_logits, mask).item(),
+                    "s_mass_student": sequence_mean(safety_mass(s_logits, safety_ids), mask).item(),
+                    "s_mass_teacher": sequence_mean(safety_mass(t_logits, safety_ids), mask).item(),
+                }
+            for name, monitor in monitors.items():
+                setattr(sums, name, getattr(sums, name) + monitor * weight)
         proj = captured[-1][:, -mask.shape[1] :][mask.cpu()]  # the completion positions (last pass)
         sums.projection_sum += float(proj.sum())
         sums.projection_count += proj.numel()

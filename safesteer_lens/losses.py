@@ -212,6 +212,23 @@ def _chunked(terms: Callable[[Tensor, Tensor, LossOptions], Tensor], student: Lo
 LOSSES = tuple(LOSS_REGISTRY)
 
 
+def loss_options(kind: str, vocab_size: int, safety_ids: Sequence[int] | Tensor | None, beta: float,
+                 device: torch.device) -> LossOptions:
+    """A loss's options, checked: S given where the loss needs it, and inside the vocabulary."""
+    ids = None
+    if get_loss(kind).localized:
+        if safety_ids is None or len(safety_ids) == 0:
+            raise SafeSteerError(f"the {kind} loss needs the safety token ids S")
+        ids = torch.as_tensor(safety_ids, device=device, dtype=torch.long)
+        if int(ids.max()) >= vocab_size or int(ids.min()) < 0:
+            bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
+            raise SafeSteerError(
+                f"safety token id {bad} is outside the vocabulary of size {vocab_size}; "
+                "the tokens were chosen for another model: rerun `safesteer tokens`"
+            )
+    return LossOptions(ids, beta)
+
+
 def distillation_loss(
     kind: str,
     student: Logits,
@@ -236,18 +253,7 @@ def distillation_loss(
     loss = get_loss(kind)
     if student.shape != teacher.shape:
         raise SafeSteerError(f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ")
-    ids = None
-    if loss.localized:
-        if safety_ids is None or len(safety_ids) == 0:
-            raise SafeSteerError(f"the {kind} loss needs the safety token ids S")
-        ids = torch.as_tensor(safety_ids, device=student.device, dtype=torch.long)
-        if int(ids.max()) >= student.shape[-1] or int(ids.min()) < 0:
-            bad = int(ids.max()) if int(ids.max()) >= student.shape[-1] else int(ids.min())
-            raise SafeSteerError(
-                f"safety token id {bad} is outside the vocabulary of size {student.shape[-1]}; "
-                "the tokens were chosen for another model: rerun `safesteer tokens`"
-            )
-    options = LossOptions(ids, beta)
+    options = loss_options(kind, student.shape[-1], safety_ids, beta, student.device)
     teacher = teacher.detach()
     terms = _chunked(loss.terms, student, teacher, options, chunk) if loss.chunked else loss.terms(student, teacher, options)
     return sequence_mean(terms, mask)

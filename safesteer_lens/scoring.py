@@ -14,7 +14,8 @@ its batched, gradient-free float32 form for the stages that only measure.
 
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -24,6 +25,50 @@ from safesteer_lens.generation import Completions, FwdHook
 from safesteer_lens.models import ChatModel
 
 
+class _UnembeddingInput(torch.nn.Module):
+    """Stands in for the unembedding: records what it is given and passes on one column.
+
+    What follows the unembedding in a model's forward (Gemma's logit soft-capping) then works
+    on a ``[..., 1]`` slice, not on the hidden states, and costs nothing.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[Tensor] = []
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        self.seen.append(hidden)
+        return hidden[..., :1]
+
+
+@contextmanager
+def _unembedding_inputs(model: ChatModel) -> Iterator[_UnembeddingInput]:
+    unembed = model.bridge.unembed
+    head, capture = unembed._original_component, _UnembeddingInput()
+    unembed._original_component = capture
+    try:
+        yield capture
+    finally:
+        unembed._original_component = head
+
+
+def teacher_forced_hidden(
+    model: ChatModel,
+    completions: Completions,
+    hooks: Sequence[FwdHook] = (),
+    start: int = 0,
+    stop: int | None = None,
+    group_size: int = 1,
+) -> Float[Tensor, "batch n_completion d_model"]:
+    """The final hidden states (after the last norm) that :func:`teacher_forced_logits` would unembed.
+
+    Entry ``[b, j]`` times the unembedding is entry ``[b, j]`` of the logits, so a loss that
+    needs only some columns of the logits (:mod:`safesteer_lens.fused_loss`) can form them in
+    chunks and never hold ``[batch, n_completion, vocab]``.
+    """
+    return teacher_forced_logits(model, completions, hooks, start, stop, group_size, hidden=True)
+
+
 def teacher_forced_logits(
     model: ChatModel,
     completions: Completions,
@@ -31,6 +76,7 @@ def teacher_forced_logits(
     start: int = 0,
     stop: int | None = None,
     group_size: int = 1,
+    hidden: bool = False,
 ) -> Float[Tensor, "batch n_completion vocab"]:
     """Logits that predict each completion token of rows ``start:stop``, under ``hooks``.
 
@@ -54,7 +100,15 @@ def teacher_forced_logits(
         start: First row.
         stop: One past the last row (None: all).
         group_size: Rows per prompt group, for the shared-prompt path.
+        hidden: Return the unembedding's inputs instead (:func:`teacher_forced_hidden`).
     """
+    if hidden:
+        with _unembedding_inputs(model) as capture:
+            teacher_forced_logits(model, completions, hooks, start, stop, group_size)
+        if len(capture.seen) == 1:
+            return capture.seen[0][:, :-1]
+        first, rest = capture.seen
+        return torch.cat([first[:, -1:].repeat_interleave(group_size, 0), rest[:, :-1]], dim=1)
     stop = len(completions) if stop is None else stop
     n_completion = completions.completion_ids.shape[1]
     device = model.device
