@@ -229,6 +229,7 @@ def build_tiny_chat(
     d_model: int = 64,
     vocab_size: int = 512,
     seed: int = 0,
+    **config_overrides: Any,
 ) -> Path:
     """Save a random-weight chat model of ``family`` (a key of :data:`TINY_FAMILIES`).
 
@@ -236,6 +237,10 @@ def build_tiny_chat(
     tokenizer is a byte-level BPE with the family's special tokens, bos/eos/pad and a chat
     template that renders like the family's own. It loads through the same path as a
     downloaded model, so every family-specific branch of the toolkit runs.
+
+    ``config_overrides`` replace config fields, e.g. a real model's widths and a padded
+    ``vocab_size`` for the unembedding (larger than the tokenizer's, as in Qwen's checkpoints)
+    for benchmarks at real shapes.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -259,7 +264,8 @@ def build_tiny_chat(
     config = CONFIG_MAPPING[spec.model_type](
         vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=spec.tied,
-        bos_token_id=ids(spec.bos), eos_token_id=ids(spec.eos), pad_token_id=ids(spec.pad), **dict(spec.config))
+        bos_token_id=ids(spec.bos), eos_token_id=ids(spec.eos), pad_token_id=ids(spec.pad),
+        **{**dict(spec.config), **config_overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.eos_token_id = ids(spec.eos)
