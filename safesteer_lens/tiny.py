@@ -261,11 +261,12 @@ def build_tiny_chat(
     if len(tokenizer) < vocab_size:
         tokenizer.add_tokens([f"<extra_{i}>" for i in range(vocab_size - len(tokenizer))])
     ids = tokenizer.convert_tokens_to_ids
-    config = CONFIG_MAPPING[spec.model_type](
+    fields = dict(
         vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=spec.tied,
         bos_token_id=ids(spec.bos), eos_token_id=ids(spec.eos), pad_token_id=ids(spec.pad),
-        **{**dict(spec.config), **config_overrides})
+    )
+    config = CONFIG_MAPPING[spec.model_type](**{**fields, **dict(spec.config), **config_overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.eos_token_id = ids(spec.eos)
