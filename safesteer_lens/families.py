@@ -15,8 +15,11 @@ family is a handful of facts about the chat format and the weight names:
   weight: an adapter cannot sit on one layer that both the bridge and plain ``transformers``
   run, so a Phi-3 LoRA student adapts ``o_proj`` and ``down_proj``; full fine-tuning trains
   every weight);
-* how each family's instruct models open a refusal, and its llama.cpp architecture name (the
-  ``model_hint`` of an exported control vector).
+* how each family's instruct models open a refusal (their first tokens join the logit refusal
+  score's set; the text markers stay one pinned list in :mod:`safesteer_lens.refusal`, so a
+  rate means the same for every family, and a test checks that they catch each family's
+  openings), and its llama.cpp architecture name (the ``model_hint`` of an exported control
+  vector).
 
 :func:`family_of` picks the row from a model's config (``model_type``) and vocabulary (Llama 3
 and SmolLM2 share ``model_type="llama"``; the ``<|eot_id|>`` token tells them apart). A model
