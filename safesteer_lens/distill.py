@@ -91,7 +91,8 @@ class TrainConfig:
         sequences_per_step: Rollouts per optimizer step (a multiple of ``samples_per_prompt``).
         micro_batch: Rollouts per forward/backward (gradient accumulation in between).
         epochs: Passes over the prompts.
-        jsd_beta: Teacher weight of the generalised JSD.
+        jsd_beta: Teacher weight of the generalised JSD, strictly between 0 and 1 (at 0 or 1
+            the divergence is zero whatever the student does).
         unembed_chunk: 0 scores the student and the teacher as whole logits; N >= 1 scores
             them from their final hidden states, N positions' logits at a time, recomputed in
             the backward pass (:mod:`safesteer_lens.fused_loss`): the loss's memory then no
@@ -220,7 +221,7 @@ class TrainConfig:
         in_range = {
             "temperature": self.temperature > 0, "max_grad_norm": self.max_grad_norm > 0,
             "weight_decay": self.weight_decay >= 0, "warmup_fraction": 0 <= self.warmup_fraction < 1,
-            "jsd_beta": 0 <= self.jsd_beta <= 1, "lora_alpha": self.lora_alpha > 0,
+            "jsd_beta": 0 < self.jsd_beta < 1, "lora_alpha": self.lora_alpha > 0,
         }
         for name, ok in in_range.items():
             if not (math.isfinite(getattr(self, name)) and ok):

@@ -454,3 +454,9 @@ def test_training_from_hidden_states_in_chunks_scores_the_step_as_whole_logits_d
     assert first.keys() == first_chunked.keys()
     for key in ("loss", "kl_s", "kl_full", "s_mass_student", "s_mass_teacher", "grad_norm", "anchor_loss"):
         assert first_chunked[key] == pytest.approx(first[key], rel=1e-4, abs=2e-6), key  # metrics.jsonl keeps 6 places
+
+
+@pytest.mark.parametrize("field, value", [("jsd_beta", 0.0), ("jsd_beta", 1.0), ("unembed_chunk", -1)])
+def test_settings_a_loss_would_reject_fail_when_the_config_is_built(field, value):
+    with pytest.raises(SafeSteerError, match=field):
+        TrainConfig(**{field: value})
