@@ -697,6 +697,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cli_reference() -> str:
+    """Every command's help as Markdown: the text of ``docs/cli-reference.md``.
+
+    Rendered at a fixed width, so the file only changes when a flag or its help does;
+    ``tests/test_cli.py`` fails when the committed file is out of date. Regenerate it with
+    ``python -m safesteer_lens.cli --reference > docs/cli-reference.md``.
+    """
+    import os
+    from unittest import mock
+
+    with mock.patch.dict(os.environ, {"COLUMNS": "100"}):
+        parser = build_parser()
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        lines = ["# Command-line reference", "",
+                 "Generated from the parser (`python -m safesteer_lens.cli --reference > docs/cli-reference.md`); "
+                 "[cli.md](cli.md) is the guide.", "", "```", parser.format_help().rstrip(), "```"]
+        for name, sub in commands.choices.items():
+            lines += ["", f"## safesteer {name}", "", "```", sub.format_help().rstrip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``safesteer`` console script."""
     parser = build_parser()
@@ -735,4 +756,7 @@ def disk_error(exc: OSError) -> str:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--reference"]:
+        print(cli_reference(), end="")
+        sys.exit(0)
     sys.exit(main())
