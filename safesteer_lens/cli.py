@@ -16,11 +16,12 @@ from typing import Any, Callable, NoReturn, Sequence
 
 from safesteer_lens.errors import SafeSteerError
 from safesteer_lens.directions import DIRECTION_METHODS
-from safesteer_lens.distill import PRESETS, RunInputs, TrainConfig, TrainResult
+from safesteer_lens.config_flags import add_config_flags, config_overrides
+from safesteer_lens.distill import PRESETS, ROLLOUT_ENGINES, RunInputs, TrainConfig, TrainResult
 from safesteer_lens.evaluate import DEMO_EVAL
 from safesteer_lens.losses import LOSS_REGISTRY
 from safesteer_lens.pipeline import STAGES
-from safesteer_lens.models import DEFAULT_MODEL
+from safesteer_lens.models import DEFAULT_MODEL, DTYPES
 from safesteer_lens.precision import PRECISIONS
 from safesteer_lens.sharding import SHARDING
 from safesteer_lens.tracking import TRACKERS
@@ -177,21 +178,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from safesteer_lens.parallel import current_world, shutdown
     from safesteer_lens.rundir import locked, require_run_dir
 
-    overrides = {
-        key: value
-        for key, value in {
-            "loss": args.loss, "n_prompts": args.n_prompts, "samples_per_prompt": args.samples,
-            "max_new_tokens": args.max_new_tokens, "sequences_per_step": args.sequences_per_step,
-            "lr": args.lr, "seed": args.seed, "epochs": args.epochs, "rollouts": args.rollouts,
-            "precision": args.precision, "anchor_weight": args.anchor_weight, "anchor_loss": args.anchor_loss,
-            "anchor_prompts": args.anchor_prompts, "anchor_lookalikes": args.anchor_lookalikes,
-            "task_prompts": args.task_prompts, "mix_categories": args.mix_categories,
-            "teacher_coeff": args.teacher_coeff,
-            "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_targets": args.lora_targets,
-            "unembed_chunk": args.unembed_chunk,
-        }.items()
-        if value is not None
-    }
+    overrides = config_overrides(args, TrainConfig)
     config = preset(args.preset, **overrides)  # validated on construction
     require_run_dir(args.run)
     if args.resume and args.overwrite:
@@ -565,47 +552,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="stage 3: distil the steered teacher into a student on S")
     train.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory with the direction and safety tokens")
-    train.add_argument("--loss", choices=list(LOSS_REGISTRY), default=None, help=LOSS_HELP)
     train.add_argument("--preset", choices=list(PRESETS), default="demo")
     train.add_argument("--model", default=None, help="default: the model named in direction.json")
     train.add_argument("--device", default=None, help="where the student trains (default: cuda if available)")
     train.add_argument("--dtype", default=None)
-    train.add_argument("--n-prompts", type=int, default=None)
-    train.add_argument("--samples", type=int, default=None, help="M: rollouts per prompt")
-    train.add_argument("--max-new-tokens", type=int, default=None)
-    train.add_argument("--sequences-per-step", type=int, default=None)
-    train.add_argument("--epochs", type=int, default=None)
-    train.add_argument("--lr", type=float, default=None)
-    train.add_argument("--seed", type=int, default=None)
-    train.add_argument("--rollouts", choices=["fast", "plain"], default=None,
-                       help="fast (default): sdpa twin, one prefill per prompt, compiled on CUDA; plain: through the bridge")
-    train.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
-    train.add_argument("--anchor-weight", type=float, default=None,
-                       help="weight of the harmless anchor: the student's replies to harmless train prompts held to "
-                            "the unsteered base (0: off)")
-    train.add_argument("--anchor-loss", choices=list(LOSS_REGISTRY), default=None,
-                       help=f"the anchor's loss (default {TrainConfig.anchor_loss})")
-    train.add_argument("--anchor-prompts", type=int, default=None,
-                       help="harmless train prompts the anchor cycles over (0: as many as --n-prompts); each step "
-                            "anchors on as many prompts as it trains on, so more cost nothing per step")
-    train.add_argument("--anchor-lookalikes", type=int, default=None,
-                       help="also anchor on this many look-alike harmless train prompts (harmless requests in a harmful "
-                            "request's words; kinds of trap in turn; 0: none; the train split has 100)")
-    train.add_argument("--task-prompts", type=int, default=None,
-                       help="also train on this many harmful requests phrased as public benchmarks phrase them "
-                            "(imperative tasks, role-play; harm categories in turn; 0: none; the train split has 52)")
-    train.add_argument("--mix-categories", action=argparse.BooleanOptionalAction, default=None,
-                       help="take the training and anchor prompts categories in turn, so a short selection covers "
-                            "every category (default: the preset's; the file's order otherwise)")
-    train.add_argument("--teacher-coeff", type=float, default=None,
-                       help="the teacher's steering coefficient while training (0: the direction's own)")
-    train.add_argument("--lora-rank", type=int, default=None,
-                       help="train rank-R LoRA adapters (peft) instead of every weight; merged into the export (0: off)")
-    train.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 16)")
-    train.add_argument("--lora-targets", default=None, help="comma-separated linear layers for LoRA (default: auto, the model family's projections)")
-    train.add_argument("--unembed-chunk", type=int, default=None,
-                       help="score student and teacher from hidden states, N positions' logits at a time (loss memory "
-                            "that does not grow with the vocabulary; for 150k+ vocabularies); 0: whole logits (default)")
+    add_config_flags(train, TrainConfig, aliases={"samples_per_prompt": ["--samples"]},
+                     choices={"loss": LOSS_REGISTRY, "anchor_loss": LOSS_REGISTRY, "precision": PRECISIONS,
+                              "rollouts": ROLLOUT_ENGINES, "student_dtype": DTYPES},
+                     helps={"loss": LOSS_HELP, "precision": PRECISION_HELP})
     train.add_argument("--resume", action="store_true",
                        help="continue from checkpoint.pt (with none yet, start again at step 0)")
     train.add_argument("--overwrite", action="store_true",

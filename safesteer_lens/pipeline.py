@@ -137,7 +137,8 @@ PIPELINE_PRESETS: dict[str, PipelineConfig] = {
 }
 
 
-def _hash(value: Any) -> str:
+def settings_key(value: Any) -> str:
+    """A stamp's key: a short hash of the settings (any JSON-able value) a stage or a sweep trial ran with."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -406,8 +407,8 @@ class _Job:
         out, config = self.out, self.config
         name = self.given.name if self.given is not None else self.model_name
         data = builtin_data_digest()
-        direction_key = _hash([name, asdict(config.direction), data])
-        tokens_key = _hash([direction_key, asdict(config.tokens)])
+        direction_key = settings_key([name, asdict(config.direction), data])
+        tokens_key = settings_key([direction_key, asdict(config.tokens)])
         direction_files = tuple(out / f for f in DIRECTION_FILES)
         table = [
             Stage(name="direction", message="finding the refusal direction and the teacher's coefficient",
@@ -424,13 +425,13 @@ class _Job:
             matmuls = dtype_name(compute_dtype(train_config.precision, resolve_device(None)))
             table.append(Stage(
                 name=stage, message=f"training the {label} ({train_config.loss} loss)", label=label,
-                key=_hash([tokens_key, asdict(train_config), matmuls]), inputs=tuple(out / f for f in TRAIN_INPUTS),
+                key=settings_key([tokens_key, asdict(train_config), matmuls]), inputs=tuple(out / f for f in TRAIN_INPUTS),
                 outputs=(run_dir / STUDENT_DIR, run_dir / METRICS), run=partial(self.train, label, train_config, run_dir),
                 stamp=run_dir / "train.json", every_rank=True, stamp_outputs=True, extra=(("loss", train_config.loss),),
             ))
         table += [
             Stage(name="evaluate", message="base, teacher and students on held-out prompts",
-                  key=_hash([list(self.students), asdict(config.evaluate), self.judge, data,
+                  key=settings_key([list(self.students), asdict(config.evaluate), self.judge, data,
                              builtin_data_digest(EVALUATION_DATA)]),
                   inputs=(*direction_files, *self.students.values()),
                   outputs=tuple(out / name for name in (*EVALUATION_FILES, REPRESENTATION)),

@@ -40,7 +40,7 @@ from safesteer_lens.rundir import artifact_error, holds_lock, read_json
 from safesteer_lens.tracking import check_report_to
 from safesteer_lens.evaluate import DEMO_EVAL, EvalConfig, Subject, evaluate_models
 from safesteer_lens.models import ChatModel, load_model
-from safesteer_lens.pipeline import TRAIN_INPUTS
+from safesteer_lens.pipeline import TRAIN_INPUTS, digests, settings_key
 
 SWEEP_DIR = "sweep"
 # A trial's settings may be any TrainConfig field that is a number or a name, typed like its default.
@@ -154,8 +154,6 @@ def trials(grid: dict[str, list[Any]]) -> list[Trial]:
     return [Trial(tuple(zip(keys, values))) for values in itertools.product(*(grid[k] for k in keys))]
 
 
-def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -220,7 +218,9 @@ def run_sweep(
     base = model or load_model(load_direction(run_dir).model)
     out = run_dir / name
     out.mkdir(exist_ok=True)
-    eval_key = _key(asdict(eval_config), builtin_data_digest(EVALUATION_DATA))  # re-split prompts make every trial stale
+    eval_key = settings_key([asdict(eval_config), builtin_data_digest(EVALUATION_DATA)])  # re-split prompts make every trial stale
+    # a trial trains from the run's direction and S: a new direction or S makes every trial stale
+    inputs = digests([run_dir / artifact for artifact in TRAIN_INPUTS], run_dir)
 
     base_path = out / "base.json"
     remake = f"safesteer sweep --run {run_dir} --name {name}"
@@ -234,7 +234,7 @@ def run_sweep(
     for number, (trial, config) in enumerate(zip(points, configs), 1):
         trial_dir = out / trial.dir_name
         record_path = trial_dir / "trial.json"
-        key = _key(asdict(config), eval_key)
+        key = settings_key([asdict(config), eval_key, inputs])
         record = _record(record_path, remake) if record_path.is_file() else {}
         if record.get("key") != key:
             say(f"sweep [{number}/{len(points)}] {trial.label}: training")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 import sys
@@ -100,3 +101,22 @@ def test_top_k_takes_a_count_or_a_share():
     assert _count_or_share("0.05") == 0.05 and _count_or_share("5e-2") == 0.05
     with pytest.raises(argparse.ArgumentTypeError, match="a count such as 200"):
         _count_or_share("many")
+
+
+def test_every_train_setting_is_a_flag_with_help_and_reaches_the_config():
+    """The config is the only source of `safesteer train`'s settings: every field a flag, with its docstring as help."""
+    import dataclasses
+
+    from safesteer_lens.cli import build_parser
+    from safesteer_lens.config_flags import config_overrides
+    from safesteer_lens.distill import TrainConfig
+
+    train = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    flags = {a.dest: a for a in train._actions}
+    for field in dataclasses.fields(TrainConfig):
+        assert field.name in flags, f"TrainConfig.{field.name} has no flag"
+        assert flags[field.name].help and "default: the preset's" in flags[field.name].help
+    args = train.parse_args(["--run", "r", "--samples", "3", "--jsd-beta", "0.25", "--no-mix-categories",
+                             "--student-dtype", "bf16", "--micro-batch", "2"])
+    assert config_overrides(args, TrainConfig) == {"samples_per_prompt": 3, "jsd_beta": 0.25, "mix_categories": False,
+                                                   "student_dtype": "bf16", "micro_batch": 2}

@@ -148,3 +148,21 @@ def test_a_damaged_trial_record_is_a_one_line_error(tmp_path, text):
     with pytest.raises(SafeSteerError, match=r"trial.json .*safesteer sweep --run") as info:
         load_trials(tmp_path)
     assert "\n" not in str(info.value)
+
+
+def test_a_new_safety_token_set_makes_a_finished_trial_run_again(tiny, run_dir):
+    """A trial trains from the run's direction and S, so its stamp holds their digests, as the pipeline's stages do."""
+    import json
+
+    grid = parse_grid(["lr=1e-3"])
+    run_sweep(run_dir, grid, TINY_TRAIN, TINY_EVAL, model=tiny, progress=False)
+    (record,) = (run_dir / "sweep").glob("lr=0.001-*/trial.json")
+    stamp = record.stat().st_mtime_ns
+    run_sweep(run_dir, grid, TINY_TRAIN, TINY_EVAL, model=tiny, progress=False)
+    assert record.stat().st_mtime_ns == stamp  # nothing changed: skipped
+    tokens = json.loads((run_dir / "safety_tokens.json").read_text())
+    tokens["tokens"] = tokens["tokens"][:-5]
+    (run_dir / "safety_tokens.json").write_text(json.dumps(tokens))
+    run_sweep(run_dir, grid, TINY_TRAIN, TINY_EVAL, model=tiny, progress=False)
+    assert record.stat().st_mtime_ns != stamp
+    assert json.loads((record.parent / "safety_tokens.json").read_text())["tokens"] == tokens["tokens"]  # trained on the new S
