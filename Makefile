@@ -27,6 +27,7 @@ demo: install
 
 test: install
 	$(VENV)/bin/ruff check
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 clean:
