@@ -47,7 +47,7 @@ from safesteer_lens.directions import Direction, load_direction
 from safesteer_lens.errors import SafeSteerError, first_line
 from safesteer_lens.generation import Completions, generate
 from safesteer_lens.fused_loss import fused_distillation_loss, fused_monitors, unembedding
-from safesteer_lens.losses import LOSS_REGISTRY, distillation_loss, get_loss, safety_mass, sequence_mean
+from safesteer_lens.losses import LOSS_REGISTRY, LossOptions, distillation_loss, get_loss, safety_mass, sequence_mean
 from safesteer_lens.models import DTYPES, ChatModel, load_model, resolve_device
 from safesteer_lens.parallel import World, current_world, rank_device
 from safesteer_lens.precision import autocast, check_precision, compute_dtype, dtype_name, finite_score_hooks, model_dtype
@@ -221,7 +221,7 @@ class TrainConfig:
         in_range = {
             "temperature": self.temperature > 0, "max_grad_norm": self.max_grad_norm > 0,
             "weight_decay": self.weight_decay >= 0, "warmup_fraction": 0 <= self.warmup_fraction < 1,
-            "jsd_beta": 0 < self.jsd_beta < 1, "lora_alpha": self.lora_alpha > 0,
+            "lora_alpha": self.lora_alpha > 0,
         }
         for name, ok in in_range.items():
             if not (math.isfinite(getattr(self, name)) and ok):
@@ -243,6 +243,8 @@ class TrainConfig:
                                  f"{self.lora_rank}, {self.lora_alpha}, {self.lora_targets!r}")
         if self.anchor_loss not in LOSS_REGISTRY:
             raise SafeSteerError(f"unknown anchor_loss {self.anchor_loss!r}: use one of {', '.join(LOSS_REGISTRY)}")
+        for kind in (self.loss, self.anchor_loss):  # each loss checks the options it reads
+            get_loss(kind).check(LossOptions(beta=self.jsd_beta))
         # checked even with LoRA off: the value reaches file names (a sweep trial's directory) and model cards
         bad = [t for t in self.lora_targets.split(",") if t.strip() and not _MODULE_NAME.fullmatch(t.strip())]
         if bad:

@@ -106,6 +106,8 @@ class Loss:
         localized: Whether it needs the safety tokens S.
         chunked: Whether it takes float32 copies of whole-vocabulary logits, and so is computed
             in time chunks.
+        check: Raises ``SafeSteerError`` for options the loss cannot use, so a config that
+            names the loss fails when it is built, not at the first step.
     """
 
     name: str
@@ -113,20 +115,21 @@ class Loss:
     help: str
     localized: bool = False
     chunked: bool = False
+    check: Callable[[LossOptions], None] = lambda options: None
 
 
 LOSS_REGISTRY: dict[str, Loss] = {}
 
 
-def register_loss(name: str, help: str, localized: bool = False,
-                  chunked: bool = False) -> Callable[[Callable[[Tensor, Tensor, LossOptions], Tensor]],
-                                                        Callable[[Tensor, Tensor, LossOptions], Tensor]]:
-    """Register a per-token loss under ``name`` (a decorator)."""
+def register_loss(name: str, help: str, localized: bool = False, chunked: bool = False,
+                  check: Callable[[LossOptions], None] | None = None,
+                  ) -> Callable[[Callable[[Tensor, Tensor, LossOptions], Tensor]], Callable[[Tensor, Tensor, LossOptions], Tensor]]:
+    """Register a per-token loss under ``name`` (a decorator); ``check`` validates its options."""
 
     def add(terms: Callable[[Tensor, Tensor, LossOptions], Tensor]) -> Callable[[Tensor, Tensor, LossOptions], Tensor]:
         if name in LOSS_REGISTRY:
             raise ValueError(f"a loss named {name!r} is registered already")
-        LOSS_REGISTRY[name] = Loss(name, terms, help, localized, chunked)
+        LOSS_REGISTRY[name] = Loss(name, terms, help, localized, chunked, *(() if check is None else (check,)))
         return terms
 
     return add
@@ -191,12 +194,18 @@ def forward_kl_terms(student: Logits, teacher: Logits, options: LossOptions) -> 
     return kl_terms(_log_probs(teacher), _log_probs(student))
 
 
-@register_loss("jsd", "generalised Jensen-Shannon divergence with weight jsd_beta on the teacher", chunked=True)
+def _check_beta(options: LossOptions) -> None:
+    if not (math.isfinite(options.beta) and 0 < options.beta < 1):
+        raise SafeSteerError(f"jsd_beta must be strictly between 0 and 1 (at 0 or 1 the divergence is zero whatever "
+                             f"the student does), got {options.beta}")
+
+
+@register_loss("jsd", "generalised Jensen-Shannon divergence with weight jsd_beta on the teacher", chunked=True,
+               check=_check_beta)
 def jsd_terms(student: Logits, teacher: Logits, options: LossOptions) -> Terms:
     """Per-token ``beta KL(p_t || m) + (1 - beta) KL(p_s || m)`` with ``m = beta p_t + (1 - beta) p_s``."""
+    _check_beta(options)
     beta = options.beta
-    if not 0 < beta < 1:
-        raise SafeSteerError(f"jsd beta must be strictly between 0 and 1, got {beta}")
     log_ps, log_pt = _log_probs(student), _log_probs(teacher)
     log_m = torch.logsumexp(torch.stack([log_pt + math.log(beta), log_ps + math.log(1 - beta)]), 0)
     return beta * kl_terms(log_pt, log_m) + (1 - beta) * kl_terms(log_ps, log_m)
