@@ -161,3 +161,19 @@ def test_an_architecture_without_a_bridge_is_a_one_line_error_naming_it(tmp_path
     with pytest.raises(SafeSteerError, match=r"no bridge for PersimmonForCausalLM \(model_type 'persimmon'\)") as info:
         load_model(str(tmp_path), device="cpu")
     assert "\n" not in str(info.value)
+
+
+def test_a_base_model_without_a_template_borrows_its_familys(tmp_path):
+    import json
+
+    from safesteer_lens.errors import SafeSteerError
+
+    model_dir = build_tiny_chat(tmp_path / "base", "gemma3", n_layers=1, d_model=32)
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    (model_dir / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(SafeSteerError, match="chat_template='gemma3'"):
+        load_model(str(model_dir), device="cpu")
+    model = load_model(str(model_dir), device="cpu", chat_template="gemma3")
+    assert model.tokenizer.decode(model.post_instruction_ids) == BY_NAME["gemma3"].post_instruction
