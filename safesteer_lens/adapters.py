@@ -72,6 +72,19 @@ class LoraSpec:
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=0.0, bias="none", target_modules=chosen)
 
 
+def is_adapter(name: str) -> bool:
+    """Whether a weight name (Hugging Face or bridge path) is a LoRA adapter's."""
+    return ".lora_" in name
+
+
+def base_fingerprint(model: Any) -> list[float]:
+    """A few numbers that change when the frozen base weights do: the sum and the sum of squares
+    of the input embedding, in float64. A LoRA checkpoint keeps only the adapters, so resuming
+    checks the base it is put back on with this."""
+    weight = model.hf_model.get_input_embeddings().weight.detach().double()
+    return [float(weight.sum()), float(weight.square().sum())]
+
+
 def lora_spec(module: torch.nn.Module) -> LoraSpec | None:
     """The adapters a model carries, or None."""
     return getattr(module, LORA_ATTRIBUTE, None)

@@ -2,8 +2,9 @@
 
 ``metrics.jsonl`` is one JSON row per optimizer step, appended as training goes and rewritten
 (atomically) only once a run's inputs are checked. ``checkpoint.pt`` holds tensors and plain
-data only: the student's weights under Hugging Face names, the AdamW state under parameter
-paths, the scheduler, the settings and the step; it is written beside its name and moved into
+data only: the student's weights under Hugging Face names (a LoRA student's adapters alone,
+``"weights": "adapters"``, with a fingerprint of the frozen base they were trained on), the
+AdamW state under parameter paths, the scheduler, the settings and the step; it is written beside its name and moved into
 place, and read back with ``weights_only=True`` (:func:`safesteer_lens.rundir.read_checkpoint`).
 ``student/`` is a plain Hugging Face model directory with its model card.
 """

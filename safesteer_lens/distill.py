@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from safesteer_lens.model_card import build_model_card
 from safesteer_lens.rundir import holds_lock
 from safesteer_lens.tracking import check_report_to, open_tracker
-from safesteer_lens.adapters import DEFAULT_TARGETS, LoraSpec, add_lora, merge_lora
+from safesteer_lens.adapters import DEFAULT_TARGETS, LoraSpec, add_lora, base_fingerprint, is_adapter, lora_spec, merge_lora
 from safesteer_lens.checkpoints import (
     CHECKPOINT, CHECKPOINT_FORMAT, METRICS, STUDENT_DIR, append_metrics, check_student_dir, export_student, load_checkpoint,
     read_metrics, save_checkpoint, write_metrics,
@@ -638,8 +638,12 @@ class Trainer:
         self.inputs.checkpoint = None  # loaded into the models below: no second copy is kept
         if state is not None:
             _check_resumable(state, self.config, model_dtype(self.config.precision, run.student))
+            adapters_only = state.get("weights") == "adapters"
+            if adapters_only and state.get("base") != base_fingerprint(run.student):
+                raise SafeSteerError("checkpoint.pt holds LoRA adapters trained on other base weights than this model's; "
+                                     "resume with the model it was trained from, or train without --resume")
             try:
-                load_full_state(run.student, state["student"], run.optimizer, state["optimizer"])
+                load_full_state(run.student, state["student"], run.optimizer, state["optimizer"], adapters_only=adapters_only)
                 run.scheduler.load_state_dict(state["scheduler"])
             except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # torch's words for a state of another shape
                 raise SafeSteerError(f"checkpoint.pt does not fit this student ({first_line(exc, 100)}); train without "
@@ -674,10 +678,16 @@ class Trainer:
                                 "lower the learning rate")
         if run.world.is_main or self.shard != "none":  # gathering shards takes every rank
             weights, optim = full_state(run.student, run.optimizer)
+            kept = {}
+            if lora_spec(run.student.hf_model) is not None:
+                # the base weights stay frozen and are loaded again on resume: store only what trains
+                weights = {name: tensor for name, tensor in weights.items() if is_adapter(name)}
+                kept = {"weights": "adapters", "base": base_fingerprint(run.student)}
             if run.world.is_main:
                 save_checkpoint(self.run_dir, {
                     "format": CHECKPOINT_FORMAT, "step": next_step, "student": weights, "optimizer": optim,
                     "scheduler": run.scheduler.state_dict(), "config": asdict(self.config), "matmul_dtype": self.precision,
+                    **kept,
                 })
             del weights, optim  # host copies of the whole student: not kept until the next checkpoint
         self.last_saved = next_step

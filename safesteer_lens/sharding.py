@@ -220,12 +220,18 @@ def full_state(model: ChatModel, optimizer: torch.optim.Optimizer | None = None)
 
 def load_full_state(
     model: ChatModel, weights: dict[str, Tensor], optimizer: torch.optim.Optimizer | None = None,
-    optimizer_state: dict[str, Any] | None = None,
+    optimizer_state: dict[str, Any] | None = None, adapters_only: bool = False,
 ) -> None:
-    """Load what :func:`full_state` returned into a sharded or whole model (every rank calls it)."""
+    """Load what :func:`full_state` returned into a sharded or whole model (every rank calls it).
+
+    With ``adapters_only`` the weights are a LoRA student's adapters alone (its base weights are
+    the model's own, frozen), so only the adapters must be there.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-    paths = model.hf_paths()
+    from safesteer_lens.adapters import is_adapter
+
+    paths = {name: path for name, path in model.hf_paths().items() if is_adapter(name) or not adapters_only}
     missing = set(paths) - set(weights)
     if missing:
         raise SafeSteerError(

@@ -349,6 +349,17 @@ def test_lora_trains_only_adapters_and_exports_a_merged_plain_model(tiny, run_di
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
+def test_a_lora_checkpoint_refuses_another_base_model(tiny, run_dir, tmp_path):
+    from safesteer_lens.models import load_model
+    from safesteer_lens.tiny import build_tiny_llama
+
+    config = tiny_config(lora_rank=2, lr=3e-2, precision="float32")
+    train(run_dir, config, teacher=tiny, progress=False, export=False, max_steps=2)
+    other_base = load_model(str(build_tiny_llama(tmp_path / "other", seed=1)), device="cpu")  # same shapes, other weights
+    with pytest.raises(SafeSteerError, match="adapters trained on other base weights"):
+        train(run_dir, config, teacher=other_base, progress=False, export=False, resume=True)
+
+
 def test_lora_resumes_like_an_uninterrupted_run(tiny, run_dir, tmp_path_factory):
     config = tiny_config(lora_rank=2, lr=3e-2, precision="float32")
     full = train(run_dir, config, teacher=tiny, progress=False, export=False).metrics
@@ -356,6 +367,9 @@ def test_lora_resumes_like_an_uninterrupted_run(tiny, run_dir, tmp_path_factory)
     for name in ("direction.json", "direction.safetensors", "safety_tokens.json"):
         (other / name).write_bytes((run_dir / name).read_bytes())
     train(other, config, teacher=tiny, progress=False, export=False, max_steps=2)
+    state = torch.load(other / "checkpoint.pt", weights_only=True)
+    assert state["weights"] == "adapters" and state["student"]  # what trains, not the frozen base
+    assert all(".lora_" in name for name in state["student"])
     resumed = train(other, config, teacher=tiny, progress=False, export=False, resume=True).metrics
     assert _strip(resumed) == _strip(full)
     with pytest.raises(SafeSteerError, match="no layer matches lora_targets"):
