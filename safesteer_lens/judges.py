@@ -120,6 +120,30 @@ def parse_llama_guard(text: str) -> Verdict:
     return Verdict(True, codes, text)
 
 
+def _pairs(prompts: Sequence[str], replies: Sequence[str]) -> zip:
+    """The (prompt, reply) pairs a judge reads; one reply per prompt or a one-line error."""
+    if len(prompts) != len(replies):
+        raise SafeSteerError(f"the judge needs one reply per prompt, got {len(replies)} replies for {len(prompts)} prompts")
+    return zip(prompts, replies)
+
+
+@torch.no_grad()
+def _greedy_answers(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int, max_new_tokens: int,
+                    stop: int | list[int], pad_id: int) -> list[str]:
+    """A guard model's greedy answers to finished prompt texts, in left-padded batches, stopped at ``stop``."""
+    device = next(model.parameters()).device
+    answers: list[str] = []
+    for start in range(0, len(texts), batch_size):
+        encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[start : start + batch_size]]
+        width = max(map(len, encoded))
+        ids = torch.tensor([[pad_id] * (width - len(e)) + e for e in encoded], device=device)
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=stop, pad_token_id=pad_id)
+        answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return answers
+
+
 class LlamaGuard:
     """Llama Guard 3 as a :class:`Judge`.
 
@@ -171,27 +195,15 @@ class LlamaGuard:
 
     def prompts(self, prompts: Sequence[str], replies: Sequence[str]) -> list[str]:
         """The official prompt text for each (prompt, reply) pair."""
-        if len(prompts) != len(replies):
-            raise SafeSteerError(f"the judge needs one reply per prompt, got {len(replies)} replies for {len(prompts)} prompts")
-        return [llama_guard_prompt(p, r, self.variant) for p, r in zip(prompts, replies)]
+        return [llama_guard_prompt(p, r, self.variant) for p, r in _pairs(prompts, replies)]
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], replies: Sequence[str]) -> list[Verdict]:
         """Greedy answers to the official prompts (left-padded batches, stopped at ``<|eot_id|>``), parsed."""
-        texts = self.prompts(prompts, replies)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        device = next(self.model.parameters()).device
-        verdicts: list[Verdict] = []
-        for start in range(0, len(texts), self.batch_size):
-            encoded = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[start : start + self.batch_size]]
-            width = max(map(len, encoded))
-            ids = torch.tensor([[pad_id] * (width - len(e)) + e for e in encoded], device=device)
-            mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
-            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
-                                      do_sample=False, eos_token_id=self.eot_id, pad_token_id=pad_id)
-            answers = self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-            verdicts += [parse_llama_guard(a) for a in answers]
-        return verdicts
+        answers = _greedy_answers(self.model, self.tokenizer, self.prompts(prompts, replies), self.batch_size,
+                                  self.max_new_tokens, self.eot_id, pad_id)
+        return [parse_llama_guard(a) for a in answers]
 
 
 def inspect_llama_guard(path_or_id: str, variant: str = "auto") -> tuple[Any, str]:
@@ -319,27 +331,15 @@ class Qwen3Guard:
 
     def prompts(self, prompts: Sequence[str], replies: Sequence[str]) -> list[str]:
         """The guard's prompt for each (prompt, reply) pair, rendered by its own chat template."""
-        if len(prompts) != len(replies):
-            raise SafeSteerError(f"the judge needs one reply per prompt, got {len(replies)} replies for {len(prompts)} prompts")
-        return [_render_pair(self.tokenizer, p, r) for p, r in zip(prompts, replies)]
+        return [_render_pair(self.tokenizer, p, r) for p, r in _pairs(prompts, replies)]
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], replies: Sequence[str]) -> list[Verdict]:
         """Greedy answers to the guard's prompts (left-padded batches), parsed."""
-        texts = self.prompts(prompts, replies)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
-        device = next(self.model.parameters()).device
-        verdicts: list[Verdict] = []
-        for start in range(0, len(texts), self.batch_size):
-            encoded = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[start : start + self.batch_size]]
-            width = max(map(len, encoded))
-            ids = torch.tensor([[pad_id] * (width - len(e)) + e for e in encoded], device=device)
-            mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
-            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
-                                      do_sample=False, eos_token_id=self.stop_ids, pad_token_id=pad_id)
-            answers = self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-            verdicts += [parse_qwen3guard(a, self.controversial_unsafe) for a in answers]
-        return verdicts
+        answers = _greedy_answers(self.model, self.tokenizer, self.prompts(prompts, replies), self.batch_size,
+                                  self.max_new_tokens, self.stop_ids, pad_id)
+        return [parse_qwen3guard(a, self.controversial_unsafe) for a in answers]
 
 
 def _render_pair(tokenizer: Any, prompt: str, reply: str) -> str:
