@@ -14,7 +14,7 @@ its batched, gradient-free float32 form for the stages that only measure.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Iterator, Sequence
 
 import torch
@@ -102,13 +102,6 @@ def teacher_forced_logits(
         group_size: Rows per prompt group, for the shared-prompt path.
         hidden: Return the unembedding's inputs instead (:func:`teacher_forced_hidden`).
     """
-    if hidden:
-        with _unembedding_inputs(model) as capture:
-            teacher_forced_logits(model, completions, hooks, start, stop, group_size)
-        if len(capture.seen) == 1:
-            return capture.seen[0][:, :-1]
-        first, rest = capture.seen
-        return torch.cat([first[:, -1:].repeat_interleave(group_size, 0), rest[:, :-1]], dim=1)
     stop = len(completions) if stop is None else stop
     n_completion = completions.completion_ids.shape[1]
     device = model.device
@@ -120,20 +113,27 @@ def teacher_forced_logits(
         and (stop - start) % group_size == 0
         and torch.equal(prompts, prompts[::group_size].repeat_interleave(group_size, 0))
     )
-    with model.bridge.hooks(fwd_hooks=list(hooks)):
+    with ExitStack() as stack:
+        stack.enter_context(model.bridge.hooks(fwd_hooks=list(hooks)))
+        capture = stack.enter_context(_unembedding_inputs(model)) if hidden else None
+
+        def scored(logits: Tensor) -> Tensor:
+            """What a forward scored: its logits, or with ``hidden`` what went into the unembedding."""
+            return logits if capture is None else capture.seen[-1]
+
         if not grouped:
             sequences = completions.sequences[start:stop].to(device)
-            logits = model.bridge(sequences, attention_mask=attention, logits_to_keep=n_completion + 1)
-            return logits[:, :-1]
+            return scored(model.bridge(sequences, attention_mask=attention, logits_to_keep=n_completion + 1))[:, :-1]
         first, cache = model.bridge(
             prompts[::group_size], attention_mask=completions.prompt_mask[start:stop:group_size].to(device),
             return_type="logits_and_cache", use_cache=True, logits_to_keep=1,
         )
+        first = scored(first)
         cache.batch_repeat_interleave(group_size)
-        rest = model.bridge(
+        rest = scored(model.bridge(
             completions.completion_ids[start:stop].to(device), attention_mask=attention,
             past_key_values=cache, logits_to_keep=n_completion,
-        )
+        ))
     return torch.cat([first[:, -1:].repeat_interleave(group_size, 0), rest[:, :-1]], dim=1)
 
 
