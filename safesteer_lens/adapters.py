@@ -65,8 +65,8 @@ class LoraSpec:
         chosen = [names[0] for names in aliases.values()
                   if any(n.replace("._original_component", "").rpartition(".")[2] in wanted for n in names)]
         if not chosen:
-            raise SafeSteerError(f"no linear layer of this model matches lora_targets {self.targets!r}; name linear "
-                                 f"layers of this model, e.g. {DEFAULT_TARGETS}")
+            raise SafeSteerError(f"no layer matches lora_targets {self.targets!r} (no linear layer of this model has "
+                                 f"those names); name linear layers of this model, e.g. {DEFAULT_TARGETS}")
         # full names in a list: peft matches them exactly (a regex would be rewritten by its
         # mixture-of-experts conversion, which reads only the last name component)
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=0.0, bias="none", target_modules=chosen)
@@ -93,9 +93,10 @@ def lora_spec(module: torch.nn.Module) -> LoraSpec | None:
 def _inject(module: torch.nn.Module, spec: LoraSpec) -> None:
     from peft import inject_adapter_in_model
 
+    config = spec.peft_config(module)  # names the layers, or says that none matches
     try:
-        inject_adapter_in_model(spec.peft_config(module), module)
-    except ValueError as exc:  # peft: no module matched the targets
+        inject_adapter_in_model(config, module)
+    except ValueError as exc:  # peft refused a layer it was named
         raise SafeSteerError(f"no layer matches lora_targets {spec.targets!r} ({str(exc).splitlines()[0][:120]}); "
                              f"name linear layers of this model, e.g. {DEFAULT_TARGETS}") from exc
     setattr(module, LORA_ATTRIBUTE, spec)

@@ -926,6 +926,8 @@ def accumulate_gradients(
     sums = GradientStats()
     bad_loss = None
     mask_all = rollouts.completion_mask
+    # a teacher on another device lends the chunked loss a copy of its unembedding: made once per call
+    heads = (unembedding(student), unembedding(run.teacher).to(student.device)) if config.unembed_chunk else ()
     for start, stop, t_logits in teacher_micro_batches(run.teacher, hooks, rollouts, config, student.device, world):
         mask = mask_all[start:stop]
         captured: list[Tensor] = []
@@ -936,7 +938,6 @@ def accumulate_gradients(
             )
         kind = loss or config.loss
         if config.unembed_chunk:
-            heads = unembedding(student), unembedding(run.teacher).to(student.device)
             with autocast(dtype, student.device):
                 value = fused_distillation_loss(kind, s_logits, t_logits, *heads, mask, safety_ids, beta=config.jsd_beta,
                                                 chunk=config.unembed_chunk)

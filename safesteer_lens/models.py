@@ -128,7 +128,9 @@ class ChatModel:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
-        self.family: Family = family_of(str(getattr(bridge.original_model.config, "model_type", "")), tokenizer.get_vocab())
+        vocab = tokenizer.get_vocab()
+        self.family: Family = family_of(str(getattr(bridge.original_model.config, "model_type", "")), vocab)
+        self._family_turn_ends = {vocab[token] for token in self.family.end_of_turn if token in vocab}
         if not getattr(tokenizer, "chat_template", None):
             raise SafeSteerError(
                 f"model {name!r} has no chat template; load an instruction-tuned model, or lend a base model its "
@@ -174,9 +176,7 @@ class ChatModel:
     @property
     def eot_token_ids(self) -> list[int]:
         """Ids that end an assistant turn: the generation config's and tokenizer's eos, and the family's turn ends."""
-        ids: set[int] = set()
-        vocab = self.tokenizer.get_vocab()
-        ids.update(vocab[token] for token in self.family.end_of_turn if token in vocab)
+        ids: set[int] = set(self._family_turn_ends)
         for source in (self.hf_model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
             if isinstance(source, int):
                 ids.add(source)
