@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -38,8 +38,16 @@ def _training_text() -> list[str]:
     return prompts + replies * 20
 
 
-def build_tiny_tokenizer(vocab_size: int = 512) -> object:
-    """Train a byte-level BPE tokenizer with ChatML special tokens and chat template.
+def build_tiny_tokenizer(
+    vocab_size: int = 512,
+    special_tokens: Sequence[str] = tuple(SPECIAL_TOKENS),
+    bos: str = "<|im_start|>",
+    eos: str = "<|im_end|>",
+    pad: str = "<|im_end|>",
+    unk: str | None = "<|endoftext|>",
+    chat_template: str = CHATML_TEMPLATE,
+) -> object:
+    """Train a byte-level BPE tokenizer with the given special tokens and chat template (ChatML by default).
 
     Its length is exactly ``vocab_size`` (padded with ``<extra_i>`` tokens when the corpus
     gives fewer merges), so benchmark shapes get a realistic unembedding.
@@ -52,19 +60,14 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> object:
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     core.train_from_iterator(_training_text(), trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-        unk_token="<|endoftext|>",
-    )
-    tokenizer.chat_template = CHATML_TEMPLATE
+    names = {"bos_token": bos, "eos_token": eos, "pad_token": pad, **({} if unk is None else {"unk_token": unk})}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, **names)
+    tokenizer.chat_template = chat_template
     if len(tokenizer) < vocab_size:
         # The small training corpus runs out of merges long before a real model's vocabulary
         # size; filler tokens keep the embedding and unembedding at the requested shape.
@@ -242,24 +245,14 @@ def build_tiny_chat(
     ``vocab_size`` for the unembedding (larger than the tokenizer's, as in Qwen's checkpoints)
     for benchmarks at real shapes.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     if family not in TINY_FAMILIES:
         raise ValueError(f"unknown family {family!r}; use one of {', '.join(TINY_FAMILIES)}")
     spec = TINY_FAMILIES[family]
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    core.train_from_iterator(_training_text(), trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(spec.special), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=spec.bos, eos_token=spec.eos, pad_token=spec.pad)
-    tokenizer.chat_template = TEMPLATES[spec.template]
-    if len(tokenizer) < vocab_size:
-        tokenizer.add_tokens([f"<extra_{i}>" for i in range(vocab_size - len(tokenizer))])
+    tokenizer = build_tiny_tokenizer(vocab_size, spec.special, spec.bos, spec.eos, spec.pad, None, TEMPLATES[spec.template])
     ids = tokenizer.convert_tokens_to_ids
     fields = dict(
         vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
